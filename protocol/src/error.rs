@@ -1,0 +1,73 @@
+//! The closed set of errors a request can answer with.
+
+use serde::{Deserialize, Serialize};
+
+/// Every failure the daemon reports on the wire. The set is closed: clients may match on it
+/// exhaustively, and a new code is a protocol version bump.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The lock is held in a conflicting mode and the request did not wait.
+    Conflict,
+    /// The request waited for its whole wait duration (or its wait was cancelled).
+    Timeout,
+    /// The ticket names a hold that has ended or never existed.
+    NotHolder,
+    /// Waiting would close a cycle of connections waiting on each other.
+    Deadlock,
+    /// The peer's credentials do not allow this operation.
+    PermissionDenied,
+    /// A field of the request is out of range or malformed.
+    InvalidArgument,
+    /// A configured limit would be exceeded.
+    LimitExceeded,
+    /// Storage failure or daemon shutting down; retrying later may succeed.
+    Unavailable,
+    /// Client and daemon speak different protocol versions.
+    VersionMismatch,
+    /// A frame could not be decoded; the connection is closed.
+    Protocol,
+    /// A bug in the daemon.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Stable lower-case name, used in logs, `--json` output and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::NotHolder => "not_holder",
+            ErrorCode::Deadlock => "deadlock",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as carried on the wire: a code to match on and a message for humans.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
