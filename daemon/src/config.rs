@@ -1,0 +1,59 @@
+//! The daemon's resolved settings, with the contract's defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lockd_protocol::DEFAULT_MAX_FRAME;
+
+/// Default largest `data` attached to a hold, in bytes.
+pub const DEFAULT_MAX_DATA: usize = 1024;
+/// Default longest lease.
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+/// How long a new connection may take to send its `Hello`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for connections to flush and close.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// Bounds on what one client may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest frame payload, bytes.
+    pub max_frame: usize,
+    /// Largest hold `data`, bytes.
+    pub max_data: usize,
+    /// Longest lease.
+    pub max_lease: Duration,
+    pub handshake_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: DEFAULT_MAX_FRAME,
+            max_data: DEFAULT_MAX_DATA,
+            max_lease: DEFAULT_MAX_LEASE,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl Limits {
+    /// The part of the limits announced in `Welcome`.
+    pub fn to_wire(&self) -> lockd_protocol::Limits {
+        lockd_protocol::Limits {
+            max_frame: self.max_frame as u32,
+            max_data: self.max_data as u32,
+            max_lease_ms: self.max_lease.as_millis() as u64,
+        }
+    }
+}

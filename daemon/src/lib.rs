@@ -1,0 +1,100 @@
+//! lockd: a single-host lock daemon. The binary `lockd` is a thin wrapper around [`run`].
+//!
+//! See ARCHITECTURE.md for the map of modules and their invariants.
+
+pub mod clock;
+pub mod config;
+pub mod fence;
+pub mod listener;
+pub mod lockspace;
+pub mod peer;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod table;
+pub mod tickets;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Socket permission bits: group access for a system daemon run as root, owner only otherwise.
+pub fn default_socket_mode() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        0o660
+    } else {
+        0o600
+    }
+}
+
+/// Opens the store, binds the socket, serves until SIGTERM or SIGINT, then shuts down cleanly.
+///
+/// Order matters: the store is opened first, so a second daemon on the same data directory fails
+/// before it touches the socket; the socket is bound before any thread starts (see
+/// [`listener::bind`]).
+///
+/// # Errors
+/// [`RunError`] describing what the operator must fix.
+pub fn run(config: Config) -> Result<(), RunError> {
+    let store = Arc::new(store::Store::open(&config.data_dir)?);
+    let fences = fence::Fences::open(Arc::clone(&store))?;
+    let bound = listener::bind(&config.socket, default_socket_mode())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lockd-worker")
+        .build()
+        .map_err(RunError::Runtime)?;
+    let result = runtime.block_on(async {
+        bound
+            .listener
+            .set_nonblocking(true)
+            .map_err(RunError::Runtime)?;
+        let listener = tokio::net::UnixListener::from_std(
+            bound.listener.try_clone().map_err(RunError::Runtime)?,
+        )
+        .map_err(RunError::Runtime)?;
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone()).map_err(RunError::Runtime)?;
+        let shared = session::Shared::new(lockspace::LockSpace::new(fences), config, shutdown);
+        tracing::info!(
+            "lockd {} serving {} (data in {})",
+            env!("CARGO_PKG_VERSION"),
+            shared.config.socket.display(),
+            shared.config.data_dir.display()
+        );
+        server::run(listener, shared).await;
+        Ok(())
+    });
+    bound.remove();
+    tracing::info!("lockd stopped");
+    result
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{which} received: shutting down");
+        shutdown.cancel();
+    });
+    Ok(())
+}

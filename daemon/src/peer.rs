@@ -1,0 +1,81 @@
+//! A connected client as the lock table sees it: identity from the kernel and a mailbox.
+
+use std::sync::Arc;
+
+use lockd_protocol::{Mode, RequestId};
+use tokio::sync::mpsc;
+
+/// What other tasks tell a connection's task.
+#[derive(Debug)]
+pub enum Push {
+    /// A queued acquire of this connection was granted by another connection's action.
+    Granted {
+        request: RequestId,
+        fence: u64,
+        mode: Mode,
+    },
+}
+
+/// One connection's identity. `pid`, `uid` and `gid` come from `SO_PEERCRED`, never from the
+/// client's word.
+#[derive(Debug)]
+pub struct Peer {
+    /// Unique per daemon run.
+    pub id: u64,
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+    /// The name given in the handshake (display only).
+    pub name: String,
+    push: mpsc::UnboundedSender<Push>,
+}
+
+impl Peer {
+    pub fn new(
+        id: u64,
+        pid: Option<i32>,
+        uid: u32,
+        gid: u32,
+        name: String,
+    ) -> (Owner, mpsc::UnboundedReceiver<Push>) {
+        let (push, rx) = mpsc::unbounded_channel();
+        let peer = Peer {
+            id,
+            pid,
+            uid,
+            gid,
+            name,
+            push,
+        };
+        (Owner(Arc::new(peer)), rx)
+    }
+
+    /// Delivers `msg` to the connection's task. Dropped silently if the connection is gone:
+    /// its cleanup removes whatever the message was about.
+    pub fn push(&self, msg: Push) {
+        let _ = self.push.send(msg);
+    }
+
+    /// "pid 123 uid 1000 'name'" for messages and logs.
+    pub fn describe(&self) -> String {
+        let pid = self.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
+        format!("pid {pid} uid {} '{}'", self.uid, self.name)
+    }
+}
+
+/// The lock table's owner type: a shared [`Peer`], equal by connection id.
+#[derive(Debug, Clone)]
+pub struct Owner(pub Arc<Peer>);
+
+impl PartialEq for Owner {
+    fn eq(&self, other: &Owner) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl std::ops::Deref for Owner {
+    type Target = Peer;
+    fn deref(&self) -> &Peer {
+        &self.0
+    }
+}

@@ -1,0 +1,41 @@
+//! The accept loop: one task per connection, stopped by the shutdown token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio_util::task::TaskTracker;
+
+use crate::session::{self, Shared};
+
+/// Pause after an accept error such as EMFILE, so a full fd table does not spin the loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts connections on `listener` until `shared.shutdown` is cancelled, then waits (at most
+/// the configured grace period) for every connection to say `ShuttingDown` and close.
+pub async fn run(listener: UnixListener, shared: Arc<Shared>) {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tracker.spawn(session::serve(stream, Arc::clone(&shared)));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}; pausing {ACCEPT_BACKOFF:?}");
+                    tokio::select! {
+                        _ = shared.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let grace = shared.config.limits.shutdown_grace;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("some connections did not close within {grace:?}");
+    }
+}

@@ -1,0 +1,232 @@
+//! A naive reference model of the lock table, and a property test that runs random operation
+//! sequences against both and compares every answer and the final state.
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// The model keeps plain vectors per key and re-derives grants with the contract's words:
+/// "a request is granted only when every request queued before it has been granted or has left".
+#[derive(Default, Debug)]
+struct Model {
+    /// (key, owner, request, mode, fence)
+    holders: Vec<(u8, u32, u64, Mode, u64)>,
+    /// (key, owner, request, mode) in arrival order across all keys.
+    queue: Vec<(u8, u32, u64, Mode)>,
+    next_fence: u64,
+}
+
+impl Model {
+    fn fits(&self, key: u8, mode: Mode) -> bool {
+        self.holders
+            .iter()
+            .filter(|h| h.0 == key)
+            .all(|h| mode == Mode::Shared && h.3 == Mode::Shared)
+    }
+
+    fn queued(&self, key: u8) -> bool {
+        self.queue.iter().any(|w| w.0 == key)
+    }
+
+    fn acquire(&mut self, key: u8, owner: u32, request: u64, mode: Mode, wait: bool) -> Acquired {
+        if !self.queued(key) && self.fits(key, mode) {
+            self.next_fence += 1;
+            self.holders
+                .push((key, owner, request, mode, self.next_fence));
+            Acquired::Granted(self.next_fence)
+        } else if wait {
+            self.queue.push((key, owner, request, mode));
+            Acquired::Queued
+        } else {
+            Acquired::Conflict
+        }
+    }
+
+    /// Grants, key by key, the longest prefix of that key's queue that fits one at a time.
+    fn settle(&mut self, key: u8) -> Vec<(u32, u64, Mode, u64)> {
+        let mut granted = Vec::new();
+        loop {
+            let Some(pos) = self.queue.iter().position(|w| w.0 == key) else {
+                break;
+            };
+            let (k, owner, request, mode) = self.queue[pos];
+            if !self.fits(k, mode) {
+                break;
+            }
+            self.queue.remove(pos);
+            self.next_fence += 1;
+            self.holders
+                .push((k, owner, request, mode, self.next_fence));
+            granted.push((owner, request, mode, self.next_fence));
+        }
+        granted
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire {
+        key: u8,
+        owner: u32,
+        shared: bool,
+        wait: bool,
+    },
+    Release {
+        pick: usize,
+    },
+    Cancel {
+        pick: usize,
+    },
+    Disconnect {
+        owner: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..3, 0u32..5, any::<bool>(), any::<bool>())
+            .prop_map(|(key, owner, shared, wait)| Op::Acquire { key, owner, shared, wait }),
+        3 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+        1 => (0u32..5).prop_map(|owner| Op::Disconnect { owner }),
+    ]
+}
+
+fn k(n: u8) -> Key {
+    Key::new("default", format!("k{n}")).unwrap()
+}
+
+fn as_tuples(granted: &[Granted<u32>]) -> Vec<(u32, u64, Mode, u64)> {
+    granted
+        .iter()
+        .map(|g| (g.owner, g.request, g.mode, g.fence))
+        .collect()
+}
+
+/// Table invariants that must hold after every operation.
+fn check_invariants(table: &Table<u32, ()>) -> Result<(), TestCaseError> {
+    for (key, e) in table.iter() {
+        prop_assert!(!e.is_empty(), "{key}: empty entry kept");
+        let exclusive = e
+            .holders
+            .iter()
+            .filter(|h| h.mode == Mode::Exclusive)
+            .count();
+        prop_assert!(
+            exclusive == 0 || e.holders.len() == 1,
+            "{key}: exclusive shared"
+        );
+        if let Some(head) = e.queue.front() {
+            prop_assert!(
+                !e.compatible(head.mode),
+                "{key}: grantable head left waiting"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut table: Table<u32, ()> = Table::default();
+    let mut model = Model::default();
+    let mut fence = 0u64;
+    let mut next = || {
+        fence += 1;
+        fence
+    };
+    let mut request = 0u64;
+    for op in ops {
+        match op {
+            Op::Acquire {
+                key,
+                owner,
+                shared,
+                wait,
+            } => {
+                request += 1;
+                let mode = if shared {
+                    Mode::Shared
+                } else {
+                    Mode::Exclusive
+                };
+                let want = Want {
+                    owner,
+                    request,
+                    mode,
+                    wait,
+                    payload: (),
+                };
+                let got = table.acquire(&k(key), want, 0, &mut next);
+                let expected = model.acquire(key, owner, request, mode, wait);
+                prop_assert_eq!(got, expected);
+            }
+            Op::Release { pick } => {
+                if model.holders.is_empty() {
+                    continue;
+                }
+                let (key, owner, _, _, f) = model.holders.remove(pick % model.holders.len());
+                let (holder, granted) = table.release(&k(key), f, 0, &mut next).expect("held");
+                prop_assert_eq!(holder.owner, owner);
+                prop_assert_eq!(as_tuples(&granted), model.settle(key));
+                prop_assert!(table.release(&k(key), f, 0, &mut next).is_none());
+            }
+            Op::Cancel { pick } => {
+                if model.queue.is_empty() {
+                    continue;
+                }
+                let (key, owner, req, _) = model.queue.remove(pick % model.queue.len());
+                let (waiter, granted) = table
+                    .cancel(&k(key), &owner, req, 0, &mut next)
+                    .expect("queued");
+                prop_assert_eq!(waiter.request, req);
+                prop_assert_eq!(as_tuples(&granted), model.settle(key));
+            }
+            Op::Disconnect { owner } => {
+                for key in 0..3u8 {
+                    let (removed, granted) = table.remove_owner(&k(key), &owner, 0, &mut next);
+                    let before = model.holders.len();
+                    model.holders.retain(|h| !(h.0 == key && h.1 == owner));
+                    model.queue.retain(|w| !(w.0 == key && w.1 == owner));
+                    prop_assert_eq!(removed.len(), before - model.holders.len());
+                    prop_assert_eq!(as_tuples(&granted), model.settle(key));
+                }
+            }
+        }
+        check_invariants(&table)?;
+    }
+    // Final state: same holders (by fence) and same queue order per key.
+    for key in 0..3u8 {
+        let mut want_fences: Vec<u64> = model
+            .holders
+            .iter()
+            .filter(|h| h.0 == key)
+            .map(|h| h.4)
+            .collect();
+        let want_queue: Vec<u64> = model
+            .queue
+            .iter()
+            .filter(|w| w.0 == key)
+            .map(|w| w.2)
+            .collect();
+        let (mut got_fences, got_queue) = match table.get(&k(key)) {
+            Some(e) => (
+                e.holders.iter().map(|h| h.fence).collect::<Vec<_>>(),
+                e.queue.iter().map(|w| w.request).collect::<Vec<_>>(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        want_fences.sort_unstable();
+        got_fences.sort_unstable();
+        prop_assert_eq!(got_fences, want_fences);
+        prop_assert_eq!(got_queue, want_queue);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn table_matches_reference_model(ops in proptest::collection::vec(op(), 1..80)) {
+        run(ops)?;
+    }
+}
