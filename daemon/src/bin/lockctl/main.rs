@@ -1,1 +1,53 @@
-fn main() {}
+//! `lockctl`: lockd from the shell. Argument parsing lives here; each subcommand in its module.
+
+mod duration;
+mod exit;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Exit codes:
+   0  success (for `run`: the command's own status)
+   1  lock not acquired: conflict or timeout (`run -E` changes it)
+   2  usage error
+   3  not holder: the ticket's hold has ended or never existed
+  69  lockd unavailable (not running, socket unreachable, shutting down)
+  70  internal or protocol error
+  75  the hold was lost while the command ran
+  77  permission denied
+
+Examples:
+  lockctl run -n nightly-backup -- /usr/local/bin/backup.sh
+  lockctl run -w 30 -s reports -- ./read-reports.sh";
+
+/// Take lockd locks from the shell: flock(1) for a whole host, with fencing tokens.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// lockd's socket [default: $LOCKD_SOCKET, else the daemon's default path]
+    #[arg(long, global = true, value_name = "PATH", env = "LOCKD_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Run(run::RunArgs),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli
+        .socket
+        .unwrap_or_else(lockd_protocol::paths::client_socket_path);
+    let code = match cli.command {
+        Command::Run(args) => run::run(&socket, args).await,
+    };
+    ExitCode::from(code)
+}

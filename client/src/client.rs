@@ -1,0 +1,362 @@
+//! [`Client`]: one multiplexed connection to lockd, and the acquire builder.
+
+use std::future::{Future, IntoFuture};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::SinkExt;
+use lockd_protocol::{
+    Acquire, ClientCodec, ClientMessage, Hello, Key, Limits, Mode, Op, Reply, ServerMessage, Wait,
+    DEFAULT_NAMESPACE, PROTOCOL_VERSION,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Decoder, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{Answer, Command, Task};
+use crate::guard::LockGuard;
+use crate::Error;
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Shown by describe next to this connection's holds. Defaults to the program's name.
+    pub client_name: String,
+    /// Bound on connecting plus the handshake.
+    pub timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        let client_name = std::env::args()
+            .next()
+            .and_then(|a| {
+                Path::new(&a)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "lockd-client".to_string());
+        ConnectOptions {
+            client_name,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection to lockd. Cheap to clone; clones share the connection.
+///
+/// Every hold taken through a client ends when the connection closes, which happens when the
+/// last clone and the last [`LockGuard`] are dropped, or when the daemon goes away.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tx: mpsc::UnboundedSender<Command>,
+    next_id: Arc<AtomicU64>,
+    closed: CancellationToken,
+    limits: Limits,
+    server_version: String,
+}
+
+impl Client {
+    /// Connects to the daemon at `path`.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] if nothing listens there; [`Error::Rejected`] on a version mismatch.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
+        Client::connect_with(path, ConnectOptions::default()).await
+    }
+
+    /// Connects to `$LOCKD_SOCKET`, else the daemon's default socket path.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_default() -> Result<Client, Error> {
+        Client::connect(lockd_protocol::paths::client_socket_path()).await
+    }
+
+    /// Connects with explicit options.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        options: ConnectOptions,
+    ) -> Result<Client, Error> {
+        let path = path.as_ref();
+        let connect_err = |source| Error::Connect {
+            path: PathBuf::from(path),
+            source,
+        };
+        let handshake = handshake(path, options.client_name);
+        let (stream, codec, inbuf, welcome) = tokio::time::timeout(options.timeout, handshake)
+            .await
+            .map_err(|_| {
+                connect_err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer to the handshake",
+                ))
+            })??;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let next_id = Arc::new(AtomicU64::new(1));
+        let closed = CancellationToken::new();
+        let task = Task::new(
+            stream,
+            codec,
+            inbuf,
+            rx,
+            Arc::clone(&next_id),
+            closed.clone(),
+        );
+        tokio::spawn(task.run());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                tx,
+                next_id,
+                closed,
+                limits: welcome.limits,
+                server_version: welcome.server_version,
+            }),
+        })
+    }
+
+    /// Limits the daemon announced.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// The daemon's version string.
+    pub fn server_version(&self) -> &str {
+        &self.inner.server_version
+    }
+
+    /// Starts building an acquire of `name` (namespace `default`, exclusive, no wait).
+    pub fn acquire(&self, name: impl Into<String>) -> AcquireBuilder<'_> {
+        AcquireBuilder {
+            client: self,
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            name: name.into(),
+            mode: Mode::Exclusive,
+            wait: Wait::No,
+            data: Vec::new(),
+        }
+    }
+
+    /// Waits as long as it takes for an exclusive hold of `name`.
+    ///
+    /// # Errors
+    /// See [`AcquireBuilder`].
+    pub async fn lock(&self, name: impl Into<String>) -> Result<LockGuard, Error> {
+        self.acquire(name).wait_forever().await
+    }
+
+    /// Tries once for an exclusive hold of `name`; `Conflict` if it is held.
+    ///
+    /// # Errors
+    /// See [`AcquireBuilder`].
+    pub async fn try_lock(&self, name: impl Into<String>) -> Result<LockGuard, Error> {
+        self.acquire(name).await
+    }
+
+    /// One round trip to the daemon.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] if the connection is gone.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.call(Op::Ping).await.map(|_| ())
+    }
+
+    /// True once the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection ends.
+    pub async fn closed(&self) {
+        self.inner.closed.cancelled().await
+    }
+
+    /// Sends `op` and waits for its answer. Dropping the future withdraws a queued acquire.
+    pub(crate) async fn call(&self, op: Op) -> Result<Answer, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Call { id, op, reply })
+            .map_err(|_| Error::Disconnected)?;
+        let mut abandon = AbandonOnDrop {
+            tx: &self.inner.tx,
+            id,
+            armed: true,
+        };
+        let answer = rx.await;
+        abandon.armed = false;
+        answer.unwrap_or(Err(Error::Disconnected))
+    }
+
+    /// Stops tracking the hold with `fence` (its guard is releasing it).
+    pub(crate) fn fire_forget_hold(&self, fence: u64) {
+        let _ = self.inner.tx.send(Command::Forget { fence });
+    }
+
+    /// Sends `op` without waiting for its answer.
+    pub(crate) fn fire(&self, op: Op, forget: Option<u64>) {
+        let _ = self.inner.tx.send(Command::Fire { op, forget });
+    }
+}
+
+/// Tells the connection task that a caller stopped waiting.
+struct AbandonOnDrop<'a> {
+    tx: &'a mpsc::UnboundedSender<Command>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Command::Abandon { id: self.id });
+        }
+    }
+}
+
+async fn handshake(
+    path: &Path,
+    client_name: String,
+) -> Result<(UnixStream, ClientCodec, BytesMut, lockd_protocol::Welcome), Error> {
+    let connect_err = |source| Error::Connect {
+        path: PathBuf::from(path),
+        source,
+    };
+    let stream = UnixStream::connect(path).await.map_err(connect_err)?;
+    let hello = ClientMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_name,
+    });
+    let mut framed = FramedWrite::new(stream, ClientCodec::default());
+    framed
+        .send(hello)
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+    let mut stream = framed.into_inner();
+    let mut codec = ClientCodec::default();
+    let mut inbuf = BytesMut::with_capacity(8 * 1024);
+    loop {
+        match codec.decode(&mut inbuf) {
+            Ok(Some(ServerMessage::Welcome(w))) => {
+                let codec = ClientCodec::new(w.limits.max_frame as usize);
+                return Ok((stream, codec, inbuf, w));
+            }
+            Ok(Some(ServerMessage::Rejected(e))) => return Err(Error::Rejected(e)),
+            Ok(Some(other)) => {
+                return Err(Error::Protocol(format!("expected Welcome, got {other:?}")))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Error::Protocol(e.to_string())),
+        }
+        inbuf.reserve(8 * 1024);
+        if stream.read_buf(&mut inbuf).await.map_err(connect_err)? == 0 {
+            return Err(Error::Disconnected);
+        }
+    }
+}
+
+/// An acquire being set up; `.await` it to send it.
+///
+/// Defaults: namespace `default`, exclusive, no wait (answer `Conflict` at once). Dropping the
+/// future while it waits withdraws the request from the queue.
+///
+/// # Errors
+/// [`Error::Lock`] with `Conflict` (held, no wait), `Timeout` (waited in vain),
+/// `InvalidArgument`, `LimitExceeded` or `PermissionDenied`; [`Error::InvalidKey`];
+/// [`Error::Disconnected`].
+#[must_use = "an acquire does nothing until awaited"]
+pub struct AcquireBuilder<'a> {
+    client: &'a Client,
+    namespace: String,
+    name: String,
+    mode: Mode,
+    wait: Wait,
+    data: Vec<u8>,
+}
+
+impl AcquireBuilder<'_> {
+    /// Use namespace `ns` instead of `default`.
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+
+    /// Ask for a shared hold (many shared holders may coexist).
+    pub fn shared(mut self) -> Self {
+        self.mode = Mode::Shared;
+        self
+    }
+
+    /// Ask for an exclusive hold (the default).
+    pub fn exclusive(mut self) -> Self {
+        self.mode = Mode::Exclusive;
+        self
+    }
+
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Wait in the key's FIFO queue for at most `d` (zero means do not wait).
+    pub fn wait(mut self, d: Duration) -> Self {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.wait = if ms == 0 { Wait::No } else { Wait::Millis(ms) };
+        self
+    }
+
+    /// Wait until granted.
+    pub fn wait_forever(mut self) -> Self {
+        self.wait = Wait::Forever;
+        self
+    }
+
+    /// Attach opaque bytes shown by describe (at most [`Limits::max_data`]).
+    pub fn data(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.data = data.into();
+        self
+    }
+
+    async fn send(self) -> Result<LockGuard, Error> {
+        let key = Key::new(self.namespace, self.name)?;
+        let op = Op::Acquire(Acquire {
+            key: key.clone(),
+            mode: self.mode,
+            wait: self.wait,
+            lease_ms: None,
+            detach: false,
+            data: self.data,
+        });
+        let answer = self.client.call(op).await?;
+        match (answer.reply, answer.hold) {
+            (Reply::Granted(grant), Some(hold)) => {
+                Ok(LockGuard::new(self.client.clone(), key, grant, hold))
+            }
+            (other, _) => Err(Error::Protocol(format!("expected Granted, got {other:?}"))),
+        }
+    }
+}
+
+impl<'a> IntoFuture for AcquireBuilder<'a> {
+    type Output = Result<LockGuard, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}

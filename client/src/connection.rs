@@ -1,0 +1,301 @@
+//! The task that owns the socket: it writes requests, routes responses to their callers by
+//! request id, and turns pushed events and EOF into lost-hold signals.
+//!
+//! Invariants:
+//! - only this task touches the socket; callers talk to it over an unbounded command channel;
+//! - a grant whose caller has gone away (the acquire future was dropped) is released at once,
+//!   so an abandoned acquire never leaves a hold behind;
+//! - when the connection ends, every registered hold is marked lost and its token cancelled.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Buf, BytesMut};
+use lockd_protocol::{
+    ClientCodec, ClientMessage, Event, LostReason, Op, Reply, Request, RequestId, ServerMessage,
+    WireError,
+};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::sync::CancellationToken;
+
+use crate::guard::Lost;
+use crate::Error;
+
+/// Stop taking new commands while this many bytes wait to be written.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A request from a caller to the connection task.
+pub(crate) enum Command {
+    /// Send `op` as request `id` and answer on `reply`.
+    Call {
+        id: RequestId,
+        op: Op,
+        reply: oneshot::Sender<Result<Answer, Error>>,
+    },
+    /// Send `op` and ignore its answer; forget the hold with fence `forget` first.
+    Fire { op: Op, forget: Option<u64> },
+    /// The caller of request `id` stopped waiting: withdraw it if it is a queued acquire.
+    Abandon { id: RequestId },
+    /// The guard of the hold with this fence is releasing it: stop tracking it.
+    Forget { fence: u64 },
+}
+
+/// A successful answer; `hold` is set for grants.
+pub(crate) struct Answer {
+    pub reply: Reply,
+    pub hold: Option<Arc<HoldState>>,
+}
+
+/// Shared between a guard and the task: cancelled when the hold ends other than by release.
+#[derive(Debug)]
+pub(crate) struct HoldState {
+    pub token: CancellationToken,
+    pub reason: OnceLock<Lost>,
+}
+
+impl HoldState {
+    fn lose(&self, why: Lost) {
+        let _ = self.reason.set(why);
+        self.token.cancel();
+    }
+}
+
+struct PendingCall {
+    reply: oneshot::Sender<Result<Answer, Error>>,
+    /// An acquire that may be queued (so abandoning it must send `Cancel`).
+    may_wait: bool,
+}
+
+pub(crate) struct Task {
+    stream: UnixStream,
+    codec: ClientCodec,
+    inbuf: BytesMut,
+    out: BytesMut,
+    rx: mpsc::UnboundedReceiver<Command>,
+    next_id: Arc<AtomicU64>,
+    /// Cancelled when the connection ends; parent of every hold token.
+    closed: CancellationToken,
+    pending: HashMap<RequestId, PendingCall>,
+    holds: HashMap<u64, Arc<HoldState>>,
+    shutting_down: bool,
+}
+
+impl Task {
+    pub(crate) fn new(
+        stream: UnixStream,
+        codec: ClientCodec,
+        inbuf: BytesMut,
+        rx: mpsc::UnboundedReceiver<Command>,
+        next_id: Arc<AtomicU64>,
+        closed: CancellationToken,
+    ) -> Task {
+        Task {
+            stream,
+            codec,
+            inbuf,
+            out: BytesMut::with_capacity(READ_CHUNK),
+            rx,
+            next_id,
+            closed,
+            pending: HashMap::new(),
+            holds: HashMap::new(),
+            shutting_down: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        // Frames that arrived together with the handshake answer.
+        let _ = self.route_frames();
+        loop {
+            let keep_going = tokio::select! {
+                biased;
+                ready = self.stream.readable() => ready.is_ok() && self.read_ready(),
+                ready = self.stream.writable(), if !self.out.is_empty() => {
+                    ready.is_ok() && self.write_ready()
+                }
+                cmd = self.rx.recv(), if self.out.len() < OUT_HIGH_WATER => match cmd {
+                    Some(cmd) => {
+                        self.command(cmd);
+                        while self.out.len() < OUT_HIGH_WATER {
+                            match self.rx.try_recv() {
+                                Ok(cmd) => self.command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                        true
+                    }
+                    None => false, // every Client handle and guard is gone
+                },
+            };
+            if !keep_going || (!self.out.is_empty() && !self.write_ready()) {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Call { id, op, reply } => {
+                let may_wait = matches!(&op, Op::Acquire(a) if a.wait != lockd_protocol::Wait::No);
+                self.pending.insert(id, PendingCall { reply, may_wait });
+                self.send(id, op);
+            }
+            Command::Fire { op, forget } => {
+                if let Some(fence) = forget {
+                    self.holds.remove(&fence);
+                }
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                self.send(id, op);
+            }
+            Command::Forget { fence } => {
+                self.holds.remove(&fence);
+            }
+            Command::Abandon { id } => {
+                if let Some(call) = self.pending.remove(&id) {
+                    if call.may_wait {
+                        let cancel_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                        self.send(cancel_id, Op::Cancel { request: id });
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, id: RequestId, op: Op) {
+        let msg = ClientMessage::Request(Request { id, op });
+        if let Err(e) = self.codec.encode(msg, &mut self.out) {
+            if let Some(call) = self.pending.remove(&id) {
+                let _ = call.reply.send(Err(Error::Protocol(e.to_string())));
+            }
+        }
+    }
+
+    /// Reads what the socket has; false when the connection is over.
+    fn read_ready(&mut self) -> bool {
+        loop {
+            self.inbuf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.inbuf) {
+                Ok(0) => return false,
+                Ok(_) => {
+                    if !self.route_frames() {
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Writes what the socket takes; false when the connection is over.
+    fn write_ready(&mut self) -> bool {
+        while !self.out.is_empty() {
+            match self.stream.try_write(&self.out) {
+                Ok(0) => return false,
+                Ok(n) => self.out.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Routes every complete frame; false on a protocol error.
+    fn route_frames(&mut self) -> bool {
+        loop {
+            match self.codec.decode(&mut self.inbuf) {
+                Ok(Some(msg)) => {
+                    if !self.route(msg) {
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn route(&mut self, msg: ServerMessage) -> bool {
+        match msg {
+            ServerMessage::Response(resp) => {
+                self.response(resp.id, resp.result);
+                true
+            }
+            ServerMessage::Event(Event::HoldLost { fence, reason, .. }) => {
+                if let Some(hold) = self.holds.remove(&fence) {
+                    hold.lose(match reason {
+                        LostReason::Expired => Lost::Expired,
+                        LostReason::ForceReleased => Lost::ForceReleased,
+                    });
+                }
+                true
+            }
+            ServerMessage::Event(Event::ShuttingDown) => {
+                self.shutting_down = true;
+                true
+            }
+            ServerMessage::Welcome(_) | ServerMessage::Rejected(_) => false,
+        }
+    }
+
+    fn response(&mut self, id: RequestId, result: Result<Reply, WireError>) {
+        let call = self.pending.remove(&id);
+        let granted = match &result {
+            Ok(Reply::Granted(g)) => Some((g.fence, g.ticket)),
+            _ => None,
+        };
+        let Some(call) = call else {
+            // A fire-and-forget request, or an abandoned acquire that was granted anyway.
+            if let Some((_, ticket)) = granted {
+                let release_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                self.send(release_id, Op::Release { ticket });
+            }
+            return;
+        };
+        let answer = match result {
+            Ok(reply) => {
+                let hold = granted.map(|(fence, _)| {
+                    let hold = Arc::new(HoldState {
+                        token: self.closed.child_token(),
+                        reason: OnceLock::new(),
+                    });
+                    self.holds.insert(fence, Arc::clone(&hold));
+                    hold
+                });
+                Ok(Answer { reply, hold })
+            }
+            Err(e) => Err(Error::Lock(e)),
+        };
+        if let Err(Ok(answer)) = call.reply.send(answer) {
+            // The caller stopped waiting just now: give the hold back.
+            if let (Some((fence, ticket)), Some(_)) = (granted, answer.hold) {
+                self.holds.remove(&fence);
+                let release_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                self.send(release_id, Op::Release { ticket });
+            }
+        }
+    }
+
+    fn finish(mut self) {
+        let why = if self.shutting_down {
+            Lost::DaemonShutdown
+        } else {
+            Lost::Disconnected
+        };
+        for (_, hold) in self.holds.drain() {
+            hold.lose(why);
+        }
+        for (_, call) in self.pending.drain() {
+            let _ = call.reply.send(Err(Error::Disconnected));
+        }
+        self.closed.cancel();
+    }
+}

@@ -1,0 +1,132 @@
+//! [`LockGuard`]: a granted hold, released by `release().await` or, in the background, on drop.
+
+use std::sync::Arc;
+
+use lockd_protocol::{Grant, Key, Mode, Op, Reply, Ticket};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::HoldState;
+use crate::{Client, Error};
+
+/// Why a hold ended without being released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// Its lease ran out.
+    Expired,
+    /// An administrator force-released the key.
+    ForceReleased,
+    /// The connection to the daemon broke (daemon crashed, socket closed).
+    Disconnected,
+    /// The daemon announced it is shutting down.
+    DaemonShutdown,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lost::Expired => "the lease expired",
+            Lost::ForceReleased => "an administrator force-released the lock",
+            Lost::Disconnected => "the connection to lockd was lost",
+            Lost::DaemonShutdown => "lockd is shutting down",
+        })
+    }
+}
+
+/// A granted hold. While it lives (and [`LockGuard::lost`] has not resolved) the holder may use
+/// the protected resource, passing [`LockGuard::fence`] along so stale holders can be refused.
+#[derive(Debug)]
+pub struct LockGuard {
+    client: Client,
+    key: Key,
+    ticket: Ticket,
+    fence: u64,
+    mode: Mode,
+    hold: Arc<HoldState>,
+    released: bool,
+}
+
+impl LockGuard {
+    pub(crate) fn new(client: Client, key: Key, grant: Grant, hold: Arc<HoldState>) -> LockGuard {
+        LockGuard {
+            client,
+            key,
+            ticket: grant.ticket,
+            fence: grant.fence,
+            mode: grant.mode,
+            hold,
+            released: false,
+        }
+    }
+
+    /// The fencing token: greater than every fence the daemon granted before this hold.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The hold's ticket, a secret capability: never log it.
+    pub fn ticket(&self) -> &Ticket {
+        &self.ticket
+    }
+
+    /// True once the hold has been lost.
+    pub fn is_lost(&self) -> bool {
+        self.hold.token.is_cancelled()
+    }
+
+    /// Resolves when the hold is lost (lease expired, force-released, connection gone).
+    /// Never resolves while the hold is intact.
+    pub async fn lost(&self) -> Lost {
+        self.hold.token.cancelled().await;
+        self.hold
+            .reason
+            .get()
+            .copied()
+            .unwrap_or(Lost::Disconnected)
+    }
+
+    /// A token cancelled when the hold is lost, for `select!` loops and child tasks.
+    pub fn lost_token(&self) -> CancellationToken {
+        self.hold.token.clone()
+    }
+
+    /// Releases the hold and waits for the daemon to confirm.
+    ///
+    /// # Errors
+    /// [`Error::Lock`] with `NotHolder` if the hold had already ended; [`Error::Disconnected`].
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.released = true;
+        self.client.fire_forget_hold(self.fence);
+        match self
+            .client
+            .call(Op::Release {
+                ticket: self.ticket,
+            })
+            .await?
+            .reply
+        {
+            Reply::Released => Ok(()),
+            other => Err(Error::Protocol(format!("expected Released, got {other:?}"))),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            self.client.fire(
+                Op::Release {
+                    ticket: self.ticket,
+                },
+                Some(self.fence),
+            );
+        }
+    }
+}
