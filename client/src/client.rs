@@ -140,9 +140,9 @@ impl Client {
     }
 
     /// Starts building an acquire of `name` (namespace `default`, exclusive, no wait).
-    pub fn acquire(&self, name: impl Into<String>) -> AcquireBuilder<'_> {
+    pub fn acquire(&self, name: impl Into<String>) -> AcquireBuilder {
         AcquireBuilder {
-            client: self,
+            client: self.clone(),
             namespace: DEFAULT_NAMESPACE.to_string(),
             name: name.into(),
             mode: Mode::Exclusive,
@@ -280,8 +280,8 @@ async fn handshake(
 /// `InvalidArgument`, `LimitExceeded` or `PermissionDenied`; [`Error::InvalidKey`];
 /// [`Error::Disconnected`].
 #[must_use = "an acquire does nothing until awaited"]
-pub struct AcquireBuilder<'a> {
-    client: &'a Client,
+pub struct AcquireBuilder {
+    client: Client,
     namespace: String,
     name: String,
     mode: Mode,
@@ -289,7 +289,7 @@ pub struct AcquireBuilder<'a> {
     data: Vec<u8>,
 }
 
-impl AcquireBuilder<'_> {
+impl AcquireBuilder {
     /// Use namespace `ns` instead of `default`.
     pub fn namespace(mut self, ns: impl Into<String>) -> Self {
         self.namespace = ns.into();
@@ -345,16 +345,16 @@ impl AcquireBuilder<'_> {
         let answer = self.client.call(op).await?;
         match (answer.reply, answer.hold) {
             (Reply::Granted(grant), Some(hold)) => {
-                Ok(LockGuard::new(self.client.clone(), key, grant, hold))
+                Ok(LockGuard::new(self.client, key, grant, hold))
             }
             (other, _) => Err(Error::Protocol(format!("expected Granted, got {other:?}"))),
         }
     }
 }
 
-impl<'a> IntoFuture for AcquireBuilder<'a> {
+impl IntoFuture for AcquireBuilder {
     type Output = Result<LockGuard, Error>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + 'a>>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send + 'static>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.send())

@@ -31,7 +31,8 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(
+    /// Registers a new connection: its owner identity and the receiving end of its mailbox.
+    pub fn open(
         id: u64,
         pid: Option<i32>,
         uid: u32,

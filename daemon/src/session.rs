@@ -108,7 +108,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     }
     let mut name = hello.client_name;
     truncate_utf8(&mut name, 256);
-    let (owner, push_rx) = Peer::new(id, cred.pid(), cred.uid(), cred.gid(), name);
+    let (owner, push_rx) = Peer::open(id, cred.pid(), cred.uid(), cred.gid(), name);
     tracing::debug!(conn = id, "connected: {}", owner.describe());
     let mut session = Session {
         wire: conn,
@@ -375,7 +375,7 @@ impl Session {
         fence: u64,
         mode: Mode,
     ) -> Result<Reply, WireError> {
-        let ticket = match self.tickets.next() {
+        let ticket = match self.tickets.draw() {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!("the OS random source failed: {e}");

@@ -25,7 +25,7 @@ impl TicketPool {
     ///
     /// # Errors
     /// The OS random source failed.
-    pub fn next(&mut self) -> Result<Ticket, getrandom::Error> {
+    pub fn draw(&mut self) -> Result<Ticket, getrandom::Error> {
         if self.used == BATCH {
             getrandom::fill(&mut self.buf)?;
             self.used = 0;
@@ -48,7 +48,7 @@ mod tests {
         let mut pool = TicketPool::default();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..(BATCH * 3) {
-            assert!(seen.insert(pool.next().unwrap().to_text()));
+            assert!(seen.insert(pool.draw().unwrap().to_text()));
         }
     }
 }

@@ -82,6 +82,9 @@ pub struct Granted<O> {
     pub fence: u64,
 }
 
+/// Something removed from the table, with what was granted because of it.
+pub type Removed<T, O> = (T, Vec<Granted<O>>);
+
 /// What an acquire did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Acquired {
@@ -187,7 +190,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         fence: u64,
         now: u64,
         next_fence: &mut impl FnMut() -> u64,
-    ) -> Option<(Holder<O, P>, Vec<Granted<O>>)> {
+    ) -> Option<Removed<Holder<O, P>, O>> {
         let entry = self.entries.get_mut(key)?;
         let i = entry.holders.iter().position(|h| h.fence == fence)?;
         let holder = entry.holders.swap_remove(i);
@@ -205,7 +208,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         request: RequestId,
         now: u64,
         next_fence: &mut impl FnMut() -> u64,
-    ) -> Option<(Waiter<O, P>, Vec<Granted<O>>)> {
+    ) -> Option<Removed<Waiter<O, P>, O>> {
         let entry = self.entries.get_mut(key)?;
         let i = entry
             .queue

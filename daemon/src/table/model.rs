@@ -45,10 +45,7 @@ impl Model {
     /// Grants, key by key, the longest prefix of that key's queue that fits one at a time.
     fn settle(&mut self, key: u8) -> Vec<(u32, u64, Mode, u64)> {
         let mut granted = Vec::new();
-        loop {
-            let Some(pos) = self.queue.iter().position(|w| w.0 == key) else {
-                break;
-            };
+        while let Some(pos) = self.queue.iter().position(|w| w.0 == key) {
             let (k, owner, request, mode) = self.queue[pos];
             if !self.fits(k, mode) {
                 break;

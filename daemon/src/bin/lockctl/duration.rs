@@ -23,7 +23,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     };
     let value: f64 = num.parse().map_err(|_| bad(text))?;
     let secs = value * scale;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e12 {
+    if !secs.is_finite() || !(0.0..=1e12).contains(&secs) {
         return Err(bad(text));
     }
     Ok(Duration::from_secs_f64(secs))
