@@ -228,10 +228,14 @@ impl Session {
     }
 
     async fn serve_until_end(&mut self) -> End {
+        // Registered once: polling a fresh `cancelled()` per wake-up would take the token's
+        // internal mutex, which every connection shares.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled() => return End::Shutdown,
+                _ = &mut shutdown => return End::Shutdown,
                 Some(push) = self.push_rx.recv() => {
                     self.on_push(push);
                     while let Ok(push) = self.push_rx.try_recv() {

@@ -1,1 +1,300 @@
-fn main() {}
+//! `lockd-load`: a load generator, run on purpose (never from the test suite).
+//!
+//! For each client count it measures, in the same run and on the same machine:
+//! 1. the baseline: a raw Unix-socket request/response echo server (a separate process that
+//!    frames and batches like lockd, but does no work), driven by N connections;
+//! 2. lockd: N connections doing try-lock + release pairs through the client crate, each on
+//!    its own key (no contention) or, with `--contended K`, on K shared keys.
+//!
+//! It prints round trips per second for both and their ratio. Build with `--release`:
+//!   cargo build --release -p lockd -p lockd-tests && target/release/lockd-load
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::{Buf, BufMut, BytesMut};
+use clap::Parser;
+use lockd_protocol::{Acquire, Key, Mode, Op, Reply, Response, ServerMessage, Wait};
+use lockd_tests::raw::RawConn;
+use lockd_tests::TestDaemon;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Load generator: lockd lock+release round trips vs a raw Unix-socket echo baseline"
+)]
+struct Args {
+    /// Client counts to measure (comma-separated)
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    clients: Vec<usize>,
+    /// Seconds per measurement
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Path to the lockd binary [default: next to this executable]
+    #[arg(long)]
+    lockd: Option<PathBuf>,
+    /// Share K keys among all clients instead of one key per client
+    #[arg(long, value_name = "K")]
+    contended: Option<usize>,
+    /// Drive lockd with hand-encoded frames instead of the client crate (isolates daemon cost)
+    #[arg(long)]
+    raw: bool,
+    /// Drive an already running lockd at this socket (skips the baseline; for profiling)
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Internal: run the echo server on this socket
+    #[arg(long, hide = true)]
+    echo_server: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(path) = &args.echo_server {
+        return echo_server(path);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let lockd = match &args.lockd {
+        Some(p) => p.clone(),
+        None => exe.with_file_name("lockd"),
+    };
+    if !lockd.exists() {
+        bail!(
+            "{} not found: build it (cargo build --release -p lockd) or pass --lockd",
+            lockd.display()
+        );
+    }
+    let secs = Duration::from_secs_f64(args.seconds);
+    println!(
+        "{:>7} {:>14} {:>14} {:>7} {:>16}",
+        "clients", "echo req/s", "lockd req/s", "ratio", "lock+release/s"
+    );
+    if let Some(socket) = &args.socket {
+        for &n in &args.clients {
+            let rate = drive_lockd(socket, n, secs, args.contended, args.raw).await?;
+            println!(
+                "{n:>7} {:>14} {rate:>14.0} {:>7} {:>16.0}",
+                "-",
+                "-",
+                rate / 2.0
+            );
+        }
+        return Ok(());
+    }
+    for &n in &args.clients {
+        let echo = run_echo(&exe, n, secs).await?;
+        let lockd_rate = run_lockd(&lockd, n, secs, args.contended, args.raw).await?;
+        println!(
+            "{:>7} {:>14.0} {:>14.0} {:>6.2}x {:>16.0}",
+            n,
+            echo,
+            lockd_rate,
+            lockd_rate / echo,
+            lockd_rate / 2.0
+        );
+    }
+    Ok(())
+}
+
+/// Round trips per second against the echo server with `n` clients.
+async fn run_echo(exe: &Path, n: usize, secs: Duration) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("echo.sock");
+    let mut server = std::process::Command::new(exe)
+        .arg("--echo-server")
+        .arg(&socket)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).await.is_err() {
+        if Instant::now() > deadline {
+            let _ = server.kill();
+            bail!("echo server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut stream = UnixStream::connect(&socket).await?;
+        let (count, stop) = (Arc::clone(&count), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let payload = [7u8; 40];
+            let mut frame = BytesMut::new();
+            frame.put_u32(payload.len() as u32);
+            frame.extend_from_slice(&payload);
+            let mut buf = vec![0u8; frame.len()];
+            while !stop.load(Ordering::Relaxed) {
+                if stream.write_all(&frame).await.is_err()
+                    || stream.read_exact(&mut buf).await.is_err()
+                {
+                    break;
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let rate = measure(&count, &stop, secs).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(rate)
+}
+
+/// Round trips per second against lockd with `n` clients doing try-lock + release.
+async fn run_lockd(
+    bin: &Path,
+    n: usize,
+    secs: Duration,
+    contended: Option<usize>,
+    raw: bool,
+) -> Result<f64> {
+    let daemon = TestDaemon::start(bin.to_str().context("lockd path is not UTF-8")?).await;
+    drive_lockd(&daemon.socket, n, secs, contended, raw).await
+}
+
+async fn drive_lockd(
+    socket: &Path,
+    n: usize,
+    secs: Duration,
+    contended: Option<usize>,
+    raw: bool,
+) -> Result<f64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let key = match contended {
+            Some(k) => format!("bench-{}", i % k.max(1)),
+            None => format!("bench-{i}"),
+        };
+        let (count, stop) = (Arc::clone(&count), Arc::clone(&stop));
+        if raw {
+            let conn = RawConn::connect_hello(socket).await;
+            tasks.push(tokio::spawn(raw_pairs(conn, key, count, stop)));
+            continue;
+        }
+        let client = lockd_client::Client::connect(socket).await?;
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client
+                    .acquire(key.as_str())
+                    .wait(Duration::from_secs(10))
+                    .await
+                {
+                    Ok(g) => {
+                        if g.release().await.is_err() {
+                            break;
+                        }
+                        count.fetch_add(2, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("acquire failed: {e}");
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    let rate = measure(&count, &stop, secs).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(rate)
+}
+
+/// Lock + release pairs over a raw connection, one request in flight at a time.
+async fn raw_pairs(mut conn: RawConn, name: String, count: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    let key = Key::in_default(name).expect("valid key");
+    let mut id = 0;
+    while !stop.load(Ordering::Relaxed) {
+        id += 1;
+        let acquire = Op::Acquire(Acquire {
+            key: key.clone(),
+            mode: Mode::Exclusive,
+            wait: Wait::Millis(10_000),
+            lease_ms: None,
+            detach: false,
+            data: Vec::new(),
+        });
+        conn.request(id, acquire).await;
+        let ticket = match conn.recv(Duration::from_secs(30)).await {
+            Some(ServerMessage::Response(Response {
+                result: Ok(Reply::Granted(g)),
+                ..
+            })) => g.ticket,
+            other => {
+                eprintln!("unexpected answer: {other:?}");
+                return;
+            }
+        };
+        id += 1;
+        conn.request(id, Op::Release { ticket }).await;
+        if conn.recv(Duration::from_secs(30)).await.is_none() {
+            return;
+        }
+        count.fetch_add(2, Ordering::Relaxed);
+    }
+}
+
+/// Lets the workers warm up for a fifth of the time, then counts for `secs`.
+async fn measure(count: &AtomicU64, stop: &AtomicBool, secs: Duration) -> f64 {
+    tokio::time::sleep(secs / 5).await;
+    let start_count = count.load(Ordering::Relaxed);
+    let start = Instant::now();
+    tokio::time::sleep(secs).await;
+    let done = count.load(Ordering::Relaxed) - start_count;
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    done as f64 / elapsed
+}
+
+/// The baseline server: echoes every complete frame, one write per wake-up.
+fn echo_server(path: &Path) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = UnixListener::bind(path)?;
+        loop {
+            let (mut stream, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let mut inbuf = BytesMut::with_capacity(8192);
+                let mut out = BytesMut::with_capacity(8192);
+                loop {
+                    inbuf.reserve(8192);
+                    match stream.read_buf(&mut inbuf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    while inbuf.len() >= 4 {
+                        let len =
+                            u32::from_be_bytes([inbuf[0], inbuf[1], inbuf[2], inbuf[3]]) as usize;
+                        if inbuf.len() < 4 + len {
+                            break;
+                        }
+                        out.extend_from_slice(&inbuf[..4 + len]);
+                        inbuf.advance(4 + len);
+                    }
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            });
+        }
+    })
+}
