@@ -6,7 +6,8 @@
 //! 2. lockd: N connections doing try-lock + release pairs through the client crate, each on
 //!    its own key (no contention) or, with `--contended K`, on K shared keys.
 //!
-//! It prints round trips per second for both and their ratio. Build with `--release`:
+//! Baseline and lockd alternate `--rounds` times; it prints the median round trips per second of
+//! each and the median of the per-round ratios. Build with `--release`:
 //!   cargo build --release -p lockd -p lockd-tests && target/release/lockd-load
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ struct Args {
     /// Seconds per measurement
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Alternate baseline and lockd this many times per client count; report medians
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Path to the lockd binary [default: next to this executable]
     #[arg(long)]
     lockd: Option<PathBuf>,
@@ -93,18 +97,26 @@ async fn bench(args: Args) -> Result<()> {
         return Ok(());
     }
     for &n in &args.clients {
-        let echo = run_echo(&exe, n, secs).await?;
-        let lockd_rate = run_lockd(&lockd, n, secs, args.contended, args.raw).await?;
+        let (mut echoes, mut rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.rounds.max(1) {
+            let echo = run_echo(&exe, n, secs).await?;
+            let rate = run_lockd(&lockd, n, secs, args.contended, args.raw).await?;
+            echoes.push(echo);
+            rates.push(rate);
+            ratios.push(rate / echo);
+        }
+        let (echo, rate, ratio) = (median(echoes), median(rates), median(ratios));
         println!(
-            "{:>7} {:>14.0} {:>14.0} {:>6.2}x {:>16.0}",
-            n,
-            echo,
-            lockd_rate,
-            lockd_rate / echo,
-            lockd_rate / 2.0
+            "{n:>7} {echo:>14.0} {rate:>14.0} {ratio:>6.2}x {:>16.0}",
+            rate / 2.0
         );
     }
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Round trips per second against the echo server with `n` clients.
