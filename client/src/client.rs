@@ -114,6 +114,7 @@ impl Client {
             codec,
             inbuf,
             rx,
+            tx.downgrade(),
             Arc::clone(&next_id),
             closed.clone(),
         );
@@ -345,7 +346,7 @@ impl AcquireBuilder {
         let answer = self.client.call(op).await?;
         match (answer.reply, answer.hold) {
             (Reply::Granted(grant), Some(hold)) => {
-                Ok(LockGuard::new(self.client, key, grant, hold))
+                Ok(LockGuard::new(self.client, key, grant, hold.adopt()))
             }
             (other, _) => Err(Error::Protocol(format!("expected Granted, got {other:?}"))),
         }

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Buf, BytesMut};
 use lockd_protocol::{
     ClientCodec, ClientMessage, Event, LostReason, Op, Reply, Request, RequestId, ServerMessage,
-    WireError,
+    Ticket, WireError,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -48,7 +48,40 @@ pub(crate) enum Command {
 /// A successful answer; `hold` is set for grants.
 pub(crate) struct Answer {
     pub reply: Reply,
-    pub hold: Option<Arc<HoldState>>,
+    pub hold: Option<PendingHold>,
+}
+
+/// A grant on its way to the caller. Releases the hold if dropped before the caller turned it
+/// into a guard (the caller gave up, e.g. lost a `select!`), so no hold is ever orphaned.
+pub(crate) struct PendingHold {
+    state: Arc<HoldState>,
+    ticket: Ticket,
+    fence: u64,
+    tx: mpsc::WeakUnboundedSender<Command>,
+    armed: bool,
+}
+
+impl PendingHold {
+    /// Hands the hold to a guard: from now on the guard releases it.
+    pub(crate) fn adopt(mut self) -> Arc<HoldState> {
+        self.armed = false;
+        Arc::clone(&self.state)
+    }
+}
+
+impl Drop for PendingHold {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(tx) = self.tx.upgrade() {
+                let _ = tx.send(Command::Fire {
+                    op: Op::Release {
+                        ticket: self.ticket,
+                    },
+                    forget: Some(self.fence),
+                });
+            }
+        }
+    }
 }
 
 /// Shared between a guard and the task: cancelled when the hold ends other than by release.
@@ -77,6 +110,8 @@ pub(crate) struct Task {
     inbuf: BytesMut,
     out: BytesMut,
     rx: mpsc::UnboundedReceiver<Command>,
+    /// For grants' release-on-drop; weak, so it never keeps the connection open.
+    tx: mpsc::WeakUnboundedSender<Command>,
     next_id: Arc<AtomicU64>,
     /// Cancelled when the connection ends; parent of every hold token.
     closed: CancellationToken,
@@ -91,6 +126,7 @@ impl Task {
         codec: ClientCodec,
         inbuf: BytesMut,
         rx: mpsc::UnboundedReceiver<Command>,
+        tx: mpsc::WeakUnboundedSender<Command>,
         next_id: Arc<AtomicU64>,
         closed: CancellationToken,
     ) -> Task {
@@ -100,6 +136,7 @@ impl Task {
             inbuf,
             out: BytesMut::with_capacity(READ_CHUNK),
             rx,
+            tx,
             next_id,
             closed,
             pending: HashMap::new(),
@@ -262,26 +299,26 @@ impl Task {
         };
         let answer = match result {
             Ok(reply) => {
-                let hold = granted.map(|(fence, _)| {
-                    let hold = Arc::new(HoldState {
+                let hold = granted.map(|(fence, ticket)| {
+                    let state = Arc::new(HoldState {
                         token: self.closed.child_token(),
                         reason: OnceLock::new(),
                     });
-                    self.holds.insert(fence, Arc::clone(&hold));
-                    hold
+                    self.holds.insert(fence, Arc::clone(&state));
+                    PendingHold {
+                        state,
+                        ticket,
+                        fence,
+                        tx: self.tx.clone(),
+                        armed: true,
+                    }
                 });
                 Ok(Answer { reply, hold })
             }
             Err(e) => Err(Error::Lock(e)),
         };
-        if let Err(Ok(answer)) = call.reply.send(answer) {
-            // The caller stopped waiting just now: give the hold back.
-            if let (Some((fence, ticket)), Some(_)) = (granted, answer.hold) {
-                self.holds.remove(&fence);
-                let release_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                self.send(release_id, Op::Release { ticket });
-            }
-        }
+        // If the caller is gone, dropping the answer releases a grant it carried.
+        let _ = call.reply.send(answer);
     }
 
     fn finish(mut self) {

@@ -14,6 +14,13 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to flush and close.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Default most holds one connection may have at once.
+pub const DEFAULT_MAX_HOLDS_PER_CONN: usize = 65_536;
+/// Default most waiting acquires one connection may have at once.
+pub const DEFAULT_MAX_WAITS_PER_CONN: usize = 65_536;
+/// Default most simultaneous connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +40,10 @@ pub struct Limits {
     pub max_lease: Duration,
     pub handshake_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub max_holds_per_conn: usize,
+    pub max_waits_per_conn: usize,
+    /// Connections beyond this are answered `LimitExceeded` and closed.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +54,9 @@ impl Default for Limits {
             max_lease: DEFAULT_MAX_LEASE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_holds_per_conn: DEFAULT_MAX_HOLDS_PER_CONN,
+            max_waits_per_conn: DEFAULT_MAX_WAITS_PER_CONN,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }

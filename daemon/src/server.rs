@@ -3,7 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use bytes::BytesMut;
+use lockd_protocol::{ErrorCode, ServerCodec, ServerMessage, WireError};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::Encoder;
 use tokio_util::task::TaskTracker;
 
 use crate::session::{self, Shared};
@@ -20,6 +23,10 @@ pub async fn run(listener: UnixListener, shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    if tracker.len() >= shared.config.limits.max_connections {
+                        refuse(&stream, shared.config.limits.max_connections);
+                        continue;
+                    }
                     tracker.spawn(session::serve(stream, Arc::clone(&shared)));
                 }
                 Err(e) => {
@@ -37,5 +44,18 @@ pub async fn run(listener: UnixListener, shared: Arc<Shared>) {
     let grace = shared.config.limits.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {grace:?}");
+    }
+}
+
+/// Tells a connection over the limit why it is closed (best effort, never blocks).
+fn refuse(stream: &UnixStream, max: usize) {
+    tracing::warn!("refusing a connection: {max} connections are open, the configured maximum");
+    let msg = ServerMessage::Rejected(WireError::new(
+        ErrorCode::LimitExceeded,
+        format!("lockd already serves {max} connections, its limit; retry later"),
+    ));
+    let mut buf = BytesMut::new();
+    if ServerCodec::default().encode(msg, &mut buf).is_ok() {
+        let _ = stream.try_write(&buf);
     }
 }

@@ -51,6 +51,8 @@ impl Shared {
     }
 }
 
+/// Timed waits longer than this (a year, in milliseconds) are treated as waiting forever.
+pub const MAX_TIMED_WAIT_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Read buffer growth step, bytes.
 const READ_CHUNK: usize = 8 * 1024;
 /// Output buffers larger than this are freed after a flush, bytes.
@@ -121,7 +123,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         shared,
     };
     session.run().await;
-    session.cleanup();
+    // `Session`'s Drop releases everything the connection held, even if a bug panicked above.
 }
 
 /// The socket with its buffers and codec.
@@ -249,6 +251,7 @@ impl Session {
                     Ok(0) => {
                         if !self.wire.inbuf.is_empty() {
                             self.protocol_error("connection closed inside a frame");
+                            let _ = self.wire.flush().await;
                         }
                         return End::Closed;
                     }
@@ -322,8 +325,9 @@ impl Session {
         }
         let waited = match a.wait {
             Wait::No | Wait::Millis(0) => None,
-            Wait::Millis(ms) => Some(Some(Duration::from_millis(ms))),
-            Wait::Forever => Some(None),
+            Wait::Millis(ms) if ms <= MAX_TIMED_WAIT_MS => Some(Some(Duration::from_millis(ms))),
+            // Longer than a timer can represent usefully: the same as waiting forever.
+            Wait::Millis(_) | Wait::Forever => Some(None),
         };
         let meta = HoldMeta { data: a.data };
         let outcome =
@@ -473,16 +477,17 @@ impl Session {
         }
     }
 
-    /// Releases every session hold and waiter of the connection.
+    /// Releases every session hold and waiter of the connection. Waits go first, so a hold
+    /// released below is never handed to this dying connection's own waiter.
     fn cleanup(&mut self) {
         let locks = &self.shared.locks;
         let mut ended = 0;
-        for (_, held) in self.holds.drain() {
-            ended += locks.remove_owner(&held.key, &self.owner);
-        }
         // Also catches grants that were made but not yet delivered to this task.
         for (_, pending) in self.waits.drain() {
             ended += locks.remove_owner(&pending.key, &self.owner);
+        }
+        for (_, held) in self.holds.drain() {
+            ended += locks.remove_owner(&held.key, &self.owner);
         }
         tracing::debug!(
             conn = self.owner.id,
@@ -490,6 +495,13 @@ impl Session {
             "disconnected: {}",
             self.owner.describe()
         );
+    }
+}
+
+impl Drop for Session {
+    /// Runs on every exit path, panics included: no hold outlives its connection.
+    fn drop(&mut self) {
+        self.cleanup();
     }
 }
 

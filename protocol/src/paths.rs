@@ -7,25 +7,47 @@ pub const SOCKET_FILE: &str = "lockd.sock";
 /// Environment variable that overrides the socket path for clients.
 pub const SOCKET_ENV: &str = "LOCKD_SOCKET";
 
-/// Where the daemon listens by default, and where clients look first:
-/// `$RUNTIME_DIRECTORY/lockd.sock` under systemd, `/run/lockd/lockd.sock` as root, else
-/// `$XDG_RUNTIME_DIR/lockd/lockd.sock` (falling back to `/tmp/lockd-$UID/lockd.sock`).
+/// The system daemon's socket.
+pub const SYSTEM_SOCKET: &str = "/run/lockd/lockd.sock";
+
+/// Where the daemon listens by default: `$RUNTIME_DIRECTORY/lockd.sock` under systemd,
+/// `/run/lockd/lockd.sock` as root, else the per-user path
+/// `$XDG_RUNTIME_DIR/lockd/lockd.sock` (or `/tmp/lockd-$UID/lockd.sock` without one).
 pub fn default_socket_path() -> PathBuf {
     if let Some(dir) = env_path("RUNTIME_DIRECTORY") {
         return dir.join(SOCKET_FILE);
     }
     if is_root() {
-        return PathBuf::from("/run/lockd").join(SOCKET_FILE);
+        return PathBuf::from(SYSTEM_SOCKET);
     }
+    user_socket_path()
+}
+
+/// Where clients look: `$LOCKD_SOCKET` if set; as root the system socket; otherwise the
+/// per-user daemon's socket if it exists, else the system socket.
+///
+/// `$RUNTIME_DIRECTORY` is deliberately ignored here: in a client it names the *client's*
+/// service directory, not lockd's.
+pub fn client_socket_path() -> PathBuf {
+    if let Some(path) = env_path(SOCKET_ENV) {
+        return path;
+    }
+    if is_root() {
+        return PathBuf::from(SYSTEM_SOCKET);
+    }
+    let user = user_socket_path();
+    if user.exists() {
+        user
+    } else {
+        PathBuf::from(SYSTEM_SOCKET)
+    }
+}
+
+fn user_socket_path() -> PathBuf {
     match env_path("XDG_RUNTIME_DIR") {
         Some(dir) => dir.join("lockd").join(SOCKET_FILE),
         None => PathBuf::from(format!("/tmp/lockd-{}", uid())).join(SOCKET_FILE),
     }
-}
-
-/// The client's socket: `$LOCKD_SOCKET` if set, else [`default_socket_path`].
-pub fn client_socket_path() -> PathBuf {
-    env_path(SOCKET_ENV).unwrap_or_else(default_socket_path)
 }
 
 /// Where the daemon keeps its state by default: `$STATE_DIRECTORY` under systemd,

@@ -1,5 +1,6 @@
 //! A client process killed with SIGKILL loses its holds and waits at once.
 
+use std::future::IntoFuture;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -76,9 +77,16 @@ async fn sigkilled_client_releases_holds_and_waits() {
     eprintln!("handoff latency after SIGKILL of the holder: {handoff:?}");
     let _ = helper.wait().await;
 
-    // The helper's shared hold is gone: an exclusive try succeeds.
-    let b = tester.try_lock("crash-b").await.expect("crash-b free");
-    // The helper's wait is gone: after we release crash-c nobody else gets it.
+    // The helper's shared hold is gone (its clean-up may still be finishing: wait, bounded).
+    let b = within(
+        PROMPT,
+        "crash-b free",
+        tester.acquire("crash-b").wait(PROMPT).into_future(),
+    )
+    .await
+    .expect("crash-b free");
+    // The helper's wait was removed before any of its holds (waits go first), so it was gone
+    // before crash-a was handed over: after we release crash-c nobody else gets it.
     held_c.release().await.unwrap();
     let c = tester
         .try_lock("crash-c")

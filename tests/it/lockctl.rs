@@ -171,15 +171,23 @@ fn spawn_run(d: &TestDaemon, name: &str, script: &str) -> tokio::process::Child 
 }
 
 #[tokio::test]
-async fn lost_hold_terminates_the_command_and_exits_75() {
+async fn lost_hold_terminates_the_command_and_its_children_and_exits_75() {
     let mut d = daemon().await;
     let started = d.dir().join("started");
+    let pidfile = d.dir().join("grandchild.pid");
+    // The command's own child must not survive the loss either.
     let script = format!(
-        "trap 'kill $!; exit 0' TERM; touch {}; sleep 30 & wait",
+        "sleep 30 & echo $! > {}; touch {}; wait",
+        pidfile.display(),
         started.display()
     );
     let child = spawn_run(&d, "fragile", &script);
     wait_for_file(&started).await;
+    let grandchild: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     d.kill9();
     let out = within(
         PROMPT,
@@ -194,6 +202,13 @@ async fn lost_hold_terminates_the_command_and_exits_75() {
         "{}",
         text(&out.stderr)
     );
+    within(PROMPT, "the command's child is gone", async {
+        // SAFETY: signal 0 only checks for existence.
+        while unsafe { libc::kill(grandchild, 0) } == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -239,4 +254,23 @@ async fn signals_are_forwarded_to_the_command() {
         text(&out.stderr)
     );
     d.client().await.try_lock("fwd").await.expect("released");
+}
+
+#[tokio::test]
+async fn sigterm_while_waiting_ends_lockctl_without_running_the_command() {
+    let d = daemon().await;
+    let holder = d.client().await;
+    let _g = holder.lock("blocked").await.unwrap();
+    let marker = d.dir().join("ran");
+    let script = format!("touch {}", marker.display());
+    let child = spawn_run(&d, "blocked", &script);
+    // Let it reach the queue (correctness does not depend on it: a signal at any point must end
+    // lockctl without running the command).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(child.id().unwrap(), libc::SIGTERM);
+    let out = within(PROMPT, "lockctl exits on SIGTERM", child.wait_with_output())
+        .await
+        .unwrap();
+    assert_eq!(code(&out), 128 + libc::SIGTERM, "{}", text(&out.stderr));
+    assert!(!marker.exists(), "the command must not run");
 }

@@ -4,7 +4,9 @@ use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockd_protocol::{ClientMessage, Key, Mode, Op, Wait};
+use lockd_protocol::{
+    ClientMessage, ErrorCode, Key, Mode, Op, Reply, Response, ServerMessage, Wait,
+};
 use lockd_tests::raw::RawConn;
 use lockd_tests::within;
 
@@ -102,11 +104,30 @@ async fn ten_waiters_are_granted_in_fifo_order() {
     );
 }
 
+fn acquire_op(name: &str, wait: Wait) -> Op {
+    Op::Acquire(lockd_protocol::Acquire {
+        key: Key::in_default(name).unwrap(),
+        mode: Mode::Exclusive,
+        wait,
+        lease_ms: None,
+        detach: false,
+        data: vec![],
+    })
+}
+
+/// The next response on a raw connection, or a panic.
+async fn response(raw: &mut RawConn) -> Response {
+    match raw.recv(PROMPT).await {
+        Some(ServerMessage::Response(r)) => r,
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
 #[tokio::test]
-async fn bounded_wait_times_out_within_bounds() {
+async fn bounded_wait_times_out_within_bounds_and_leaves_the_queue() {
     let d = daemon().await;
     let (a, b) = (d.client().await, d.client().await);
-    let _held = a.lock("slow").await.unwrap();
+    let held = a.lock("slow").await.unwrap();
     let wait = Duration::from_millis(300);
     let start = Instant::now();
     let err = within(
@@ -126,20 +147,46 @@ async fn bounded_wait_times_out_within_bounds() {
         took < wait + Duration::from_secs(5),
         "answered only after {took:?}"
     );
-    // The timed-out request left the queue: a try from a third client still conflicts only
-    // because of the holder, and the holder's release leaves the key free.
-    drop(_held);
-    let c = d.client().await;
-    within(PROMPT, "free after release", async {
-        loop {
-            match c.try_lock("slow").await {
-                Ok(g) => break g,
-                Err(e) if e.is_conflict() => tokio::task::yield_now().await,
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+
+    // A raw waiter (no client-side clean-up to hide behind) times out and leaves the queue:
+    // after the holder releases, the key is free at once.
+    let mut raw = RawConn::connect_hello(&d.socket).await;
+    raw.request(1, acquire_op("slow", Wait::Millis(200))).await;
+    let r = response(&mut raw).await;
+    assert_eq!(r.id, 1);
+    assert_eq!(r.result.expect_err("timed out").code, ErrorCode::Timeout);
+    held.release().await.unwrap();
+    b.try_lock("slow")
+        .await
+        .expect("no timed-out waiter was granted");
+}
+
+#[tokio::test]
+async fn cancel_withdraws_a_wait_and_the_next_waiter_is_granted() {
+    let d = daemon().await;
+    let (a, c) = (d.client().await, d.client().await);
+    let held = a.lock("k").await.unwrap();
+    let mut raw = RawConn::connect_hello(&d.socket).await;
+    raw.request(1, acquire_op("k", Wait::Forever)).await;
+    raw.request(2, Op::Cancel { request: 1 }).await;
+    let first = response(&mut raw).await;
+    assert_eq!(first.id, 1, "the withdrawn acquire answers first");
+    assert_eq!(
+        first.result.expect_err("withdrawn").code,
+        ErrorCode::Timeout
+    );
+    let second = response(&mut raw).await;
+    assert_eq!((second.id, second.result), (2, Ok(Reply::Cancelled(true))));
+    raw.request(3, Op::Cancel { request: 1 }).await;
+    assert_eq!(response(&mut raw).await.result, Ok(Reply::Cancelled(false)));
+
+    let next = enqueue(&c, c.acquire("k").wait_forever()).await;
+    let held_fence = held.fence();
+    held.release().await.unwrap();
+    let g = within(PROMPT, "next waiter granted", next)
+        .await
+        .expect("granted");
+    assert_eq!(g.fence(), held_fence + 1, "nobody was granted in between");
 }
 
 #[tokio::test]
@@ -148,14 +195,54 @@ async fn dropped_acquire_future_withdraws_its_wait() {
     let (a, b, c) = (d.client().await, d.client().await, d.client().await);
     let held = a.lock("k").await.unwrap();
     let abandoned = enqueue(&b, b.acquire("k").wait_forever()).await;
-    let mut next = enqueue(&c, c.acquire("k").wait_forever()).await;
+    let next = enqueue(&c, c.acquire("k").wait_forever()).await;
     drop(abandoned);
     b.ping().await.unwrap(); // the cancel has been processed
+    let held_fence = held.fence();
     held.release().await.unwrap();
-    let g = within(PROMPT, "next waiter granted", &mut next)
+    let g = within(PROMPT, "next waiter granted", next)
         .await
         .expect("granted");
+    assert_eq!(
+        g.fence(),
+        held_fence + 1,
+        "the abandoned wait was never granted"
+    );
+}
+
+#[tokio::test]
+async fn grant_that_arrives_after_its_future_was_dropped_is_released() {
+    let d = daemon().await;
+    let (a, b, c) = (d.client().await, d.client().await, d.client().await);
+    let held = a.lock("late").await.unwrap();
+    let granted_meanwhile = enqueue(&b, b.acquire("late").wait_forever()).await;
+    held.release().await.unwrap();
+    b.ping().await.unwrap(); // the grant reached b's connection task before this answer
+    drop(granted_meanwhile); // ...but the caller never looks at it
+    let g = within(
+        PROMPT,
+        "released in the background",
+        c.acquire("late").wait_forever().into_future(),
+    )
+    .await
+    .expect("granted");
     drop(g);
+}
+
+#[tokio::test]
+async fn absurdly_long_wait_is_a_forever_wait_not_a_crash() {
+    let d = daemon().await;
+    let a = d.client().await;
+    let held = a.lock("long").await.unwrap();
+    let mut raw = RawConn::connect_hello(&d.socket).await;
+    raw.request(1, acquire_op("long", Wait::Millis(u64::MAX)))
+        .await;
+    raw.request(2, Op::Ping).await;
+    assert_eq!(response(&mut raw).await.id, 2, "queued, connection alive");
+    held.release().await.unwrap();
+    let r = response(&mut raw).await;
+    assert_eq!(r.id, 1);
+    assert!(matches!(r.result, Ok(Reply::Granted(_))), "{r:?}");
 }
 
 #[tokio::test]

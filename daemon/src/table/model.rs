@@ -62,17 +62,32 @@ impl Model {
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Request ids come from a tiny range so they collide within and across owners.
     Acquire {
         key: u8,
         owner: u32,
+        request: u64,
         shared: bool,
         wait: bool,
     },
+    /// Release an existing hold.
     Release {
         pick: usize,
     },
+    /// Release by a fence that may or may not be held on that key.
+    ReleaseAny {
+        key: u8,
+        fence: u64,
+    },
+    /// Cancel an existing waiter.
     Cancel {
         pick: usize,
+    },
+    /// Cancel whatever matches, if anything (often nothing, or a granted request).
+    CancelAny {
+        key: u8,
+        owner: u32,
+        request: u64,
     },
     Disconnect {
         owner: u32,
@@ -81,10 +96,14 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0u8..3, 0u32..5, any::<bool>(), any::<bool>())
-            .prop_map(|(key, owner, shared, wait)| Op::Acquire { key, owner, shared, wait }),
-        3 => any::<usize>().prop_map(|pick| Op::Release { pick }),
-        1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+        6 => (0u8..3, 0u32..5, 0u64..4, any::<bool>(), any::<bool>()).prop_map(
+            |(key, owner, request, shared, wait)| Op::Acquire { key, owner, request, shared, wait }
+        ),
+        4 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+        1 => (0u8..3, 0u64..40).prop_map(|(key, fence)| Op::ReleaseAny { key, fence }),
+        2 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+        1 => (0u8..3, 0u32..5, 0u64..4)
+            .prop_map(|(key, owner, request)| Op::CancelAny { key, owner, request }),
         1 => (0u32..5).prop_map(|owner| Op::Disconnect { owner }),
     ]
 }
@@ -123,6 +142,65 @@ fn check_invariants(table: &Table<u32, ()>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Releases `fence` on `key` in both; the table must agree on whether it was held.
+fn release(
+    table: &mut Table<u32, ()>,
+    model: &mut Model,
+    next: &mut impl FnMut() -> u64,
+    key: u8,
+    fence: u64,
+) -> Result<(), TestCaseError> {
+    let pos = model
+        .holders
+        .iter()
+        .position(|h| h.0 == key && h.4 == fence);
+    let got = table.release(&k(key), fence, 0, next);
+    match (pos, got) {
+        (None, None) => {}
+        (Some(i), Some((holder, granted))) => {
+            let (_, owner, _, _, _) = model.holders.remove(i);
+            prop_assert_eq!(holder.owner, owner);
+            prop_assert_eq!(as_tuples(&granted), model.settle(key));
+        }
+        (pos, got) => prop_assert!(
+            false,
+            "release {fence}: model {pos:?}, table {:?}",
+            got.is_some()
+        ),
+    }
+    Ok(())
+}
+
+/// Cancels the first queued `(owner, request)` on `key` in both; they must agree.
+fn cancel(
+    table: &mut Table<u32, ()>,
+    model: &mut Model,
+    next: &mut impl FnMut() -> u64,
+    key: u8,
+    owner: u32,
+    request: u64,
+) -> Result<(), TestCaseError> {
+    let pos = model
+        .queue
+        .iter()
+        .position(|w| w.0 == key && w.1 == owner && w.2 == request);
+    let got = table.cancel(&k(key), &owner, request, 0, next);
+    match (pos, got) {
+        (None, None) => {}
+        (Some(i), Some((waiter, granted))) => {
+            model.queue.remove(i);
+            prop_assert_eq!((waiter.owner, waiter.request), (owner, request));
+            prop_assert_eq!(as_tuples(&granted), model.settle(key));
+        }
+        (pos, got) => prop_assert!(
+            false,
+            "cancel {request}: model {pos:?}, table {:?}",
+            got.is_some()
+        ),
+    }
+    Ok(())
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut table: Table<u32, ()> = Table::default();
     let mut model = Model::default();
@@ -131,16 +209,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         fence += 1;
         fence
     };
-    let mut request = 0u64;
     for op in ops {
         match op {
             Op::Acquire {
                 key,
                 owner,
+                request,
                 shared,
                 wait,
             } => {
-                request += 1;
                 let mode = if shared {
                     Mode::Shared
                 } else {
@@ -161,22 +238,25 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if model.holders.is_empty() {
                     continue;
                 }
-                let (key, owner, _, _, f) = model.holders.remove(pick % model.holders.len());
-                let (holder, granted) = table.release(&k(key), f, 0, &mut next).expect("held");
-                prop_assert_eq!(holder.owner, owner);
-                prop_assert_eq!(as_tuples(&granted), model.settle(key));
-                prop_assert!(table.release(&k(key), f, 0, &mut next).is_none());
+                let (key, _, _, _, fence) = model.holders[pick % model.holders.len()];
+                release(&mut table, &mut model, &mut next, key, fence)?;
+            }
+            Op::ReleaseAny { key, fence } => {
+                release(&mut table, &mut model, &mut next, key, fence)?;
             }
             Op::Cancel { pick } => {
                 if model.queue.is_empty() {
                     continue;
                 }
-                let (key, owner, req, _) = model.queue.remove(pick % model.queue.len());
-                let (waiter, granted) = table
-                    .cancel(&k(key), &owner, req, 0, &mut next)
-                    .expect("queued");
-                prop_assert_eq!(waiter.request, req);
-                prop_assert_eq!(as_tuples(&granted), model.settle(key));
+                let (key, owner, req, _) = model.queue[pick % model.queue.len()];
+                cancel(&mut table, &mut model, &mut next, key, owner, req)?;
+            }
+            Op::CancelAny {
+                key,
+                owner,
+                request,
+            } => {
+                cancel(&mut table, &mut model, &mut next, key, owner, request)?;
             }
             Op::Disconnect { owner } => {
                 for key in 0..3u8 {

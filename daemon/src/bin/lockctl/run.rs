@@ -5,6 +5,12 @@
 //! once and SIGKILL after `--kill-after`, and lockctl exits 75. If lockctl itself dies (even by
 //! SIGKILL), its connection closes, the lock is released, and the kernel sends the command
 //! SIGTERM (`PR_SET_PDEATHSIG`): a command never keeps running silently without its lock.
+//!
+//! When lockctl's stdin is not a terminal (cron, systemd, scripts), the command runs in a
+//! process group of its own and signals go to the whole group, so the command's children stop
+//! too. On a terminal the command stays in the foreground group (so it can read the terminal)
+//! and signals go to the command alone. The parent-death signal reaches the command itself, not
+//! its children.
 
 use std::path::Path;
 use std::time::Duration;
@@ -55,14 +61,37 @@ pub struct RunArgs {
 
 /// Runs the subcommand; returns lockctl's exit code.
 pub async fn run(socket: &Path, args: RunArgs) -> u8 {
+    // Installed first: a signal while we connect or wait ends lockctl cleanly (128 + signal,
+    // the command never started); once the command runs, signals are forwarded to it.
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lockctl: cannot install signal handlers: {e}");
+            return exit::INTERNAL;
+        }
+    };
+    let acquired = tokio::select! {
+        acquired = acquire(socket, &args) => acquired,
+        signo = signals.next() => {
+            eprintln!("lockctl: interrupted while waiting for {}", args.name);
+            return 128 + signo as u8;
+        }
+    };
+    match acquired {
+        Ok(guard) => supervise(&args, guard, signals).await,
+        Err(e) => {
+            eprintln!("lockctl: {e}");
+            exit::for_error(&e, args.conflict_exit_code)
+        }
+    }
+}
+
+async fn acquire(socket: &Path, args: &RunArgs) -> Result<LockGuard, lockd_client::Error> {
     let options = ConnectOptions {
         client_name: format!("lockctl run {}", args.command[0]),
         ..ConnectOptions::default()
     };
-    let client = match Client::connect_with(socket, options).await {
-        Ok(c) => c,
-        Err(e) => return fail(&e, args.conflict_exit_code),
-    };
+    let client = Client::connect_with(socket, options).await?;
     let mut acquire = client
         .acquire(args.name.clone())
         .namespace(args.namespace.clone());
@@ -74,21 +103,58 @@ pub async fn run(socket: &Path, args: RunArgs) -> u8 {
         (false, Some(d)) => acquire.wait(d),
         (false, None) => acquire.wait_forever(),
     };
-    let guard = match acquire.await {
-        Ok(g) => g,
-        Err(e) => return fail(&e, args.conflict_exit_code),
-    };
-    supervise(&args, guard).await
+    acquire.await
 }
 
-fn fail(err: &lockd_client::Error, not_acquired: u8) -> u8 {
-    eprintln!("lockctl: {err}");
-    exit::for_error(err, not_acquired)
+/// The signals lockctl forwards to the command.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next of the three signals to arrive.
+    async fn next(&mut self) -> libc::c_int {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+/// Where signals for the command go: its process, or its whole process group.
+#[derive(Clone, Copy)]
+struct Target {
+    pid: Option<i32>,
+    group: bool,
+}
+
+impl Target {
+    fn kill(self, sig: libc::c_int) {
+        if let Some(pid) = self.pid {
+            let to = if self.group { -pid } else { pid };
+            // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child
+            // (and, for a group, the group it leads).
+            unsafe { libc::kill(to, sig) };
+        }
+    }
 }
 
 /// Runs the command while holding `guard`; returns the exit code.
-async fn supervise(args: &RunArgs, guard: LockGuard) -> u8 {
-    let mut child = match spawn(args, &guard) {
+async fn supervise(args: &RunArgs, guard: LockGuard, mut signals: Signals) -> u8 {
+    use std::io::IsTerminal;
+    let own_group = !std::io::stdin().is_terminal();
+    let mut child = match spawn(args, &guard, own_group) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("lockctl: cannot run {}: {e}", args.command[0]);
@@ -99,19 +165,9 @@ async fn supervise(args: &RunArgs, guard: LockGuard) -> u8 {
             };
         }
     };
-    let pid = child.id().and_then(|p| i32::try_from(p).ok());
-    let (mut sigint, mut sigterm, mut sighup) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        _ => {
-            eprintln!("lockctl: cannot install signal handlers");
-            kill(pid, libc::SIGKILL);
-            let _ = child.wait().await;
-            return exit::INTERNAL;
-        }
+    let target = Target {
+        pid: child.id().and_then(|p| i32::try_from(p).ok()),
+        group: own_group,
     };
     let mut lost = false;
     let kill_deadline = tokio::time::sleep(Duration::MAX / 4);
@@ -124,20 +180,22 @@ async fn supervise(args: &RunArgs, guard: LockGuard) -> u8 {
                     "lockctl: lost lock {} ({why}); sending SIGTERM to {}, SIGKILL in {:?}",
                     guard.key(), args.command[0], args.kill_after
                 );
-                kill(pid, libc::SIGTERM);
+                target.kill(libc::SIGTERM);
                 lost = true;
                 kill_deadline.as_mut().reset(tokio::time::Instant::now() + args.kill_after);
             }
             _ = &mut kill_deadline, if lost => {
-                kill(pid, libc::SIGKILL);
+                target.kill(libc::SIGKILL);
                 kill_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::MAX / 4);
             }
-            _ = sigint.recv() => kill(pid, libc::SIGINT),
-            _ = sigterm.recv() => kill(pid, libc::SIGTERM),
-            _ = sighup.recv() => kill(pid, libc::SIGHUP),
+            signo = signals.next() => target.kill(signo),
         }
     };
     if lost {
+        // The command's children may outlive it; make sure the group is gone too.
+        if target.group {
+            target.kill(libc::SIGKILL);
+        }
         return exit::LOST;
     }
     let code = match status {
@@ -153,7 +211,11 @@ async fn supervise(args: &RunArgs, guard: LockGuard) -> u8 {
     code
 }
 
-fn spawn(args: &RunArgs, guard: &LockGuard) -> std::io::Result<tokio::process::Child> {
+fn spawn(
+    args: &RunArgs,
+    guard: &LockGuard,
+    own_group: bool,
+) -> std::io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&args.command[0]);
     cmd.args(&args.command[1..])
         .env("LOCKD_FENCE", guard.fence().to_string())
@@ -162,9 +224,12 @@ fn spawn(args: &RunArgs, guard: &LockGuard) -> std::io::Result<tokio::process::C
     // SAFETY: getpid is async-signal-safe; we call it before forking.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
-    // (prctl, getppid, _exit).
+    // (setpgid, prctl, getppid, _exit).
     unsafe {
         cmd.pre_exec(move || {
+            if own_group && libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // If lockctl dies, the command gets SIGTERM: it must not run on without the lock.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -177,13 +242,6 @@ fn spawn(args: &RunArgs, guard: &LockGuard) -> std::io::Result<tokio::process::C
         });
     }
     cmd.spawn()
-}
-
-fn kill(pid: Option<i32>, sig: libc::c_int) {
-    if let Some(pid) = pid {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-        unsafe { libc::kill(pid, sig) };
-    }
 }
 
 /// The shell's convention: the exit status, or 128 + the signal that killed the command.
