@@ -188,11 +188,25 @@ impl Client {
 
     /// Sends `op` and waits for its answer. Dropping the future withdraws a queued acquire.
     pub(crate) async fn call(&self, op: Op) -> Result<Answer, Error> {
+        self.call_forgetting(op, None).await
+    }
+
+    /// As [`Client::call`], and stops tracking the hold with fence `forget` first.
+    pub(crate) async fn call_forgetting(
+        &self,
+        op: Op,
+        forget: Option<u64>,
+    ) -> Result<Answer, Error> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Command::Call { id, op, reply })
+            .send(Command::Call {
+                id,
+                op,
+                reply,
+                forget,
+            })
             .map_err(|_| Error::Disconnected)?;
         let mut abandon = AbandonOnDrop {
             tx: &self.inner.tx,
@@ -202,11 +216,6 @@ impl Client {
         let answer = rx.await;
         abandon.armed = false;
         answer.unwrap_or(Err(Error::Disconnected))
-    }
-
-    /// Stops tracking the hold with `fence` (its guard is releasing it).
-    pub(crate) fn fire_forget_hold(&self, fence: u64) {
-        let _ = self.inner.tx.send(Command::Forget { fence });
     }
 
     /// Sends `op` without waiting for its answer.

@@ -17,8 +17,10 @@ use lockd_protocol::{
     ClientCodec, ClientMessage, Event, LostReason, Op, Reply, Request, RequestId, ServerMessage,
     Ticket, WireError,
 };
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 
@@ -31,18 +33,18 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// A request from a caller to the connection task.
 pub(crate) enum Command {
-    /// Send `op` as request `id` and answer on `reply`.
+    /// Send `op` as request `id` and answer on `reply`; forget the hold with fence `forget`
+    /// first (a guard releasing it).
     Call {
         id: RequestId,
         op: Op,
         reply: oneshot::Sender<Result<Answer, Error>>,
+        forget: Option<u64>,
     },
     /// Send `op` and ignore its answer; forget the hold with fence `forget` first.
     Fire { op: Op, forget: Option<u64> },
     /// The caller of request `id` stopped waiting: withdraw it if it is a queued acquire.
     Abandon { id: RequestId },
-    /// The guard of the hold with this fence is releasing it: stop tracking it.
-    Forget { fence: u64 },
 }
 
 /// A successful answer; `hold` is set for grants.
@@ -84,17 +86,35 @@ impl Drop for PendingHold {
     }
 }
 
-/// Shared between a guard and the task: cancelled when the hold ends other than by release.
-#[derive(Debug)]
+/// Shared between a guard and the task: set when the hold ends other than by release.
+#[derive(Debug, Default)]
 pub(crate) struct HoldState {
-    pub token: CancellationToken,
-    pub reason: OnceLock<Lost>,
+    reason: OnceLock<Lost>,
+    changed: Notify,
 }
 
 impl HoldState {
     fn lose(&self, why: Lost) {
         let _ = self.reason.set(why);
-        self.token.cancel();
+        self.changed.notify_waiters();
+    }
+
+    /// Why the hold was lost, if it was.
+    pub(crate) fn lost_reason(&self) -> Option<Lost> {
+        self.reason.get().copied()
+    }
+
+    /// Resolves when the hold is lost.
+    pub(crate) async fn lost(&self) -> Lost {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(why) = self.lost_reason() {
+                return why;
+            }
+            changed.await;
+        }
     }
 }
 
@@ -105,7 +125,9 @@ struct PendingCall {
 }
 
 pub(crate) struct Task {
-    stream: UnixStream,
+    /// Read through `AsyncRead`, which skips the would-block `recv` after a short read.
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
     codec: ClientCodec,
     inbuf: BytesMut,
     out: BytesMut,
@@ -113,7 +135,7 @@ pub(crate) struct Task {
     /// For grants' release-on-drop; weak, so it never keeps the connection open.
     tx: mpsc::WeakUnboundedSender<Command>,
     next_id: Arc<AtomicU64>,
-    /// Cancelled when the connection ends; parent of every hold token.
+    /// Cancelled when the connection ends.
     closed: CancellationToken,
     pending: HashMap<RequestId, PendingCall>,
     holds: HashMap<u64, Arc<HoldState>>,
@@ -130,8 +152,10 @@ impl Task {
         next_id: Arc<AtomicU64>,
         closed: CancellationToken,
     ) -> Task {
+        let (rd, wr) = stream.into_split();
         Task {
-            stream,
+            rd,
+            wr,
             codec,
             inbuf,
             out: BytesMut::with_capacity(READ_CHUNK),
@@ -151,8 +175,11 @@ impl Task {
         loop {
             let keep_going = tokio::select! {
                 biased;
-                ready = self.stream.readable() => ready.is_ok() && self.read_ready(),
-                ready = self.stream.writable(), if !self.out.is_empty() => {
+                read = read_some(&mut self.rd, &mut self.inbuf) => match read {
+                    Ok(0) | Err(_) => false,
+                    Ok(_) => self.route_frames(),
+                },
+                ready = self.wr.writable(), if !self.out.is_empty() => {
                     ready.is_ok() && self.write_ready()
                 }
                 cmd = self.rx.recv(), if self.out.len() < OUT_HIGH_WATER => match cmd {
@@ -178,7 +205,15 @@ impl Task {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Call { id, op, reply } => {
+            Command::Call {
+                id,
+                op,
+                reply,
+                forget,
+            } => {
+                if let Some(fence) = forget {
+                    self.holds.remove(&fence);
+                }
                 let may_wait = matches!(&op, Op::Acquire(a) if a.wait != lockd_protocol::Wait::No);
                 self.pending.insert(id, PendingCall { reply, may_wait });
                 self.send(id, op);
@@ -189,9 +224,6 @@ impl Task {
                 }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.send(id, op);
-            }
-            Command::Forget { fence } => {
-                self.holds.remove(&fence);
             }
             Command::Abandon { id } => {
                 if let Some(call) = self.pending.remove(&id) {
@@ -213,28 +245,10 @@ impl Task {
         }
     }
 
-    /// Reads what the socket has; false when the connection is over.
-    fn read_ready(&mut self) -> bool {
-        loop {
-            self.inbuf.reserve(READ_CHUNK);
-            match self.stream.try_read_buf(&mut self.inbuf) {
-                Ok(0) => return false,
-                Ok(_) => {
-                    if !self.route_frames() {
-                        return false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-        }
-    }
-
     /// Writes what the socket takes; false when the connection is over.
     fn write_ready(&mut self) -> bool {
         while !self.out.is_empty() {
-            match self.stream.try_write(&self.out) {
+            match self.wr.try_write(&self.out) {
                 Ok(0) => return false,
                 Ok(n) => self.out.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
@@ -300,10 +314,7 @@ impl Task {
         let answer = match result {
             Ok(reply) => {
                 let hold = granted.map(|(fence, ticket)| {
-                    let state = Arc::new(HoldState {
-                        token: self.closed.child_token(),
-                        reason: OnceLock::new(),
-                    });
+                    let state = Arc::new(HoldState::default());
                     self.holds.insert(fence, Arc::clone(&state));
                     PendingHold {
                         state,
@@ -335,4 +346,10 @@ impl Task {
         }
         self.closed.cancel();
     }
+}
+
+/// Reads whatever is available (cancel-safe: nothing is lost if another branch wins).
+async fn read_some(rd: &mut OwnedReadHalf, inbuf: &mut BytesMut) -> io::Result<usize> {
+    inbuf.reserve(READ_CHUNK);
+    rd.read_buf(inbuf).await
 }

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use lockd_protocol::{Grant, Key, Mode, Op, Reply, Ticket};
-use tokio_util::sync::CancellationToken;
 
 use crate::connection::HoldState;
 use crate::{Client, Error};
@@ -78,23 +77,13 @@ impl LockGuard {
 
     /// True once the hold has been lost.
     pub fn is_lost(&self) -> bool {
-        self.hold.token.is_cancelled()
+        self.hold.lost_reason().is_some()
     }
 
-    /// Resolves when the hold is lost (lease expired, force-released, connection gone).
-    /// Never resolves while the hold is intact.
+    /// Resolves when the hold is lost (lease expired, force-released, connection gone), with
+    /// the reason. Never resolves while the hold is intact; cancel-safe.
     pub async fn lost(&self) -> Lost {
-        self.hold.token.cancelled().await;
-        self.hold
-            .reason
-            .get()
-            .copied()
-            .unwrap_or(Lost::Disconnected)
-    }
-
-    /// A token cancelled when the hold is lost, for `select!` loops and child tasks.
-    pub fn lost_token(&self) -> CancellationToken {
-        self.hold.token.clone()
+        self.hold.lost().await
     }
 
     /// Releases the hold and waits for the daemon to confirm.
@@ -103,15 +92,14 @@ impl LockGuard {
     /// [`Error::Lock`] with `NotHolder` if the hold had already ended; [`Error::Disconnected`].
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
-        self.client.fire_forget_hold(self.fence);
-        match self
+        let release = Op::Release {
+            ticket: self.ticket,
+        };
+        let answer = self
             .client
-            .call(Op::Release {
-                ticket: self.ticket,
-            })
-            .await?
-            .reply
-        {
+            .call_forgetting(release, Some(self.fence))
+            .await?;
+        match answer.reply {
             Reply::Released => Ok(()),
             other => Err(Error::Protocol(format!("expected Released, got {other:?}"))),
         }

@@ -7,7 +7,9 @@
 //! - grants made on behalf of another connection are pushed to that connection's task after
 //!   the shard is unlocked.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lockd_protocol::{Key, Mode, RequestId};
@@ -48,7 +50,7 @@ impl LockSpace {
     pub fn new(fences: Arc<Fences>) -> LockSpace {
         LockSpace {
             shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             fences,
         }
     }

@@ -9,12 +9,12 @@
 //! - a waiting acquire leaves `waits` only when the table confirmed it is no longer queued
 //!   (cancel succeeded) or its grant arrived, so no grant is ever lost.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use foldhash::{HashMap, HashMapExt};
 use futures_util::StreamExt;
 use lockd_protocol::{
     Acquire, ClientMessage, ErrorCode, Event, Grant, Hello, Mode, Op, Reply, Request, RequestId,

@@ -11,7 +11,9 @@
 //!   left; consecutive shared requests at the head are granted together; a queued exclusive
 //!   request holds back every request behind it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use lockd_protocol::{Key, Mode, RequestId};
 
@@ -105,7 +107,7 @@ pub struct Table<O, P> {
 impl<O, P> Default for Table<O, P> {
     fn default() -> Self {
         Table {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
         }
     }
 }
