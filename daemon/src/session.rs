@@ -230,9 +230,9 @@ impl Session {
     }
 
     async fn serve_until_end(&mut self) -> End {
-        // Registered once: polling a fresh `cancelled()` per wake-up would take the token's
-        // internal mutex, which every connection shares.
-        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        // A child token per connection: polling a token's future takes that token's mutex,
+        // and the daemon-wide token would be a lock every connection fights over.
+        let shutdown = self.shared.shutdown.child_token().cancelled_owned();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
