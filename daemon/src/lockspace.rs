@@ -81,6 +81,7 @@ impl LockSpace {
             request,
             mode,
             wait,
+            detached: false,
             payload: meta,
         };
         let mut shard = self.shard(key);

@@ -31,6 +31,8 @@ pub struct Holder<O, P> {
     pub fence: u64,
     /// When it was granted, caller's milliseconds.
     pub granted_at: u64,
+    /// Survives its owner's [`Table::remove_owner`] (a detached lease).
+    pub detached: bool,
     pub payload: P,
 }
 
@@ -42,6 +44,8 @@ pub struct Waiter<O, P> {
     pub mode: Mode,
     /// When it was queued, caller's milliseconds.
     pub since: u64,
+    /// The hold, once granted, is detached from its owner.
+    pub detached: bool,
     pub payload: P,
 }
 
@@ -120,6 +124,8 @@ pub struct Want<O, P> {
     pub mode: Mode,
     /// Queue on conflict instead of answering [`Acquired::Conflict`].
     pub wait: bool,
+    /// The hold, once granted, survives [`Table::remove_owner`] of its owner.
+    pub detached: bool,
     pub payload: P,
 }
 
@@ -165,6 +171,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
                 mode: want.mode,
                 fence: f,
                 granted_at: now,
+                detached: want.detached,
                 payload: want.payload,
             });
             return Acquired::Granted(f);
@@ -178,6 +185,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
             request: want.request,
             mode: want.mode,
             since: now,
+            detached: want.detached,
             payload: want.payload,
         });
         Acquired::Queued
@@ -221,7 +229,8 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         Some((waiter, granted))
     }
 
-    /// Removes every hold and queued request of `owner` on `key` (its connection closed).
+    /// Removes every queued request and every hold that is not detached of `owner` on `key`
+    /// (its connection closed).
     ///
     /// Returns the removed holds and what was granted as a result.
     pub fn remove_owner(
@@ -238,7 +247,8 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         let mut removed = Vec::new();
         let mut i = 0;
         while i < entry.holders.len() {
-            if entry.holders[i].owner == *owner {
+            let h = &entry.holders[i];
+            if h.owner == *owner && !h.detached {
                 removed.push(entry.holders.swap_remove(i));
             } else {
                 i += 1;
@@ -246,6 +256,22 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         }
         let granted = self.pump(key, now, next_fence);
         (removed, granted)
+    }
+
+    /// Puts back a hold recovered from storage, with its original fence, if it is compatible
+    /// with the holders already restored on `key` (queues are empty during recovery).
+    ///
+    /// Returns false, changing nothing, on a conflict.
+    pub fn restore(&mut self, key: &Key, holder: Holder<O, P>) -> bool {
+        let entry = match self.entries.get_mut(key) {
+            Some(entry) => entry,
+            None => self.entries.entry(key.clone()).or_insert_with(Entry::new),
+        };
+        if !entry.compatible(holder.mode) {
+            return false;
+        }
+        entry.holders.push(holder);
+        true
     }
 
     /// Grants from the head of `key`'s queue while the head is compatible, and drops the
@@ -281,6 +307,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
                 mode: w.mode,
                 fence,
                 granted_at: now,
+                detached: w.detached,
                 payload: w.payload,
             });
         }
@@ -317,6 +344,7 @@ mod tests {
             request,
             mode,
             wait,
+            detached: false,
             payload: (),
         }
     }

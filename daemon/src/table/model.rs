@@ -11,8 +11,10 @@ use super::*;
 struct Model {
     /// (key, owner, request, mode, fence)
     holders: Vec<(u8, u32, u64, Mode, u64)>,
-    /// (key, owner, request, mode) in arrival order across all keys.
-    queue: Vec<(u8, u32, u64, Mode)>,
+    /// Fences of detached holds (they survive their owner's disconnect).
+    detached: Vec<u64>,
+    /// (key, owner, request, mode, detached once granted) in arrival order across all keys.
+    queue: Vec<(u8, u32, u64, Mode, bool)>,
     next_fence: u64,
 }
 
@@ -28,14 +30,25 @@ impl Model {
         self.queue.iter().any(|w| w.0 == key)
     }
 
-    fn acquire(&mut self, key: u8, owner: u32, request: u64, mode: Mode, wait: bool) -> Acquired {
+    fn acquire(
+        &mut self,
+        key: u8,
+        owner: u32,
+        request: u64,
+        mode: Mode,
+        wait: bool,
+        detached: bool,
+    ) -> Acquired {
         if !self.queued(key) && self.fits(key, mode) {
             self.next_fence += 1;
             self.holders
                 .push((key, owner, request, mode, self.next_fence));
+            if detached {
+                self.detached.push(self.next_fence);
+            }
             Acquired::Granted(self.next_fence)
         } else if wait {
-            self.queue.push((key, owner, request, mode));
+            self.queue.push((key, owner, request, mode, detached));
             Acquired::Queued
         } else {
             Acquired::Conflict
@@ -46,7 +59,7 @@ impl Model {
     fn settle(&mut self, key: u8) -> Vec<(u32, u64, Mode, u64)> {
         let mut granted = Vec::new();
         while let Some(pos) = self.queue.iter().position(|w| w.0 == key) {
-            let (k, owner, request, mode) = self.queue[pos];
+            let (k, owner, request, mode, detached) = self.queue[pos];
             if !self.fits(k, mode) {
                 break;
             }
@@ -54,6 +67,9 @@ impl Model {
             self.next_fence += 1;
             self.holders
                 .push((k, owner, request, mode, self.next_fence));
+            if detached {
+                self.detached.push(self.next_fence);
+            }
             granted.push((owner, request, mode, self.next_fence));
         }
         granted
@@ -69,6 +85,7 @@ enum Op {
         request: u64,
         shared: bool,
         wait: bool,
+        detached: bool,
     },
     /// Release an existing hold.
     Release {
@@ -96,9 +113,10 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0u8..3, 0u32..5, 0u64..4, any::<bool>(), any::<bool>()).prop_map(
-            |(key, owner, request, shared, wait)| Op::Acquire { key, owner, request, shared, wait }
-        ),
+        6 => (0u8..3, 0u32..5, 0u64..4, any::<bool>(), any::<bool>(), proptest::bool::weighted(0.2))
+            .prop_map(|(key, owner, request, shared, wait, detached)| {
+                Op::Acquire { key, owner, request, shared, wait, detached }
+            }),
         4 => any::<usize>().prop_map(|pick| Op::Release { pick }),
         1 => (0u8..3, 0u64..40).prop_map(|(key, fence)| Op::ReleaseAny { key, fence }),
         2 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
@@ -217,6 +235,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 request,
                 shared,
                 wait,
+                detached,
             } => {
                 let mode = if shared {
                     Mode::Shared
@@ -228,10 +247,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     request,
                     mode,
                     wait,
+                    detached,
                     payload: (),
                 };
                 let got = table.acquire(&k(key), want, 0, &mut next);
-                let expected = model.acquire(key, owner, request, mode, wait);
+                let expected = model.acquire(key, owner, request, mode, wait, detached);
                 prop_assert_eq!(got, expected);
             }
             Op::Release { pick } => {
@@ -248,7 +268,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if model.queue.is_empty() {
                     continue;
                 }
-                let (key, owner, req, _) = model.queue[pick % model.queue.len()];
+                let (key, owner, req, _, _) = model.queue[pick % model.queue.len()];
                 cancel(&mut table, &mut model, &mut next, key, owner, req)?;
             }
             Op::CancelAny {
@@ -262,7 +282,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for key in 0..3u8 {
                     let (removed, granted) = table.remove_owner(&k(key), &owner, 0, &mut next);
                     let before = model.holders.len();
-                    model.holders.retain(|h| !(h.0 == key && h.1 == owner));
+                    let detached = &model.detached;
+                    model
+                        .holders
+                        .retain(|h| !(h.0 == key && h.1 == owner && !detached.contains(&h.4)));
                     model.queue.retain(|w| !(w.0 == key && w.1 == owner));
                     prop_assert_eq!(removed.len(), before - model.holders.len());
                     prop_assert_eq!(as_tuples(&granted), model.settle(key));
