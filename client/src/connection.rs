@@ -285,6 +285,7 @@ impl Task {
                     hold.lose(match reason {
                         LostReason::Expired => Lost::Expired,
                         LostReason::ForceReleased => Lost::ForceReleased,
+                        LostReason::ReleasedElsewhere => Lost::ReleasedElsewhere,
                     });
                 }
                 true

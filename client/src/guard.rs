@@ -14,6 +14,8 @@ pub enum Lost {
     Expired,
     /// An administrator force-released the key.
     ForceReleased,
+    /// Another connection of the same uid released it by its ticket.
+    ReleasedElsewhere,
     /// The connection to the daemon broke (daemon crashed, socket closed).
     Disconnected,
     /// The daemon announced it is shutting down.
@@ -25,6 +27,7 @@ impl std::fmt::Display for Lost {
         f.write_str(match self {
             Lost::Expired => "the lease expired",
             Lost::ForceReleased => "an administrator force-released the lock",
+            Lost::ReleasedElsewhere => "it was released by its ticket from another connection",
             Lost::Disconnected => "the connection to lockd was lost",
             Lost::DaemonShutdown => "lockd is shutting down",
         })

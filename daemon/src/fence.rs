@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use crate::store::{Store, StoreError};
+use crate::store::{self, Change, Store, StoreError, Writer};
 
 /// Fences reserved per store commit.
 pub const FENCE_BLOCK: u64 = 1 << 20;
@@ -27,27 +27,33 @@ pub struct Fences {
     ceiling: AtomicU64,
     /// True while a reservation commit is running.
     extending: AtomicBool,
-    store: Arc<Store>,
+    writer: Writer,
     /// Wakes allocators that ran past the ceiling (only when the store is slow or failing).
     reserved: (Mutex<()>, Condvar),
 }
 
 impl Fences {
-    /// Starts above everything the store says may have been handed out, reserving a first block.
+    /// Reserves a first block above everything `store` says may have been handed out, then
+    /// hands later reservations to `writer` (call before [`Writer::start`] takes the store).
     ///
     /// # Errors
     /// The store could not be read or the first reservation could not be committed.
-    pub fn open(store: Arc<Store>) -> Result<Arc<Fences>, StoreError> {
+    pub fn reserve_first(store: &mut Store) -> Result<(u64, u64), StoreError> {
         let last = store.fence_ceiling()?;
         let ceiling = last.saturating_add(FENCE_BLOCK);
         store.set_fence_ceiling(ceiling)?;
-        Ok(Arc::new(Fences {
-            next: AtomicU64::new(last + 1),
+        Ok((last + 1, ceiling))
+    }
+
+    /// Fences starting at `first`, durably reserved up to `ceiling`.
+    pub fn new((first, ceiling): (u64, u64), writer: Writer) -> Arc<Fences> {
+        Arc::new(Fences {
+            next: AtomicU64::new(first),
             ceiling: AtomicU64::new(ceiling),
             extending: AtomicBool::new(false),
-            store,
+            writer,
             reserved: (Mutex::new(()), Condvar::new()),
-        }))
+        })
     }
 
     /// The next fence: strictly greater than every fence handed out before, by any shard.
@@ -92,7 +98,8 @@ impl Fences {
             let target = from
                 .max(self.next.load(Ordering::Relaxed))
                 .saturating_add(FENCE_BLOCK);
-            match self.store.set_fence_ceiling(target) {
+            let done = self.writer.submit(Change::FenceCeiling(target));
+            match store::outcome(done.blocking_recv()) {
                 Ok(()) => {
                     self.ceiling.fetch_max(target, Ordering::AcqRel);
                     break;
@@ -126,13 +133,28 @@ impl Fences {
 mod tests {
     use super::*;
 
+    /// Opens the store, waiting (bounded) for a previous writer thread to let go of it.
+    fn open(dir: &std::path::Path) -> Arc<Fences> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut store = loop {
+            match Store::open(dir) {
+                Ok(s) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let first = Fences::reserve_first(&mut store).unwrap();
+        Fences::new(first, Writer::start(store).unwrap())
+    }
+
     #[test]
     fn fences_increase_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut last = 0;
         for _ in 0..3 {
-            let store = Arc::new(Store::open(dir.path()).unwrap());
-            let fences = Fences::open(store).unwrap();
+            let fences = open(dir.path());
             for _ in 0..1000 {
                 let f = fences.next();
                 assert!(f > last, "{f} after {last}");
@@ -144,8 +166,7 @@ mod tests {
     #[test]
     fn running_past_half_a_block_reserves_more() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let fences = Fences::open(Arc::clone(&store)).unwrap();
+        let fences = open(dir.path());
         // Jump close to the ceiling, then allocate across it.
         fences.next.store(FENCE_BLOCK - 2, Ordering::Relaxed);
         let mut last = 0;
@@ -155,6 +176,11 @@ mod tests {
             last = f;
             assert!(f <= fences.ceiling.load(Ordering::Acquire));
         }
-        assert!(store.fence_ceiling().unwrap() >= last);
+        let ceiling = fences.ceiling.load(Ordering::Acquire);
+        assert!(ceiling >= last);
+        drop(fences);
+        // What was committed survives: a new start begins above it.
+        let fences = open(dir.path());
+        assert!(fences.next() > ceiling);
     }
 }

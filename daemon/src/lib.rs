@@ -5,9 +5,11 @@
 pub mod clock;
 pub mod config;
 pub mod fence;
+pub mod lease;
 pub mod listener;
 pub mod lockspace;
 pub mod peer;
+pub mod recovery;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -50,8 +52,12 @@ pub fn default_socket_mode() -> u32 {
 /// # Errors
 /// [`RunError`] describing what the operator must fix.
 pub fn run(config: Config) -> Result<(), RunError> {
-    let store = Arc::new(store::Store::open(&config.data_dir)?);
-    let fences = fence::Fences::open(Arc::clone(&store))?;
+    let mut store = store::Store::open(&config.data_dir)?;
+    let first_fences = fence::Fences::reserve_first(&mut store)?;
+    let started = std::time::Instant::now();
+    let records = store.load_leases()?;
+    let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
+    let fences = fence::Fences::new(first_fences, writer.clone());
     let bound = listener::bind(&config.socket, default_socket_mode())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -69,7 +75,25 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .map_err(RunError::Runtime)?;
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone()).map_err(RunError::Runtime)?;
-        let shared = session::Shared::new(lockspace::LockSpace::new(fences), config, shutdown);
+        let locks = Arc::new(lockspace::LockSpace::new(fences));
+        let (leases, arm) = lease::Leases::new(writer.clone());
+        let recovered = recovery::restore(
+            records,
+            &locks,
+            &leases,
+            &writer,
+            clock::now_ms(),
+            tokio::time::Instant::now(),
+        );
+        tracing::info!(
+            restored = recovered.restored,
+            expired = recovered.expired,
+            superseded = recovered.superseded,
+            "recovered detached leases in {:?}",
+            started.elapsed()
+        );
+        tokio::spawn(Arc::clone(&leases).expire_loop(arm, Arc::clone(&locks)));
+        let shared = session::Shared::new(locks, leases, config, shutdown);
         tracing::info!(
             "lockd {} serving {} (data in {})",
             env!("CARGO_PKG_VERSION"),

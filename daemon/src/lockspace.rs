@@ -17,7 +17,7 @@ use lockd_protocol::{Key, Mode, RequestId};
 use crate::clock;
 use crate::fence::Fences;
 use crate::peer::{Owner, Push};
-use crate::table::{Acquired, Entry, Granted, Table, Want};
+use crate::table::{Acquired, Entry, Granted, Holder, Table, Want};
 
 /// Number of shards; a power of two well above the core count so connections rarely meet.
 pub const SHARDS: usize = 64;
@@ -66,7 +66,9 @@ impl LockSpace {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Grants, queues or refuses an acquire of `owner`.
+    /// Grants, queues or refuses an acquire of `owner` (`detached`: the hold will survive the
+    /// owner's connection).
+    #[allow(clippy::too_many_arguments)]
     pub fn acquire(
         &self,
         key: &Key,
@@ -74,6 +76,7 @@ impl LockSpace {
         request: RequestId,
         mode: Mode,
         wait: bool,
+        detached: bool,
         meta: HoldMeta,
     ) -> AcquireOutcome {
         let want = Want {
@@ -81,7 +84,7 @@ impl LockSpace {
             request,
             mode,
             wait,
-            detached: false,
+            detached,
             payload: meta,
         };
         let mut shard = self.shard(key);
@@ -134,6 +137,29 @@ impl LockSpace {
         };
         deliver(granted);
         removed.len()
+    }
+
+    /// Puts back a detached lease recovered from storage; false (nothing changes) if it
+    /// conflicts with holds already restored.
+    pub fn restore(
+        &self,
+        key: &Key,
+        owner: Owner,
+        mode: Mode,
+        fence: u64,
+        granted_at: u64,
+        data: Vec<u8>,
+    ) -> bool {
+        let holder = Holder {
+            owner,
+            request: 0,
+            mode,
+            fence,
+            granted_at,
+            detached: true,
+            payload: HoldMeta { data },
+        };
+        self.shard(key).restore(key, holder)
     }
 
     /// Runs `f` on the entry of `key` (None if it has no holders or waiters).

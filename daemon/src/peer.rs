@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use lockd_protocol::{Mode, RequestId};
+use lockd_protocol::{Grant, Key, LostReason, Mode, RequestId};
 use tokio::sync::mpsc;
 
 /// What other tasks tell a connection's task.
@@ -14,6 +14,32 @@ pub enum Push {
         fence: u64,
         mode: Mode,
     },
+    /// A hold of this connection ended other than by its own release.
+    Lost {
+        key: Key,
+        fence: u64,
+        reason: LostReason,
+    },
+    /// A store commit this connection waits on before answering `request` finished.
+    Committed {
+        request: RequestId,
+        outcome: Result<(), String>,
+        then: AfterCommit,
+    },
+}
+
+/// What a connection answers once a store commit succeeded (or undoes if it failed).
+#[derive(Debug)]
+pub enum AfterCommit {
+    /// A detached lease was granted; on failure, it is taken back.
+    Granted {
+        key: Key,
+        grant: Grant,
+    },
+    Renewed {
+        expires_at_ms: u64,
+    },
+    Released,
 }
 
 /// One connection's identity. `pid`, `uid` and `gid` come from `SO_PEERCRED`, never from the

@@ -17,33 +17,45 @@ use bytes::BytesMut;
 use foldhash::{HashMap, HashMapExt};
 use futures_util::StreamExt;
 use lockd_protocol::{
-    Acquire, ClientMessage, ErrorCode, Event, Grant, Hello, Mode, Op, Reply, Request, RequestId,
-    Response, ServerCodec, ServerMessage, Ticket, Wait, Welcome, WireError, PROTOCOL_VERSION,
+    Acquire, ClientMessage, ErrorCode, Event, Grant, Hello, Key, LostReason, Mode, Op, Reply,
+    Request, RequestId, Response, ServerCodec, ServerMessage, Ticket, Wait, Welcome, WireError,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
+use crate::clock;
 use crate::config::Config;
+use crate::lease::{Lease, LeaseSpec, Leases, TicketError};
 use crate::lockspace::{AcquireOutcome, HoldMeta, LockSpace};
-use crate::peer::{Owner, Peer, Push};
+use crate::peer::{AfterCommit, Owner, Peer, Push};
+use crate::store::{self, Done};
 use crate::tickets::TicketPool;
 
 /// State shared by every connection.
 pub struct Shared {
-    pub locks: LockSpace,
+    pub locks: Arc<LockSpace>,
+    pub leases: Arc<Leases>,
     pub config: Config,
     pub shutdown: CancellationToken,
     next_conn: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(locks: LockSpace, config: Config, shutdown: CancellationToken) -> Arc<Shared> {
+    pub fn new(
+        locks: Arc<LockSpace>,
+        leases: Arc<Leases>,
+        config: Config,
+        shutdown: CancellationToken,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             locks,
+            leases,
             config,
             shutdown,
             next_conn: AtomicU64::new(1),
@@ -189,18 +201,21 @@ impl Wire {
     }
 }
 
-/// A hold of this connection, by ticket.
+/// A hold bound to this connection, by ticket.
 struct Held {
-    key: lockd_protocol::Key,
+    key: Key,
     fence: u64,
+    /// Also registered in [`Leases`] (a session hold with a lease).
+    leased: bool,
 }
 
 /// A queued acquire of this connection, by request id.
 struct Pending {
-    key: lockd_protocol::Key,
+    key: Key,
     /// `None` for `wait = forever`, or once the timer has fired.
     timer: Option<delay_queue::Key>,
     waited: Option<Duration>,
+    lease: Option<LeaseSpec>,
 }
 
 struct Session {
@@ -307,35 +322,45 @@ impl Session {
 
     fn handle(&mut self, req: Request) {
         let result = match req.op {
-            Op::Acquire(acquire) => match self.acquire(req.id, acquire) {
-                Some(result) => result,
-                None => return,
-            },
-            Op::Release { ticket } => self.release(&ticket),
-            Op::Cancel { request } => Ok(Reply::Cancelled(self.cancel(request, req.id))),
-            Op::Ping => Ok(Reply::Pong),
+            Op::Acquire(acquire) => self.acquire(req.id, acquire),
+            Op::Release { ticket } => self.release(req.id, &ticket),
+            Op::Renew { ticket, lease_ms } => self.renew(req.id, &ticket, lease_ms),
+            Op::Cancel { request } => Some(Ok(Reply::Cancelled(self.cancel(request, req.id)))),
+            Op::Ping => Some(Ok(Reply::Pong)),
         };
-        self.respond(req.id, result);
+        if let Some(result) = result {
+            self.respond(req.id, result);
+        }
     }
 
-    /// Answers at once, or returns `None` when the request was queued.
+    /// Answers at once, or returns `None` when the answer comes later (queued, or waiting for
+    /// a store commit).
     fn acquire(&mut self, id: RequestId, a: Acquire) -> Option<Result<Reply, WireError>> {
-        if let Err(e) = self.check_acquire(id, &a) {
-            return Some(Err(e));
-        }
+        let lease = match self.check_acquire(id, &a) {
+            Ok(lease) => lease,
+            Err(e) => return Some(Err(e)),
+        };
         let waited = match a.wait {
             Wait::No | Wait::Millis(0) => None,
             Wait::Millis(ms) if ms <= MAX_TIMED_WAIT_MS => Some(Some(Duration::from_millis(ms))),
             // Longer than a timer can represent usefully: the same as waiting forever.
             Wait::Millis(_) | Wait::Forever => Some(None),
         };
-        let meta = HoldMeta { data: a.data };
-        let outcome =
-            self.shared
-                .locks
-                .acquire(&a.key, &self.owner, id, a.mode, waited.is_some(), meta);
+        let meta = HoldMeta {
+            data: a.data.clone(),
+        };
+        let detached = lease.as_ref().is_some_and(|l| l.detached);
+        let outcome = self.shared.locks.acquire(
+            &a.key,
+            &self.owner,
+            id,
+            a.mode,
+            waited.is_some(),
+            detached,
+            meta,
+        );
         match outcome {
-            AcquireOutcome::Granted(fence) => Some(self.granted(a.key, fence, a.mode)),
+            AcquireOutcome::Granted(fence) => self.granted(id, a.key, fence, a.mode, lease),
             AcquireOutcome::Conflict(msg) => Some(Err(WireError::new(ErrorCode::Conflict, msg))),
             AcquireOutcome::Queued => {
                 let waited = waited.flatten();
@@ -346,6 +371,7 @@ impl Session {
                         key: a.key,
                         timer,
                         waited,
+                        lease,
                     },
                 );
                 None
@@ -353,68 +379,214 @@ impl Session {
         }
     }
 
-    fn check_acquire(&self, id: RequestId, a: &Acquire) -> Result<(), WireError> {
+    /// Checks an acquire; returns its lease, if any.
+    fn check_acquire(&self, id: RequestId, a: &Acquire) -> Result<Option<LeaseSpec>, WireError> {
         let invalid = |m: String| Err(WireError::new(ErrorCode::InvalidArgument, m));
         if let Err(e) = a.key.validate() {
             return invalid(e.to_string());
         }
-        let max_data = self.shared.config.limits.max_data;
-        if a.data.len() > max_data {
+        let limits = &self.shared.config.limits;
+        if a.data.len() > limits.max_data {
             return invalid(format!(
-                "data is {} bytes; the limit is {max_data}",
-                a.data.len()
+                "data is {} bytes; the limit is {}",
+                a.data.len(),
+                limits.max_data
             ));
         }
-        if a.lease_ms.is_some() || a.detach {
-            return invalid("leases are not supported by this lockd version".into());
-        }
+        let lease = match (a.lease_ms, a.detach) {
+            (None, true) => {
+                return invalid("a detached hold needs a lease: set lease_ms".into());
+            }
+            (None, false) => None,
+            (Some(ms), detached) => Some(LeaseSpec {
+                length: self.check_lease(ms)?,
+                detached,
+                data: a.data.clone(),
+            }),
+        };
         if self.waits.contains_key(&id) {
             return invalid(format!(
                 "request id {id} is already used by a waiting acquire"
             ));
         }
-        Ok(())
+        if self.holds.len() >= limits.max_holds_per_conn {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "this connection already has {} holds, the limit; release some first",
+                    self.holds.len()
+                ),
+            ));
+        }
+        if a.wait != Wait::No && self.waits.len() >= limits.max_waits_per_conn {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "this connection already has {} waiting acquires, the limit",
+                    self.waits.len()
+                ),
+            ));
+        }
+        Ok(lease)
     }
 
-    /// Records a grant of this connection and builds its reply.
+    /// A lease length in milliseconds, checked against the configured maximum.
+    fn check_lease(&self, ms: u64) -> Result<Duration, WireError> {
+        let max = self.shared.config.limits.max_lease;
+        let length = Duration::from_millis(ms);
+        if ms == 0 || length > max {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "lease of {ms} ms: it must be above 0 and at most {} ms",
+                    max.as_millis()
+                ),
+            ));
+        }
+        Ok(length)
+    }
+
+    /// Records a grant of request `id` and builds its reply; `None` when the reply waits for
+    /// the store (a detached lease).
     fn granted(
         &mut self,
-        key: lockd_protocol::Key,
+        id: RequestId,
+        key: Key,
         fence: u64,
         mode: Mode,
-    ) -> Result<Reply, WireError> {
+        lease: Option<LeaseSpec>,
+    ) -> Option<Result<Reply, WireError>> {
         let ticket = match self.tickets.draw() {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!("the OS random source failed: {e}");
                 self.shared.locks.release(&key, fence);
-                return Err(WireError::new(
+                return Some(Err(WireError::new(
                     ErrorCode::Internal,
                     "the daemon could not draw a ticket from the OS random source",
-                ));
+                )));
             }
         };
-        self.holds.insert(ticket, Held { key, fence });
-        Ok(Reply::Granted(Grant {
+        let Some(spec) = lease else {
+            self.holds.insert(
+                ticket,
+                Held {
+                    key,
+                    fence,
+                    leased: false,
+                },
+            );
+            return Some(Ok(Reply::Granted(Grant {
+                ticket,
+                fence,
+                mode,
+                expires_at_ms: None,
+            })));
+        };
+        let now_ms = clock::now_ms();
+        let record = spec.record(ticket, key.clone(), mode, fence, &self.owner, now_ms);
+        let grant = Grant {
             ticket,
             fence,
             mode,
-            expires_at_ms: None,
-        }))
+            expires_at_ms: Some(record.expires_at_ms),
+        };
+        let detached = spec.detached;
+        let commit = self.shared.leases.insert(Lease {
+            record,
+            owner: self.owner.clone(),
+            length: spec.length,
+            deadline: Instant::now() + spec.length,
+            detached,
+        });
+        if let Some(done) = commit {
+            self.after_commit(id, done, AfterCommit::Granted { key, grant });
+            return None;
+        }
+        self.holds.insert(
+            ticket,
+            Held {
+                key,
+                fence,
+                leased: true,
+            },
+        );
+        Some(Ok(Reply::Granted(grant)))
     }
 
-    fn release(&mut self, ticket: &Ticket) -> Result<Reply, WireError> {
-        let not_holder = || {
-            WireError::new(
-                ErrorCode::NotHolder,
-                "no hold with this ticket on this connection (released already, or never granted)",
-            )
+    /// Answers request `id` once `done` reports (through this connection's mailbox).
+    fn after_commit(&self, id: RequestId, done: Done, then: AfterCommit) {
+        let owner = self.owner.clone();
+        tokio::spawn(async move {
+            let outcome = store::outcome(done.await).map_err(|e| e.to_string());
+            owner.push(Push::Committed {
+                request: id,
+                outcome,
+                then,
+            });
+        });
+    }
+
+    fn release(&mut self, id: RequestId, ticket: &Ticket) -> Option<Result<Reply, WireError>> {
+        if let Some(held) = self.holds.remove(ticket) {
+            if held.leased {
+                self.shared.leases.forget(ticket);
+            }
+            return Some(if self.shared.locks.release(&held.key, held.fence) {
+                Ok(Reply::Released)
+            } else {
+                Err(not_holder())
+            });
+        }
+        // A lease: detached, or bound to another connection of the same uid.
+        let (lease, commit) = match self.shared.leases.remove(ticket, self.owner.uid) {
+            Ok(found) => found,
+            Err(TicketError::NotHolder) => return Some(Err(not_holder())),
         };
-        let held = self.holds.remove(ticket).ok_or_else(not_holder)?;
-        if self.shared.locks.release(&held.key, held.fence) {
-            Ok(Reply::Released)
-        } else {
-            Err(not_holder())
+        let (key, fence) = (&lease.record.key, lease.record.fence);
+        if !self.shared.locks.release(key, fence) {
+            return Some(Err(not_holder()));
+        }
+        if !lease.detached {
+            lease.owner.push(Push::Lost {
+                key: key.clone(),
+                fence,
+                reason: LostReason::ReleasedElsewhere,
+            });
+        }
+        match commit {
+            Some(done) => {
+                self.after_commit(id, done, AfterCommit::Released);
+                None
+            }
+            None => Some(Ok(Reply::Released)),
+        }
+    }
+
+    fn renew(
+        &mut self,
+        id: RequestId,
+        ticket: &Ticket,
+        lease_ms: Option<u64>,
+    ) -> Option<Result<Reply, WireError>> {
+        let length = match lease_ms.map(|ms| self.check_lease(ms)).transpose() {
+            Ok(l) => l,
+            Err(e) => return Some(Err(e)),
+        };
+        let renewed = self.shared.leases.renew(
+            ticket,
+            self.owner.uid,
+            length,
+            Instant::now(),
+            clock::now_ms(),
+        );
+        match renewed {
+            Ok((expires_at_ms, None)) => Some(Ok(Reply::Renewed { expires_at_ms })),
+            Ok((expires_at_ms, Some(done))) => {
+                self.after_commit(id, done, AfterCommit::Renewed { expires_at_ms });
+                None
+            }
+            Err(TicketError::NotHolder) => Some(Err(not_holder())),
         }
     }
 
@@ -471,14 +643,59 @@ impl Session {
                 if let Some(timer) = pending.timer {
                     self.timers.remove(&timer);
                 }
-                let result = self.granted(pending.key, fence, mode);
-                self.respond(request, result);
+                if let Some(result) = self.granted(request, pending.key, fence, mode, pending.lease)
+                {
+                    self.respond(request, result);
+                }
             }
+            Push::Lost { key, fence, reason } => {
+                self.holds.retain(|_, h| h.fence != fence);
+                self.wire
+                    .send(ServerMessage::Event(Event::HoldLost { key, fence, reason }));
+            }
+            Push::Committed {
+                request,
+                outcome,
+                then,
+            } => self.on_committed(request, outcome, then),
         }
     }
 
+    fn on_committed(&mut self, request: RequestId, outcome: Result<(), String>, then: AfterCommit) {
+        let unavailable = |why: &str| {
+            WireError::new(
+                ErrorCode::Unavailable,
+                format!("the change could not be stored ({why}); it was not made, retry later"),
+            )
+        };
+        let result = match (outcome, then) {
+            (Ok(()), AfterCommit::Granted { grant, .. }) => Ok(Reply::Granted(grant)),
+            (Ok(()), AfterCommit::Renewed { expires_at_ms }) => {
+                Ok(Reply::Renewed { expires_at_ms })
+            }
+            (Ok(()), AfterCommit::Released) => Ok(Reply::Released),
+            (Err(why), AfterCommit::Granted { key, grant }) => {
+                // Take the grant back: nothing unacknowledged may hold the key.
+                if self.shared.leases.remove(&grant.ticket, 0).is_ok() {
+                    self.shared.locks.release(&key, grant.fence);
+                }
+                Err(unavailable(&why))
+            }
+            (Err(why), AfterCommit::Renewed { .. }) => Err(unavailable(&why)),
+            (Err(why), AfterCommit::Released) => Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the release could not be stored ({why}); the lock is free now but the lease \
+                     may reappear after a crash: release it again later"
+                ),
+            )),
+        };
+        self.respond(request, result);
+    }
+
     /// Releases every session hold and waiter of the connection. Waits go first, so a hold
-    /// released below is never handed to this dying connection's own waiter.
+    /// released below is never handed to this dying connection's own waiter. Detached leases
+    /// stay.
     fn cleanup(&mut self) {
         let locks = &self.shared.locks;
         let mut ended = 0;
@@ -486,7 +703,10 @@ impl Session {
         for (_, pending) in self.waits.drain() {
             ended += locks.remove_owner(&pending.key, &self.owner);
         }
-        for (_, held) in self.holds.drain() {
+        for (ticket, held) in self.holds.drain() {
+            if held.leased {
+                self.shared.leases.forget(&ticket);
+            }
             ended += locks.remove_owner(&held.key, &self.owner);
         }
         tracing::debug!(
@@ -499,10 +719,17 @@ impl Session {
 }
 
 impl Drop for Session {
-    /// Runs on every exit path, panics included: no hold outlives its connection.
+    /// Runs on every exit path, panics included: no session hold outlives its connection.
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+fn not_holder() -> WireError {
+    WireError::new(
+        ErrorCode::NotHolder,
+        "no live hold has this ticket (released, expired, or never granted to your uid)",
+    )
 }
 
 /// Reads whatever is available into the read buffer.

@@ -1,18 +1,36 @@
-//! Persistent state in redb.
+//! Persistent state in redb: the fence ceiling and detached leases.
 //!
-//! Architecture invariant: this is the only module that imports redb. Every write here is
-//! committed with `Durability::Immediate`: when a method returns `Ok`, the data survives a crash.
+//! Architecture invariants:
+//! - this is the only module that imports redb;
+//! - one writer thread owns the database after start-up; every change goes through it and is
+//!   committed with `Durability::Immediate` before its waiters hear `Ok` (group commit: all
+//!   changes pending when a commit starts share it);
+//! - the writer keeps the *latest* desired state per lease, so the stored state converges to the
+//!   in-memory state even across failed commits: a failed batch is retried with the next one;
+//! - after a failed commit the database is reopened before the next attempt (redb refuses further
+//!   use after an I/O error), so the daemon recovers when the disk does.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use lockd_protocol::ticket::TICKET_LEN;
+use lockd_protocol::{Key, Mode, Ticket};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
 
 /// Small scalar state, by name.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Detached leases by ticket.
+const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
 /// Every fence up to this value may have been handed out.
 const FENCE_CEILING: &str = "fence_ceiling";
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "lockd.redb";
+/// Test hook: when this environment variable names a path and that path exists, every write
+/// and sync of the database fails with an I/O error (a failing disk).
+pub const FAULT_ENV: &str = "LOCKD_TEST_STORAGE_FAULT_FILE";
 
 /// Why the store could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -33,15 +51,145 @@ pub enum StoreError {
     },
     #[error("storage error: {0}; check the disk holding the data directory (space, permissions, I/O errors)")]
     Storage(#[from] redb::Error),
+    #[error("stored lease record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
+    #[error("the storage writer has stopped")]
+    WriterGone,
 }
 
 fn storage(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Storage(e.into())
 }
 
-/// The daemon's database.
+/// A detached lease as stored. Never logged: it holds the ticket.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub ticket: Ticket,
+    pub key: Key,
+    pub mode: Mode,
+    pub fence: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+    pub client_name: String,
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub acquired_at_ms: u64,
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    pub lease_ms: u64,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for LeaseRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseRecord")
+            .field("key", &self.key)
+            .field("fence", &self.fence)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+const RECORD_VERSION: u8 = 1;
+
+impl LeaseRecord {
+    /// A versioned, self-describing byte layout (little-endian, length-prefixed strings).
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(96 + self.key.name.len() + self.data.len());
+        b.push(RECORD_VERSION);
+        put_bytes(&mut b, self.key.namespace.as_bytes());
+        put_bytes(&mut b, self.key.name.as_bytes());
+        b.push(match self.mode {
+            Mode::Exclusive => 0,
+            Mode::Shared => 1,
+        });
+        for v in [
+            self.fence,
+            self.acquired_at_ms,
+            self.expires_at_ms,
+            self.lease_ms,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.uid.to_le_bytes());
+        b.extend_from_slice(&self.gid.to_le_bytes());
+        b.extend_from_slice(&self.pid.unwrap_or(-1).to_le_bytes());
+        put_bytes(&mut b, self.client_name.as_bytes());
+        put_bytes(&mut b, &self.data);
+        b
+    }
+
+    fn decode(ticket: Ticket, mut b: &[u8]) -> Result<LeaseRecord, StoreError> {
+        let bad = |what: &str| StoreError::Corrupt(what.to_string());
+        if take(&mut b, 1).ok_or_else(|| bad("empty"))?[0] != RECORD_VERSION {
+            return Err(bad("unknown record version"));
+        }
+        let namespace = take_string(&mut b).ok_or_else(|| bad("namespace"))?;
+        let name = take_string(&mut b).ok_or_else(|| bad("name"))?;
+        let mode = match take(&mut b, 1).ok_or_else(|| bad("mode"))?[0] {
+            0 => Mode::Exclusive,
+            1 => Mode::Shared,
+            _ => return Err(bad("mode")),
+        };
+        let mut u64s = [0u64; 4];
+        for v in &mut u64s {
+            *v = u64::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("times"))?);
+        }
+        let uid = u32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("uid"))?);
+        let gid = u32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("gid"))?);
+        let pid = i32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("pid"))?);
+        let client_name = take_string(&mut b).ok_or_else(|| bad("client name"))?;
+        let data = take_bytes(&mut b).ok_or_else(|| bad("data"))?.to_vec();
+        Ok(LeaseRecord {
+            ticket,
+            key: Key { namespace, name },
+            mode,
+            fence: u64s[0],
+            uid,
+            gid,
+            pid: (pid >= 0).then_some(pid),
+            client_name,
+            acquired_at_ms: u64s[1],
+            expires_at_ms: u64s[2],
+            lease_ms: u64s[3],
+            data,
+        })
+    }
+}
+
+fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
+    b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    b.extend_from_slice(v);
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (head, tail) = b.split_at(n);
+    *b = tail;
+    Some(head)
+}
+
+fn take_array<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+    take(b, N)?.try_into().ok()
+}
+
+fn take_bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = u32::from_le_bytes(take_array(b)?) as usize;
+    take(b, len)
+}
+
+fn take_string(b: &mut &[u8]) -> Option<String> {
+    String::from_utf8(take_bytes(b)?.to_vec()).ok()
+}
+
+/// The database, used synchronously at start-up and then by the writer thread alone.
 pub struct Store {
-    db: Database,
+    db: Option<Database>,
+    dir: PathBuf,
 }
 
 impl Store {
@@ -54,25 +202,42 @@ impl Store {
             dir: dir.to_owned(),
             source,
         })?;
-        let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|source| match source {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(dir.to_owned()),
+        let mut store = Store {
+            db: None,
+            dir: dir.to_owned(),
+        };
+        store.reopen()?;
+        Ok(store)
+    }
+
+    fn reopen(&mut self) -> Result<&Database, StoreError> {
+        self.db = None; // close the old handle (and its file lock) first
+        let path = self.dir.join(DB_FILE);
+        let db = open_database(&path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(self.dir.clone()),
             source => StoreError::Open { path, source },
         })?;
-        let store = Store { db };
         // Make sure the tables exist so readers never see TableDoesNotExist.
-        let tx = store.db.begin_write().map_err(storage)?;
+        let tx = db.begin_write().map_err(storage)?;
         tx.open_table(META).map_err(storage)?;
+        tx.open_table(LEASES).map_err(storage)?;
         tx.commit().map_err(storage)?;
-        Ok(store)
+        Ok(self.db.insert(db))
+    }
+
+    fn db(&mut self) -> Result<&Database, StoreError> {
+        match self.db {
+            Some(ref db) => Ok(db),
+            None => self.reopen(),
+        }
     }
 
     /// The highest fence that may have been handed out (0 for a new data directory).
     ///
     /// # Errors
     /// [`StoreError::Storage`].
-    pub fn fence_ceiling(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+    pub fn fence_ceiling(&mut self) -> Result<u64, StoreError> {
+        let tx = self.db()?.begin_read().map_err(storage)?;
         let table = tx.open_table(META).map_err(storage)?;
         Ok(table
             .get(FENCE_CEILING)
@@ -81,17 +246,91 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Durably records that fences up to `ceiling` may be handed out.
+    /// Every stored lease, in no particular order. Corrupt records are skipped with an error
+    /// logged (never their ticket).
     ///
     /// # Errors
-    /// [`StoreError::Storage`]; nothing is recorded then.
-    pub fn set_fence_ceiling(&self, ceiling: u64) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(storage)?;
+    /// [`StoreError::Storage`].
+    pub fn load_leases(&mut self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let tx = self.db()?.begin_read().map_err(storage)?;
+        let table = tx.open_table(LEASES).map_err(storage)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let Ok(bytes) = <[u8; TICKET_LEN]>::try_from(k.value()) else {
+                tracing::error!("skipping a stored lease with a malformed ticket");
+                continue;
+            };
+            match LeaseRecord::decode(Ticket::from_bytes(bytes), v.value()) {
+                Ok(record) => out.push(record),
+                Err(e) => tracing::error!("skipping a stored lease: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a fence ceiling at once (start-up, before the writer thread exists).
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`].
+    pub fn set_fence_ceiling(&mut self, ceiling: u64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.add(Change::FenceCeiling(ceiling));
+        self.apply(&batch)
+    }
+
+    /// Applies `batch` in one durable transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`]; nothing of the batch is stored then, and the database is
+    /// reopened on the next call.
+    pub fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let result = self.try_apply(batch);
+        if result.is_err() {
+            self.db = None;
+        }
+        result
+    }
+
+    fn try_apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let tx = self.db()?.begin_write().map_err(storage)?;
         {
-            let mut table = tx.open_table(META).map_err(storage)?;
-            table.insert(FENCE_CEILING, ceiling).map_err(storage)?;
+            let mut leases = tx.open_table(LEASES).map_err(storage)?;
+            for (ticket, state) in &batch.leases {
+                let k = ticket.bytes();
+                match state {
+                    Some(record) => {
+                        leases
+                            .insert(&k[..], &record.encode()[..])
+                            .map_err(storage)?;
+                    }
+                    None => {
+                        leases.remove(&k[..]).map_err(storage)?;
+                    }
+                }
+            }
+            if let Some(ceiling) = batch.fence_ceiling {
+                let mut meta = tx.open_table(META).map_err(storage)?;
+                meta.insert(FENCE_CEILING, ceiling).map_err(storage)?;
+            }
         }
         tx.commit().map_err(storage)
+    }
+}
+
+fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    match std::env::var_os(FAULT_ENV) {
+        Some(trigger) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            let backend = fault::FaultyBackend::new(file, PathBuf::from(trigger))?;
+            Database::builder().create_with_backend(backend)
+        }
+        None => Database::create(path),
     }
 }
 
@@ -103,20 +342,277 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Changes to commit together. Later changes to the same lease replace earlier ones.
+#[derive(Default, Debug)]
+pub struct Batch {
+    /// `Some` to store a lease, `None` to delete it.
+    leases: HashMap<Ticket, Option<LeaseRecord>>,
+    fence_ceiling: Option<u64>,
+}
+
+/// One change.
+#[derive(Debug)]
+pub enum Change {
+    Put(LeaseRecord),
+    Delete(Ticket),
+    FenceCeiling(u64),
+}
+
+impl Batch {
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::Put(record) => {
+                self.leases.insert(record.ticket, Some(record));
+            }
+            Change::Delete(ticket) => {
+                self.leases.insert(ticket, None);
+            }
+            Change::FenceCeiling(c) => {
+                self.fence_ceiling = Some(self.fence_ceiling.map_or(c, |old| old.max(c)));
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.fence_ceiling.is_none()
+    }
+}
+
+/// Answer to a change: `Ok` once it (and everything queued before it) is durable.
+pub type Done = oneshot::Receiver<Result<(), StoreError>>;
+
+struct Job {
+    change: Change,
+    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// Handle to the writer thread. Cloning is cheap; the thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: std_mpsc::Sender<Job>,
+}
+
+/// Delay before retrying a failed commit when no new change arrives.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+impl Writer {
+    /// Moves `store` to a new writer thread.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn start(store: Store) -> std::io::Result<Writer> {
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::Builder::new()
+            .name("lockd-store".into())
+            .spawn(move || writer_loop(store, rx))?;
+        Ok(Writer { tx })
+    }
+
+    /// Queues `change`; the returned receiver answers once it is durable (or failed).
+    pub fn submit(&self, change: Change) -> Done {
+        let (done, rx) = oneshot::channel();
+        // If the writer is gone, `done` is dropped and the receiver reports an error.
+        let _ = self.tx.send(Job {
+            change,
+            done: Some(done),
+        });
+        rx
+    }
+
+    /// Queues `change` without waiting for it (it still converges to disk in order).
+    pub fn submit_quiet(&self, change: Change) {
+        let _ = self.tx.send(Job { change, done: None });
+    }
+}
+
+/// Maps a finished [`Done`] to a result.
+pub fn outcome(
+    r: Result<Result<(), StoreError>, oneshot::error::RecvError>,
+) -> Result<(), StoreError> {
+    r.unwrap_or(Err(StoreError::WriterGone))
+}
+
+fn writer_loop(mut store: Store, rx: std_mpsc::Receiver<Job>) {
+    let mut batch = Batch::default();
+    let mut waiters: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
+    let mut failing = false;
+    loop {
+        // Wait for work; while a failed batch is pending, wake up to retry it anyway.
+        let first = if failing {
+            match rx.recv_timeout(RETRY_AFTER) {
+                Ok(job) => Some(job),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            }
+        };
+        for job in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+        {
+            batch.add(job.change);
+            waiters.extend(job.done);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match store.apply(&batch) {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("storage works again; pending changes are committed");
+                }
+                failing = false;
+                batch = Batch::default();
+                for w in waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(
+                        "commit failed: {e}; affected requests answer Unavailable, retrying"
+                    );
+                }
+                failing = true;
+                let msg = e.to_string();
+                for w in waiters.drain(..) {
+                    let _ = w.send(Err(StoreError::CommitFailed(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+mod fault {
+    //! A file backend that fails writes and syncs while a trigger file exists (test hook).
+
+    use std::fs::File;
+    use std::io;
+    use std::ops::Bound;
+    use std::path::PathBuf;
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
+    #[derive(Debug)]
+    pub struct FaultyBackend {
+        inner: FileBackend,
+        trigger: PathBuf,
+    }
+
+    impl FaultyBackend {
+        pub fn new(file: File, trigger: PathBuf) -> Result<Self, redb::DatabaseError> {
+            Ok(FaultyBackend {
+                inner: FileBackend::new(file)?,
+                trigger,
+            })
+        }
+
+        fn check(&self) -> io::Result<()> {
+            if self.trigger.exists() {
+                Err(io::Error::other("injected storage fault"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl StorageBackend for FaultyBackend {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn fence_ceiling_persists_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.fence_ceiling().unwrap(), 0);
-            store.set_fence_ceiling(42).unwrap();
+    fn record(n: u64) -> LeaseRecord {
+        LeaseRecord {
+            ticket: Ticket::generate().unwrap(),
+            key: Key::new("ns", format!("name-{n}")).unwrap(),
+            mode: Mode::Shared,
+            fence: n,
+            uid: 1000,
+            gid: 100,
+            pid: Some(42),
+            client_name: "test".into(),
+            acquired_at_ms: 1,
+            expires_at_ms: 2,
+            lease_ms: 3,
+            data: b"leader=10.0.0.1".to_vec(),
         }
-        let store = Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let r = record(7);
+        assert_eq!(LeaseRecord::decode(r.ticket, &r.encode()).unwrap(), r);
+        assert!(LeaseRecord::decode(r.ticket, &r.encode()[..10]).is_err());
+    }
+
+    #[test]
+    fn changes_persist_across_reopen_and_latest_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (record(1), record(2));
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.fence_ceiling().unwrap(), 0);
+            let mut batch = Batch::default();
+            batch.add(Change::Put(a.clone()));
+            batch.add(Change::Put(b.clone()));
+            batch.add(Change::Delete(b.ticket));
+            batch.add(Change::FenceCeiling(42));
+            store.apply(&batch).unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.fence_ceiling().unwrap(), 42);
+        assert_eq!(store.load_leases().unwrap(), vec![a]);
     }
 
     #[test]
@@ -124,5 +620,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
         assert!(matches!(Store::open(dir.path()), Err(StoreError::InUse(_))));
+    }
+
+    #[tokio::test]
+    async fn writer_groups_changes_and_answers_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Writer::start(Store::open(dir.path()).unwrap()).unwrap();
+        let dones: Vec<Done> = (0..50)
+            .map(|n| writer.submit(Change::Put(record(n))))
+            .collect();
+        for d in dones {
+            outcome(d.await).unwrap();
+        }
     }
 }

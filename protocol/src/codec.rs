@@ -241,6 +241,10 @@ mod tests {
             Op::Release { ticket },
             Op::Cancel { request: 7 },
             Op::Ping,
+            Op::Renew {
+                ticket,
+                lease_ms: Some(5000),
+            },
         ];
         for (i, op) in ops.into_iter().enumerate() {
             v.push(ClientMessage::Request(Request { id: i as u64, op }));
@@ -277,6 +281,7 @@ mod tests {
             Ok(Reply::Released),
             Ok(Reply::Cancelled(true)),
             Ok(Reply::Pong),
+            Ok(Reply::Renewed { expires_at_ms: 99 }),
         ];
         for (i, result) in replies.into_iter().enumerate() {
             v.push(ServerMessage::Response(Response {

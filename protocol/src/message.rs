@@ -75,6 +75,12 @@ pub enum Op {
     Cancel { request: RequestId },
     /// Round trip without side effects. Answers [`Reply::Pong`].
     Ping,
+    /// Extend a lease by its ticket, from any connection of the acquirer's uid, to `lease_ms`
+    /// from now (default: its original length). Answers [`Reply::Renewed`] or `NotHolder`.
+    Renew {
+        ticket: Ticket,
+        lease_ms: Option<u64>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -130,6 +136,10 @@ pub enum Reply {
     /// (already granted, timed out or unknown).
     Cancelled(bool),
     Pong,
+    /// The lease now ends at this wall-clock time (milliseconds since the Unix epoch).
+    Renewed {
+        expires_at_ms: u64,
+    },
 }
 
 /// A granted hold.
@@ -160,6 +170,8 @@ pub enum Event {
 pub enum LostReason {
     Expired,
     ForceReleased,
+    /// Released by its ticket from another connection.
+    ReleasedElsewhere,
 }
 
 impl std::fmt::Display for LostReason {
@@ -167,6 +179,7 @@ impl std::fmt::Display for LostReason {
         f.write_str(match self {
             LostReason::Expired => "lease expired",
             LostReason::ForceReleased => "force-released by an administrator",
+            LostReason::ReleasedElsewhere => "released by its ticket from another connection",
         })
     }
 }

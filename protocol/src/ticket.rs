@@ -24,6 +24,11 @@ impl Ticket {
         Ticket(bytes)
     }
 
+    /// The raw bytes, for storage. Treat them as a secret.
+    pub fn bytes(&self) -> [u8; TICKET_LEN] {
+        self.0
+    }
+
     /// Draws a fresh ticket from the OS CSPRNG.
     ///
     /// # Errors

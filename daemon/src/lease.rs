@@ -1,0 +1,264 @@
+//! Leases: holds that end when their time runs out unless renewed by ticket.
+//!
+//! Every leased hold (session-bound or detached) has an entry here, keyed by ticket, so it can be
+//! renewed or released from any connection of its uid. One expiry task drives the deadlines with
+//! a `DelayQueue` (no scanning, no polling); a renewal re-arms the timer.
+//!
+//! Invariants:
+//! - deadlines use tokio's monotonic clock; the wall-clock `expires_at_ms` is kept for display and
+//!   persistence only;
+//! - for a detached lease, every in-memory transition (grant, renew, release, expiry) submits the
+//!   matching store change while holding the entry's shard lock, so the store receives changes
+//!   in the same order as memory makes them and converges to the same state.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use foldhash::HashMap;
+use futures_util::StreamExt;
+use lockd_protocol::{Key, LostReason, Mode, Ticket};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::time::{delay_queue, DelayQueue};
+
+use crate::lockspace::LockSpace;
+use crate::peer::{Owner, Push};
+use crate::store::{Change, Done, LeaseRecord, Writer};
+
+const SHARDS: usize = 16;
+
+/// One leased hold.
+pub struct Lease {
+    /// What is (or would be) stored; its `expires_at_ms` tracks renewals.
+    pub record: LeaseRecord,
+    /// The connection that acquired it (it may have closed since, for a detached lease).
+    pub owner: Owner,
+    /// Original length, the default for renewals.
+    pub length: Duration,
+    pub deadline: Instant,
+    pub detached: bool,
+}
+
+/// Why a ticket operation was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TicketError {
+    /// No live lease has this ticket (or it belongs to another uid: indistinguishable on purpose).
+    NotHolder,
+}
+
+/// All leases, sharded by ticket.
+pub struct Leases {
+    shards: Box<[Mutex<HashMap<Ticket, Lease>>]>,
+    arm: mpsc::UnboundedSender<(Ticket, Instant)>,
+    writer: Writer,
+}
+
+impl Leases {
+    /// Creates the registry and its expiry task's inbox; run [`Leases::expire_loop`] with it.
+    pub fn new(writer: Writer) -> (Arc<Leases>, mpsc::UnboundedReceiver<(Ticket, Instant)>) {
+        let (arm, rx) = mpsc::unbounded_channel();
+        let leases = Leases {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            arm,
+            writer,
+        };
+        (Arc::new(leases), rx)
+    }
+
+    fn shard(&self, ticket: &Ticket) -> MutexGuard<'_, HashMap<Ticket, Lease>> {
+        // Tickets are uniformly random: their first byte is a fine shard index.
+        let i = usize::from(ticket.bytes()[0]) % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of live leases.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Registers a granted lease and arms its timer. For a detached lease, returns the store
+    /// commit to wait for before acknowledging the grant.
+    pub fn insert(&self, lease: Lease) -> Option<Done> {
+        let ticket = lease.record.ticket;
+        let deadline = lease.deadline;
+        let mut shard = self.shard(&ticket);
+        let done = lease
+            .detached
+            .then(|| self.writer.submit(Change::Put(lease.record.clone())));
+        shard.insert(ticket, lease);
+        drop(shard);
+        let _ = self.arm.send((ticket, deadline));
+        done
+    }
+
+    /// Registers a lease recovered from storage (already stored) and arms its timer.
+    pub fn restore(&self, lease: Lease) {
+        let ticket = lease.record.ticket;
+        let deadline = lease.deadline;
+        self.shard(&ticket).insert(ticket, lease);
+        let _ = self.arm.send((ticket, deadline));
+    }
+
+    /// Extends the lease to `length` (default: its original length) from `now`.
+    ///
+    /// Returns the new wall-clock end and, for a detached lease, the commit to wait for.
+    ///
+    /// # Errors
+    /// [`TicketError::NotHolder`] if the ticket names no live lease of `uid` (root may renew
+    /// any).
+    pub fn renew(
+        &self,
+        ticket: &Ticket,
+        uid: u32,
+        length: Option<Duration>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<(u64, Option<Done>), TicketError> {
+        let mut shard = self.shard(ticket);
+        let lease = shard.get_mut(ticket).ok_or(TicketError::NotHolder)?;
+        if !may_act(uid, lease.record.uid) || lease.deadline <= now {
+            return Err(TicketError::NotHolder);
+        }
+        let length = length.unwrap_or(lease.length);
+        lease.deadline = now + length;
+        lease.record.expires_at_ms = now_ms.saturating_add(length.as_millis() as u64);
+        lease.record.lease_ms = length.as_millis() as u64;
+        let done = lease
+            .detached
+            .then(|| self.writer.submit(Change::Put(lease.record.clone())));
+        let (expires, deadline) = (lease.record.expires_at_ms, lease.deadline);
+        drop(shard);
+        let _ = self.arm.send((*ticket, deadline));
+        Ok((expires, done))
+    }
+
+    /// Removes the lease for a release by ticket.
+    ///
+    /// # Errors
+    /// [`TicketError::NotHolder`] as for [`Leases::renew`].
+    pub fn remove(&self, ticket: &Ticket, uid: u32) -> Result<(Lease, Option<Done>), TicketError> {
+        let mut shard = self.shard(ticket);
+        match shard.get(ticket) {
+            Some(l) if may_act(uid, l.record.uid) => {}
+            _ => return Err(TicketError::NotHolder),
+        }
+        let lease = shard.remove(ticket).ok_or(TicketError::NotHolder)?;
+        let done = lease
+            .detached
+            .then(|| self.writer.submit(Change::Delete(*ticket)));
+        Ok((lease, done))
+    }
+
+    /// Forgets a session-bound lease whose hold ended with its connection (no store change).
+    pub fn forget(&self, ticket: &Ticket) {
+        self.shard(ticket).remove(ticket);
+    }
+
+    /// Removes the lease if its deadline has passed (a renewal may have moved it).
+    fn take_expired(&self, ticket: &Ticket, now: Instant) -> Option<Lease> {
+        let mut shard = self.shard(ticket);
+        if shard.get(ticket)?.deadline > now {
+            return None;
+        }
+        let lease = shard.remove(ticket)?;
+        if lease.detached {
+            // Not waited for: an expired lease that reappears after a crash is dropped again at
+            // recovery, because its stored expiry has passed.
+            self.writer.submit_quiet(Change::Delete(*ticket));
+        }
+        Some(lease)
+    }
+
+    /// The expiry task: fires deadlines, ends expired holds, hands their keys on.
+    pub async fn expire_loop(
+        self: Arc<Self>,
+        mut arm: mpsc::UnboundedReceiver<(Ticket, Instant)>,
+        locks: Arc<LockSpace>,
+    ) {
+        let mut timers: DelayQueue<Ticket> = DelayQueue::new();
+        let mut keys: HashMap<Ticket, delay_queue::Key> = HashMap::default();
+        loop {
+            tokio::select! {
+                armed = arm.recv() => {
+                    let Some((ticket, deadline)) = armed else { return };
+                    match keys.get(&ticket) {
+                        Some(k) => timers.reset_at(k, deadline),
+                        None => {
+                            keys.insert(ticket, timers.insert_at(ticket, deadline));
+                        }
+                    }
+                }
+                Some(fired) = timers.next(), if !timers.is_empty() => {
+                    let ticket = fired.into_inner();
+                    keys.remove(&ticket);
+                    if let Some(lease) = self.take_expired(&ticket, Instant::now()) {
+                        end_expired(&locks, lease);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Ends an expired lease's hold: the key goes to the next waiter, the owner hears `HoldLost`.
+fn end_expired(locks: &LockSpace, lease: Lease) {
+    let key = &lease.record.key;
+    if locks.release(key, lease.record.fence) {
+        tracing::info!(key = %key, fence = lease.record.fence, "lease expired");
+        lease.owner.push(Push::Lost {
+            key: key.clone(),
+            fence: lease.record.fence,
+            reason: LostReason::Expired,
+        });
+    }
+}
+
+/// May a peer with `uid` act on a lease acquired by `owner_uid`? Root may act for anyone.
+pub fn may_act(uid: u32, owner_uid: u32) -> bool {
+    uid == owner_uid || uid == 0
+}
+
+/// A lease being granted, before its ticket exists.
+#[derive(Debug, Clone)]
+pub struct LeaseSpec {
+    pub length: Duration,
+    pub detached: bool,
+    pub data: Vec<u8>,
+}
+
+impl LeaseSpec {
+    /// The record for a grant of `key` with `fence` and `ticket` to `owner` at `now`.
+    pub fn record(
+        &self,
+        ticket: Ticket,
+        key: Key,
+        mode: Mode,
+        fence: u64,
+        owner: &Owner,
+        now_ms: u64,
+    ) -> LeaseRecord {
+        LeaseRecord {
+            ticket,
+            key,
+            mode,
+            fence,
+            uid: owner.uid,
+            gid: owner.gid,
+            pid: owner.pid,
+            client_name: owner.name.clone(),
+            acquired_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(self.length.as_millis() as u64),
+            lease_ms: self.length.as_millis() as u64,
+            data: self.data.clone(),
+        }
+    }
+}

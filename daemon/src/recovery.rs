@@ -1,0 +1,79 @@
+//! Start-up: put the detached leases found in the store back into the lock table.
+//!
+//! Rules:
+//! - the lease clock keeps running while the daemon is down: a lease whose stored wall-clock
+//!   expiry has passed is dropped (and deleted from the store);
+//! - a surviving lease gets the remaining wall-clock time as a fresh monotonic deadline;
+//! - if two stored leases conflict on a key (possible only when a release or expiry was not yet
+//!   stored when the daemon died), the one with the higher fence wins: a later grant on a key
+//!   proves the earlier hold had ended.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::lease::{Lease, Leases};
+use crate::lockspace::LockSpace;
+use crate::peer::Peer;
+use crate::store::{Change, LeaseRecord, Writer};
+
+/// What recovery did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Recovered {
+    pub restored: usize,
+    pub expired: usize,
+    pub superseded: usize,
+}
+
+/// Restores `records` into `locks` and `leases`, given the wall clock `now_ms` and monotonic
+/// `now` of the same moment.
+pub fn restore(
+    mut records: Vec<LeaseRecord>,
+    locks: &LockSpace,
+    leases: &Leases,
+    writer: &Writer,
+    now_ms: u64,
+    now: Instant,
+) -> Recovered {
+    let mut out = Recovered::default();
+    // Highest fence first, so on a conflict the newest grant is the one kept.
+    records.sort_unstable_by_key(|r| std::cmp::Reverse(r.fence));
+    for record in records {
+        if record.expires_at_ms <= now_ms {
+            writer.submit_quiet(Change::Delete(record.ticket));
+            out.expired += 1;
+            continue;
+        }
+        // A connection id of 0 never belongs to a live connection.
+        let (owner, _mailbox) = Peer::open(
+            0,
+            record.pid,
+            record.uid,
+            record.gid,
+            format!("{} (before restart)", record.client_name),
+        );
+        let restored = locks.restore(
+            &record.key,
+            owner.clone(),
+            record.mode,
+            record.fence,
+            record.acquired_at_ms,
+            record.data.clone(),
+        );
+        if !restored {
+            writer.submit_quiet(Change::Delete(record.ticket));
+            out.superseded += 1;
+            continue;
+        }
+        let remaining = Duration::from_millis(record.expires_at_ms - now_ms);
+        leases.restore(Lease {
+            length: Duration::from_millis(record.lease_ms.max(1)),
+            deadline: now + remaining,
+            detached: true,
+            owner,
+            record,
+        });
+        out.restored += 1;
+    }
+    out
+}
