@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::SinkExt;
 use lockd_protocol::{
-    Acquire, ClientCodec, ClientMessage, Hello, Key, Limits, Mode, Op, Reply, ServerMessage, Wait,
-    DEFAULT_NAMESPACE, PROTOCOL_VERSION,
+    Acquire, ClientCodec, ClientMessage, Hello, Key, Limits, Mode, Op, Reply, ServerMessage,
+    Ticket, Wait, DEFAULT_NAMESPACE, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -149,6 +149,37 @@ impl Client {
             mode: Mode::Exclusive,
             wait: Wait::No,
             data: Vec::new(),
+            lease: None,
+        }
+    }
+
+    /// Extends the lease with `ticket` to `lease` from now (default: its original length), from
+    /// any connection of the acquirer's uid. Returns the new end, in milliseconds since the Unix
+    /// epoch.
+    ///
+    /// # Errors
+    /// [`Error::Lock`] with `NotHolder` if the lease has ended; `Unavailable` if the renewal of
+    /// a detached lease could not be stored.
+    pub async fn renew(&self, ticket: &Ticket, lease: Option<Duration>) -> Result<u64, Error> {
+        let op = Op::Renew {
+            ticket: *ticket,
+            lease_ms: lease.map(duration_ms),
+        };
+        match self.call(op).await?.reply {
+            Reply::Renewed { expires_at_ms } => Ok(expires_at_ms),
+            other => Err(Error::Protocol(format!("expected Renewed, got {other:?}"))),
+        }
+    }
+
+    /// Releases the hold with `ticket`: a detached lease, or a hold of this connection or of
+    /// another connection of the same uid.
+    ///
+    /// # Errors
+    /// [`Error::Lock`] with `NotHolder` if it has ended.
+    pub async fn release(&self, ticket: &Ticket) -> Result<(), Error> {
+        match self.call(Op::Release { ticket: *ticket }).await?.reply {
+            Reply::Released => Ok(()),
+            other => Err(Error::Protocol(format!("expected Released, got {other:?}"))),
         }
     }
 
@@ -297,6 +328,25 @@ pub struct AcquireBuilder {
     mode: Mode,
     wait: Wait,
     data: Vec<u8>,
+    lease: Option<Duration>,
+}
+
+/// Milliseconds of `d`, saturating.
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A detached lease: it outlives the connection and ends when released by ticket or when its
+/// time runs out without a renewal. Nothing renews or releases it automatically.
+#[derive(Debug, Clone)]
+pub struct DetachedLease {
+    pub key: Key,
+    /// The capability to renew and release it: a secret; [`Ticket::to_text`] for scripts.
+    pub ticket: Ticket,
+    pub fence: u64,
+    pub mode: Mode,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
 }
 
 impl AcquireBuilder {
@@ -325,7 +375,7 @@ impl AcquireBuilder {
 
     /// Wait in the key's FIFO queue for at most `d` (zero means do not wait).
     pub fn wait(mut self, d: Duration) -> Self {
-        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let ms = duration_ms(d);
         self.wait = if ms == 0 { Wait::No } else { Wait::Millis(ms) };
         self
     }
@@ -342,20 +392,58 @@ impl AcquireBuilder {
         self
     }
 
-    async fn send(self) -> Result<LockGuard, Error> {
+    /// Give the hold a lease: it also ends if not renewed within `lease`. The guard renews it in
+    /// the background every third of the lease, and reports [`crate::Lost::Expired`] if a
+    /// renewal fails.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Takes a detached lease instead of a guard (requires [`AcquireBuilder::lease`]).
+    ///
+    /// # Errors
+    /// As for the guard; also `Unavailable` if the lease could not be stored.
+    pub async fn detached(self) -> Result<DetachedLease, Error> {
+        let (key, answer) = self.send_op(true).await?;
+        let grant = match (answer.reply, answer.hold) {
+            // Detached: the connection must not release it when the answer is dropped.
+            (Reply::Granted(grant), Some(hold)) => {
+                let _ = hold.adopt();
+                grant
+            }
+            (other, _) => return Err(Error::Protocol(format!("expected Granted, got {other:?}"))),
+        };
+        Ok(DetachedLease {
+            key,
+            ticket: grant.ticket,
+            fence: grant.fence,
+            mode: grant.mode,
+            expires_at_ms: grant.expires_at_ms.unwrap_or(0),
+        })
+    }
+
+    async fn send_op(self, detach: bool) -> Result<(Key, Answer), Error> {
         let key = Key::new(self.namespace, self.name)?;
         let op = Op::Acquire(Acquire {
             key: key.clone(),
             mode: self.mode,
             wait: self.wait,
-            lease_ms: None,
-            detach: false,
+            lease_ms: self.lease.map(duration_ms),
+            detach,
             data: self.data,
         });
         let answer = self.client.call(op).await?;
+        Ok((key, answer))
+    }
+
+    async fn send(self) -> Result<LockGuard, Error> {
+        let client = self.client.clone();
+        let lease = self.lease;
+        let (key, answer) = self.send_op(false).await?;
         match (answer.reply, answer.hold) {
             (Reply::Granted(grant), Some(hold)) => {
-                Ok(LockGuard::new(self.client, key, grant, hold.adopt()))
+                Ok(LockGuard::new(client, key, grant, hold.adopt(), lease))
             }
             (other, _) => Err(Error::Protocol(format!("expected Granted, got {other:?}"))),
         }

@@ -94,7 +94,7 @@ pub(crate) struct HoldState {
 }
 
 impl HoldState {
-    fn lose(&self, why: Lost) {
+    pub(crate) fn lose(&self, why: Lost) {
         let _ = self.reason.set(why);
         self.changed.notify_waiters();
     }

@@ -1,6 +1,7 @@
 //! [`LockGuard`]: a granted hold, released by `release().await` or, in the background, on drop.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lockd_protocol::{Grant, Key, Mode, Op, Reply, Ticket};
 
@@ -45,10 +46,22 @@ pub struct LockGuard {
     mode: Mode,
     hold: Arc<HoldState>,
     released: bool,
+    /// The background renewal of a leased hold, stopped with the guard.
+    renewal: Option<tokio::task::AbortHandle>,
 }
 
 impl LockGuard {
-    pub(crate) fn new(client: Client, key: Key, grant: Grant, hold: Arc<HoldState>) -> LockGuard {
+    pub(crate) fn new(
+        client: Client,
+        key: Key,
+        grant: Grant,
+        hold: Arc<HoldState>,
+        lease: Option<Duration>,
+    ) -> LockGuard {
+        let renewal = lease.map(|lease| {
+            let task = renew_loop(client.clone(), grant.ticket, lease, Arc::clone(&hold));
+            tokio::spawn(task).abort_handle()
+        });
         LockGuard {
             client,
             key,
@@ -57,6 +70,7 @@ impl LockGuard {
             mode: grant.mode,
             hold,
             released: false,
+            renewal,
         }
     }
 
@@ -95,6 +109,9 @@ impl LockGuard {
     /// [`Error::Lock`] with `NotHolder` if the hold had already ended; [`Error::Disconnected`].
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         let release = Op::Release {
             ticket: self.ticket,
         };
@@ -109,8 +126,29 @@ impl LockGuard {
     }
 }
 
+/// Renews a leased hold every third of its lease until aborted, or until a renewal fails
+/// (then the hold is reported lost).
+async fn renew_loop(client: Client, ticket: Ticket, lease: Duration, hold: Arc<HoldState>) {
+    let every = (lease / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        match client.renew(&ticket, None).await {
+            Ok(_) => {}
+            Err(Error::Disconnected) => return, // the connection task reports the loss
+            Err(e) if e.code() == Some(lockd_protocol::ErrorCode::Unavailable) => {}
+            Err(_) => {
+                hold.lose(Lost::Expired);
+                return;
+            }
+        }
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         if !self.released {
             self.client.fire(
                 Op::Release {

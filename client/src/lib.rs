@@ -23,7 +23,7 @@ mod connection;
 mod error;
 mod guard;
 
-pub use client::{AcquireBuilder, Client, ConnectOptions};
+pub use client::{AcquireBuilder, Client, ConnectOptions, DetachedLease};
 pub use error::Error;
 pub use guard::{LockGuard, Lost};
 pub use lockd_protocol::{ErrorCode, Key, Mode, Ticket, WireError};

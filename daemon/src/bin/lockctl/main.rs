@@ -2,6 +2,7 @@
 
 mod duration;
 mod exit;
+mod lease;
 mod run;
 
 use std::path::PathBuf;
@@ -22,7 +23,8 @@ Exit codes:
 
 Examples:
   lockctl run -n nightly-backup -- /usr/local/bin/backup.sh
-  lockctl run -w 30 -s reports -- ./read-reports.sh";
+  lockctl run -w 30 -s reports -- ./read-reports.sh
+  eval \"$(lockctl acquire --lease 10m -n report)\" && lockctl release \"$LOCKD_TICKET\"";
 
 /// Take lockd locks from the shell: flock(1) for a whole host, with fencing tokens.
 #[derive(Parser, Debug)]
@@ -38,6 +40,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     Run(run::RunArgs),
+    Acquire(lease::AcquireArgs),
+    Renew(lease::RenewArgs),
+    Release(lease::ReleaseArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -48,6 +53,9 @@ async fn main() -> ExitCode {
         .unwrap_or_else(lockd_protocol::paths::client_socket_path);
     let code = match cli.command {
         Command::Run(args) => run::run(&socket, args).await,
+        Command::Acquire(args) => lease::acquire(&socket, args).await,
+        Command::Renew(args) => lease::renew(&socket, args).await,
+        Command::Release(args) => lease::release(&socket, args).await,
     };
     ExitCode::from(code)
 }

@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Lock namespace
     #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
     namespace: String,
+    /// Hold with a lease of this length, renewed in the background while the command runs
+    /// (bounds how long a hung lockctl can keep the lock)
+    #[arg(long, value_name = "DUR", value_parser = duration::parse)]
+    lease: Option<Duration>,
     /// After the hold is lost, how long the command gets between SIGTERM and SIGKILL
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = duration::parse)]
     kill_after: Duration,
@@ -97,6 +101,9 @@ async fn acquire(socket: &Path, args: &RunArgs) -> Result<LockGuard, lockd_clien
         .namespace(args.namespace.clone());
     if args.shared {
         acquire = acquire.shared();
+    }
+    if let Some(lease) = args.lease {
+        acquire = acquire.lease(lease);
     }
     acquire = match (args.nonblock, args.wait) {
         (true, _) => acquire,

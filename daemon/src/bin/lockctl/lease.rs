@@ -1,0 +1,195 @@
+//! `lockctl acquire`, `renew` and `release`: detached leases for scripts and cron jobs.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Args;
+use lockd_client::{Client, ConnectOptions, Ticket};
+
+use crate::{duration, exit};
+
+const ACQUIRE_HELP: &str = "\
+Prints shell assignments (eval them) or, with --json, an object:
+  LOCKD_TICKET=<32 hex digits>   the secret that renews and releases the lease
+  LOCKD_FENCE=<n>                the fencing token
+  LOCKD_EXPIRES_AT_MS=<ms>       when the lease ends unless renewed (Unix epoch)
+
+The lease outlives lockctl (it is always detached; --detach is accepted for clarity).
+
+Examples:
+  eval \"$(lockctl acquire --lease 10m -n nightly-report)\" || exit 1
+  ./build-report.sh --fence \"$LOCKD_FENCE\"
+  lockctl renew \"$LOCKD_TICKET\" --lease 10m
+  lockctl release \"$LOCKD_TICKET\"";
+
+/// Take a detached lease and print its ticket and fence.
+#[derive(Args, Debug)]
+#[command(after_help = ACQUIRE_HELP)]
+pub struct AcquireArgs {
+    /// Lease length: 500ms, 30s, 5m, 1h
+    #[arg(long, value_name = "DUR", value_parser = duration::parse)]
+    lease: Duration,
+    /// Keep the lease after lockctl exits (always the case; accepted for clarity)
+    #[arg(long)]
+    detach: bool,
+    /// Fail at once if the lock is held (the default)
+    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
+    nonblock: bool,
+    /// Wait at most this long: seconds, or 500ms, 30s, 5m, 1h
+    #[arg(short = 'w', long = "wait", value_name = "SECS", value_parser = duration::parse)]
+    wait: Option<Duration>,
+    /// Take a shared lease
+    #[arg(short = 's', long = "shared")]
+    shared: bool,
+    /// Text attached to the lease, shown by describe (at most 1 KiB)
+    #[arg(long, value_name = "TEXT")]
+    data: Option<String>,
+    /// Lock namespace
+    #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+    /// Lock name
+    name: String,
+}
+
+/// Extend a lease by its ticket.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  lockctl renew \"$LOCKD_TICKET\" --lease 10m\n\nTICKET may be - to read it from stdin (keeps it out of the process list)."
+)]
+pub struct RenewArgs {
+    /// The ticket printed by `lockctl acquire`, or - for stdin
+    ticket: String,
+    /// New lease length from now [default: the lease's own length]
+    #[arg(long, value_name = "DUR", value_parser = duration::parse)]
+    lease: Option<Duration>,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// Release a lease (or any hold of your uid) by its ticket.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  lockctl release \"$LOCKD_TICKET\"\n\nTICKET may be - to read it from stdin."
+)]
+pub struct ReleaseArgs {
+    /// The ticket printed by `lockctl acquire`, or - for stdin
+    ticket: String,
+}
+
+async fn connect(socket: &Path, what: &str) -> Result<Client, u8> {
+    let options = ConnectOptions {
+        client_name: format!("lockctl {what}"),
+        ..ConnectOptions::default()
+    };
+    Client::connect_with(socket, options).await.map_err(|e| {
+        eprintln!("lockctl: {e}");
+        exit::for_error(&e, exit::NOT_ACQUIRED)
+    })
+}
+
+fn fail(e: &lockd_client::Error) -> u8 {
+    eprintln!("lockctl: {e}");
+    exit::for_error(e, exit::NOT_ACQUIRED)
+}
+
+/// Reads a ticket argument (`-` means stdin).
+fn ticket(arg: &str) -> Result<Ticket, u8> {
+    let text = if arg == "-" {
+        let mut s = String::new();
+        if std::io::stdin().read_to_string(&mut s).is_err() {
+            eprintln!("lockctl: cannot read the ticket from stdin");
+            return Err(exit::USAGE);
+        }
+        s
+    } else {
+        arg.to_string()
+    };
+    Ticket::from_text(&text).map_err(|e| {
+        eprintln!("lockctl: {e}");
+        exit::USAGE
+    })
+}
+
+pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
+    let client = match connect(socket, "acquire").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut acquire = client
+        .acquire(args.name.clone())
+        .namespace(args.namespace.clone())
+        .lease(args.lease);
+    if args.shared {
+        acquire = acquire.shared();
+    }
+    if let (false, Some(w)) = (args.nonblock, args.wait) {
+        acquire = acquire.wait(w);
+    }
+    if let Some(data) = args.data {
+        acquire = acquire.data(data.into_bytes());
+    }
+    let lease = match acquire.detached().await {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ticket": lease.ticket.to_text(),
+                "fence": lease.fence,
+                "namespace": lease.key.namespace,
+                "name": lease.key.name,
+                "mode": lease.mode.as_str(),
+                "expires_at_ms": lease.expires_at_ms,
+            })
+        );
+    } else {
+        println!("LOCKD_TICKET={}", lease.ticket.to_text());
+        println!("LOCKD_FENCE={}", lease.fence);
+        println!("LOCKD_EXPIRES_AT_MS={}", lease.expires_at_ms);
+    }
+    0
+}
+
+pub async fn renew(socket: &Path, args: RenewArgs) -> u8 {
+    let ticket = match ticket(&args.ticket) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let client = match connect(socket, "renew").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.renew(&ticket, args.lease).await {
+        Ok(expires_at_ms) => {
+            if args.json {
+                println!("{}", serde_json::json!({ "expires_at_ms": expires_at_ms }));
+            } else {
+                println!("LOCKD_EXPIRES_AT_MS={expires_at_ms}");
+            }
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub async fn release(socket: &Path, args: ReleaseArgs) -> u8 {
+    let ticket = match ticket(&args.ticket) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let client = match connect(socket, "release").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.release(&ticket).await {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
+}
