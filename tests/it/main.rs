@@ -7,6 +7,7 @@ mod counter;
 mod crash;
 mod fences;
 mod hostile;
+mod leases;
 mod lockctl;
 mod queue;
 

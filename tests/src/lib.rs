@@ -26,6 +26,7 @@ pub struct TestDaemon {
     pub data_dir: PathBuf,
     log: PathBuf,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl TestDaemon {
@@ -37,6 +38,11 @@ impl TestDaemon {
 
     /// As [`TestDaemon::start`], with extra command-line arguments.
     pub async fn start_with(bin: &str, extra_args: &[&str]) -> TestDaemon {
+        TestDaemon::start_full(bin, extra_args, &[]).await
+    }
+
+    /// As [`TestDaemon::start`], with extra arguments and environment variables.
+    pub async fn start_full(bin: &str, extra_args: &[&str], env: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("lockd-test-")
             .tempdir()
@@ -49,6 +55,10 @@ impl TestDaemon {
             log: dir.path().join("lockd.log"),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d.wait_ready().await;
@@ -78,6 +88,7 @@ impl TestDaemon {
             .arg(&self.data_dir)
             .args(&self.extra_args)
             .env("RUST_LOG", "lockd=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -1,0 +1,261 @@
+//! Leases: detached leases through lockctl, expiry, renewal, HoldLost, recovery after SIGKILL.
+
+use std::future::IntoFuture;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use lockd_client::{ErrorCode, Lost, Ticket};
+use lockd_protocol::{Acquire, Event, Key, LostReason, Mode, Op, Reply, ServerMessage, Wait};
+use lockd_tests::raw::RawConn;
+use lockd_tests::{within, TestDaemon};
+
+use crate::{daemon, enqueue, LOCKCTL, PROMPT};
+
+async fn lockctl(d: &TestDaemon, args: &[&str]) -> Output {
+    let run = tokio::process::Command::new(LOCKCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output();
+    within(Duration::from_secs(60), "lockctl", run)
+        .await
+        .unwrap()
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn field(out: &Output, name: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn detached_lease_from_lockctl_outlives_it_and_is_managed_by_ticket() {
+    let d = daemon().await;
+    let out = lockctl(
+        &d,
+        &["acquire", "--lease", "1m", "--detach", "-n", "cron-job"],
+    )
+    .await;
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let ticket = field(&out, "LOCKD_TICKET");
+    let fence: u64 = field(&out, "LOCKD_FENCE").parse().unwrap();
+    assert!(fence > 0);
+    Ticket::from_text(&ticket).expect("a ticket");
+
+    // lockctl has exited; the lease still blocks others.
+    let out = lockctl(&d, &["run", "-n", "cron-job", "--", "true"]).await;
+    assert_eq!(code(&out), 1, "the detached lease must block run -n");
+
+    // Renewed and released from other processes by the ticket.
+    let out = lockctl(&d, &["renew", &ticket, "--lease", "2m"]).await;
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lockctl(&d, &["release", &ticket]).await;
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = lockctl(&d, &["run", "-n", "cron-job", "--", "true"]).await;
+    assert_eq!(code(&out), 0, "released");
+
+    // An ended ticket and a wrong ticket: exit 3. A malformed one: usage error.
+    let out = lockctl(&d, &["release", &ticket]).await;
+    assert_eq!(code(&out), 3);
+    let out = lockctl(&d, &["renew", &ticket]).await;
+    assert_eq!(code(&out), 3);
+    let wrong = Ticket::generate().unwrap().to_text();
+    let out = lockctl(&d, &["release", &wrong]).await;
+    assert_eq!(code(&out), 3);
+    let out = lockctl(&d, &["release", "not-a-ticket"]).await;
+    assert_eq!(code(&out), 2);
+}
+
+#[tokio::test]
+async fn lease_arguments_are_checked() {
+    let d = daemon().await;
+    let mut raw = RawConn::connect_hello(&d.socket).await;
+    let cases = [
+        (Some(0), false),                // zero lease
+        (Some(25 * 3600 * 1000), false), // above the 24 h default maximum
+        (None, true),                    // detached without a lease
+    ];
+    for (i, (lease_ms, detach)) in cases.into_iter().enumerate() {
+        raw.request(
+            i as u64,
+            Op::Acquire(Acquire {
+                key: Key::in_default("args").unwrap(),
+                mode: Mode::Exclusive,
+                wait: Wait::No,
+                lease_ms,
+                detach,
+                data: vec![],
+            }),
+        )
+        .await;
+        match raw.recv(PROMPT).await {
+            Some(ServerMessage::Response(r)) => {
+                assert_eq!(
+                    r.result.unwrap_err().code,
+                    lockd_protocol::ErrorCode::InvalidArgument
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn expiry_hands_the_key_to_the_next_waiter_and_renewal_prevents_it() {
+    let d = daemon().await;
+    let (a, b) = (d.client().await, d.client().await);
+    let lease = Duration::from_millis(500);
+    let detached = a.acquire("exp").lease(lease).detached().await.unwrap();
+    let start = Instant::now();
+    let waiting = enqueue(&b, b.acquire("exp").wait_forever()).await;
+    let g = within(PROMPT, "granted by expiry", waiting)
+        .await
+        .expect("granted");
+    let took = start.elapsed();
+    assert!(
+        took >= lease - Duration::from_millis(50),
+        "expired early: {took:?}"
+    );
+    assert!(
+        took < lease + Duration::from_secs(5),
+        "expired late: {took:?}"
+    );
+    assert!(g.fence() > detached.fence);
+    let err = a.renew(&detached.ticket, None).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotHolder));
+    drop(g);
+
+    // A leased guard renews itself: it outlives several lease lengths.
+    let held = a
+        .acquire("renewed")
+        .lease(Duration::from_millis(300))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!held.is_lost());
+    let err = b.try_lock("renewed").await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    held.release().await.unwrap();
+
+    // A detached lease renewed by ticket does not expire either.
+    let kept = a
+        .acquire("kept")
+        .lease(Duration::from_millis(400))
+        .detached()
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        a.renew(&kept.ticket, None).await.expect("renewed in time");
+    }
+    assert!(b.try_lock("kept").await.unwrap_err().is_conflict());
+    a.release(&kept.ticket).await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_session_lease_pushes_hold_lost_to_its_connection() {
+    let d = daemon().await;
+    let mut raw = RawConn::connect_hello(&d.socket).await;
+    raw.request(
+        1,
+        Op::Acquire(Acquire {
+            key: Key::in_default("lost").unwrap(),
+            mode: Mode::Exclusive,
+            wait: Wait::No,
+            lease_ms: Some(300),
+            detach: false,
+            data: vec![],
+        }),
+    )
+    .await;
+    let fence = match raw.recv(PROMPT).await {
+        Some(ServerMessage::Response(r)) => match r.result {
+            Ok(Reply::Granted(g)) => g.fence,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    match raw.recv(PROMPT).await {
+        Some(ServerMessage::Event(Event::HoldLost {
+            fence: f, reason, ..
+        })) => {
+            assert_eq!((f, reason), (fence, LostReason::Expired));
+        }
+        other => panic!("expected HoldLost, got {other:?}"),
+    }
+    // And a client guard whose renewals stop (connection kept, lease released elsewhere)
+    // reports the loss.
+    let a = d.client().await;
+    let g = a
+        .acquire("elsewhere")
+        .lease(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let other = d.client().await;
+    other
+        .release(g.ticket())
+        .await
+        .expect("same uid may release by ticket");
+    let why = within(PROMPT, "loss reported", g.lost()).await;
+    assert_eq!(why, Lost::ReleasedElsewhere);
+}
+
+#[tokio::test]
+async fn detached_leases_survive_a_daemon_sigkill_and_expired_ones_do_not() {
+    let mut d = daemon().await;
+    let c = d.client().await;
+    let long = c
+        .acquire("survivor")
+        .lease(Duration::from_secs(60))
+        .data("leader=a")
+        .detached()
+        .await
+        .unwrap();
+    let short = c
+        .acquire("short")
+        .lease(Duration::from_millis(300))
+        .detached()
+        .await
+        .unwrap();
+    let released = c
+        .acquire("gone")
+        .lease(Duration::from_secs(60))
+        .detached()
+        .await
+        .unwrap();
+    c.release(&released.ticket).await.unwrap();
+    drop(c);
+    d.kill9();
+    tokio::time::sleep(Duration::from_millis(400)).await; // the short lease runs out while down
+    d.restart().await;
+    let c = d.client().await;
+    assert!(
+        c.try_lock("survivor").await.unwrap_err().is_conflict(),
+        "survivor held again"
+    );
+    c.renew(&long.ticket, None)
+        .await
+        .expect("its ticket still works");
+    c.try_lock("short")
+        .await
+        .expect("expired while the daemon was down");
+    assert_eq!(
+        c.renew(&short.ticket, None).await.unwrap_err().code(),
+        Some(ErrorCode::NotHolder)
+    );
+    c.try_lock("gone")
+        .await
+        .expect("an acknowledged release does not come back");
+    let g = c.acquire("fresh").into_future().await.unwrap();
+    assert!(
+        g.fence() > long.fence.max(released.fence),
+        "fences keep increasing"
+    );
+}
