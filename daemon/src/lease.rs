@@ -37,6 +37,8 @@ pub struct Lease {
     pub length: Duration,
     pub deadline: Instant,
     pub detached: bool,
+    /// A release by ticket is waiting for its store commit (detached leases only).
+    pub releasing: bool,
 }
 
 /// Why a ticket operation was refused.
@@ -125,7 +127,7 @@ impl Leases {
     ) -> Result<(u64, Option<Done>), TicketError> {
         let mut shard = self.shard(ticket);
         let lease = shard.get_mut(ticket).ok_or(TicketError::NotHolder)?;
-        if !may_act(uid, lease.record.uid) || lease.deadline <= now {
+        if !may_act(uid, lease.record.uid) || lease.deadline <= now || lease.releasing {
             return Err(TicketError::NotHolder);
         }
         let length = length.unwrap_or(lease.length);
@@ -141,21 +143,51 @@ impl Leases {
         Ok((expires, done))
     }
 
-    /// Removes the lease for a release by ticket.
+    /// Releases a session-bound lease by ticket at once, or starts the release of a detached
+    /// one: the entry stays (and keeps its hold) until [`Leases::finish_release`] after the
+    /// store commit, so a failed commit changes nothing.
     ///
     /// # Errors
     /// [`TicketError::NotHolder`] as for [`Leases::renew`].
-    pub fn remove(&self, ticket: &Ticket, uid: u32) -> Result<(Lease, Option<Done>), TicketError> {
+    pub fn release(&self, ticket: &Ticket, uid: u32) -> Result<Release, TicketError> {
         let mut shard = self.shard(ticket);
-        match shard.get(ticket) {
-            Some(l) if may_act(uid, l.record.uid) => {}
+        let lease = match shard.get_mut(ticket) {
+            Some(l) if may_act(uid, l.record.uid) => l,
             _ => return Err(TicketError::NotHolder),
+        };
+        if lease.detached {
+            lease.releasing = true;
+            return Ok(Release::Pending(
+                self.writer.submit(Change::Delete(*ticket)),
+            ));
         }
         let lease = shard.remove(ticket).ok_or(TicketError::NotHolder)?;
-        let done = lease
-            .detached
-            .then(|| self.writer.submit(Change::Delete(*ticket)));
-        Ok((lease, done))
+        Ok(Release::Done(lease))
+    }
+
+    /// Completes a detached release whose commit succeeded; `None` if the lease ended
+    /// meanwhile (expired).
+    pub fn finish_release(&self, ticket: &Ticket) -> Option<Lease> {
+        self.shard(ticket).remove(ticket)
+    }
+
+    /// Undoes a detached release whose commit failed: the lease stays, and the store is told to
+    /// keep it (the failed delete would otherwise be retried).
+    pub fn abort_release(&self, ticket: &Ticket) {
+        let mut shard = self.shard(ticket);
+        if let Some(lease) = shard.get_mut(ticket) {
+            lease.releasing = false;
+            self.writer.submit_quiet(Change::Put(lease.record.clone()));
+        }
+    }
+
+    /// Takes back a detached grant whose commit failed (nothing was acknowledged).
+    pub fn revoke(&self, ticket: &Ticket) -> Option<Lease> {
+        let mut shard = self.shard(ticket);
+        let lease = shard.remove(ticket)?;
+        // The failed put would otherwise be retried and store a lease nobody holds.
+        self.writer.submit_quiet(Change::Delete(*ticket));
+        Some(lease)
     }
 
     /// Forgets a session-bound lease whose hold ended with its connection (no store change).
@@ -220,6 +252,14 @@ fn end_expired(locks: &LockSpace, lease: Lease) {
             reason: LostReason::Expired,
         });
     }
+}
+
+/// Outcome of [`Leases::release`].
+pub enum Release {
+    /// A session-bound lease, removed; its hold is the caller's to end.
+    Done(Lease),
+    /// A detached lease: answer after this commit.
+    Pending(Done),
 }
 
 /// May a peer with `uid` act on a lease acquired by `owner_uid`? Root may act for anyone.

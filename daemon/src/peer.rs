@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use lockd_protocol::{Grant, Key, LostReason, Mode, RequestId};
+use lockd_protocol::{Grant, Key, LostReason, Mode, RequestId, Ticket};
 use tokio::sync::mpsc;
 
 /// What other tasks tell a connection's task.
@@ -39,7 +39,10 @@ pub enum AfterCommit {
     Renewed {
         expires_at_ms: u64,
     },
-    Released,
+    /// A detached lease's release; on success its hold ends, on failure it stays.
+    Released {
+        ticket: Ticket,
+    },
 }
 
 /// One connection's identity. `pid`, `uid` and `gid` come from `SO_PEERCRED`, never from the

@@ -70,6 +70,7 @@ pub fn restore(
             length: Duration::from_millis(record.lease_ms.max(1)),
             deadline: now + remaining,
             detached: true,
+            releasing: false,
             owner,
             record,
         });

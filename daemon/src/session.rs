@@ -31,7 +31,7 @@ use tokio_util::time::{delay_queue, DelayQueue};
 
 use crate::clock;
 use crate::config::Config;
-use crate::lease::{Lease, LeaseSpec, Leases, TicketError};
+use crate::lease::{Lease, LeaseSpec, Leases, Release, TicketError};
 use crate::lockspace::{AcquireOutcome, HoldMeta, LockSpace};
 use crate::peer::{AfterCommit, Owner, Peer, Push};
 use crate::store::{self, Done};
@@ -498,6 +498,7 @@ impl Session {
             length: spec.length,
             deadline: Instant::now() + spec.length,
             detached,
+            releasing: false,
         });
         if let Some(done) = commit {
             self.after_commit(id, done, AfterCommit::Granted { key, grant });
@@ -539,27 +540,24 @@ impl Session {
             });
         }
         // A lease: detached, or bound to another connection of the same uid.
-        let (lease, commit) = match self.shared.leases.remove(ticket, self.owner.uid) {
-            Ok(found) => found,
-            Err(TicketError::NotHolder) => return Some(Err(not_holder())),
-        };
-        let (key, fence) = (&lease.record.key, lease.record.fence);
-        if !self.shared.locks.release(key, fence) {
-            return Some(Err(not_holder()));
-        }
-        if !lease.detached {
-            lease.owner.push(Push::Lost {
-                key: key.clone(),
-                fence,
-                reason: LostReason::ReleasedElsewhere,
-            });
-        }
-        match commit {
-            Some(done) => {
-                self.after_commit(id, done, AfterCommit::Released);
+        match self.shared.leases.release(ticket, self.owner.uid) {
+            Err(TicketError::NotHolder) => Some(Err(not_holder())),
+            Ok(Release::Pending(done)) => {
+                self.after_commit(id, done, AfterCommit::Released { ticket: *ticket });
                 None
             }
-            None => Some(Ok(Reply::Released)),
+            Ok(Release::Done(lease)) => {
+                let (key, fence) = (&lease.record.key, lease.record.fence);
+                if !self.shared.locks.release(key, fence) {
+                    return Some(Err(not_holder()));
+                }
+                lease.owner.push(Push::Lost {
+                    key: key.clone(),
+                    fence,
+                    reason: LostReason::ReleasedElsewhere,
+                });
+                Some(Ok(Reply::Released))
+            }
         }
     }
 
@@ -673,22 +671,26 @@ impl Session {
             (Ok(()), AfterCommit::Renewed { expires_at_ms }) => {
                 Ok(Reply::Renewed { expires_at_ms })
             }
-            (Ok(()), AfterCommit::Released) => Ok(Reply::Released),
+            (Ok(()), AfterCommit::Released { ticket }) => {
+                if let Some(lease) = self.shared.leases.finish_release(&ticket) {
+                    self.shared
+                        .locks
+                        .release(&lease.record.key, lease.record.fence);
+                }
+                Ok(Reply::Released)
+            }
             (Err(why), AfterCommit::Granted { key, grant }) => {
                 // Take the grant back: nothing unacknowledged may hold the key.
-                if self.shared.leases.remove(&grant.ticket, 0).is_ok() {
+                if self.shared.leases.revoke(&grant.ticket).is_some() {
                     self.shared.locks.release(&key, grant.fence);
                 }
                 Err(unavailable(&why))
             }
             (Err(why), AfterCommit::Renewed { .. }) => Err(unavailable(&why)),
-            (Err(why), AfterCommit::Released) => Err(WireError::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "the release could not be stored ({why}); the lock is free now but the lease \
-                     may reappear after a crash: release it again later"
-                ),
-            )),
+            (Err(why), AfterCommit::Released { ticket }) => {
+                self.shared.leases.abort_release(&ticket);
+                Err(unavailable(&why))
+            }
         };
         self.respond(request, result);
     }
