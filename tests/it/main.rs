@@ -5,6 +5,7 @@
 
 mod counter;
 mod crash;
+mod durability;
 mod fences;
 mod hostile;
 mod leases;
