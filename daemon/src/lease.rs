@@ -162,7 +162,7 @@ impl Leases {
             ));
         }
         let lease = shard.remove(ticket).ok_or(TicketError::NotHolder)?;
-        Ok(Release::Done(lease))
+        Ok(Release::Done(Box::new(lease)))
     }
 
     /// Completes a detached release whose commit succeeded; `None` if the lease ended
@@ -257,7 +257,7 @@ fn end_expired(locks: &LockSpace, lease: Lease) {
 /// Outcome of [`Leases::release`].
 pub enum Release {
     /// A session-bound lease, removed; its hold is the caller's to end.
-    Done(Lease),
+    Done(Box<Lease>),
     /// A detached lease: answer after this commit.
     Pending(Done),
 }

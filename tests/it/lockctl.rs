@@ -217,7 +217,7 @@ async fn killed_lockctl_releases_the_lock_and_terminates_the_command() {
     let started = d.dir().join("started");
     let got_term = d.dir().join("got-term");
     let script = format!(
-        "trap 'touch {}; kill $!; exit 0' TERM; touch {}; sleep 30 & wait",
+        "trap 'touch {}; kill $!; exit 0' TERM; sleep 30 & touch {}; wait",
         got_term.display(),
         started.display()
     );
@@ -238,7 +238,7 @@ async fn signals_are_forwarded_to_the_command() {
     let d = daemon().await;
     let started = d.dir().join("started");
     let script = format!(
-        "trap 'kill $!; exit 42' TERM; touch {}; sleep 30 & wait",
+        "trap 'kill $!; exit 42' TERM; sleep 30 & touch {}; wait",
         started.display()
     );
     let child = spawn_run(&d, "fwd", &script);
