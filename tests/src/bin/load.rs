@@ -50,6 +50,13 @@ struct Args {
     /// Drive an already running lockd at this socket (skips the baseline; for profiling)
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Measure detached leases (acquire + release, each committed to disk) against the raw
+    /// fsync rate of the same filesystem, instead of session locks against the echo server
+    #[arg(long)]
+    detached: bool,
+    /// Measure recovery: store this many detached leases, SIGKILL lockd, time the restart
+    #[arg(long, value_name = "N")]
+    recovery: Option<usize>,
     /// Internal: run the echo server on this socket
     #[arg(long, hide = true)]
     echo_server: Option<PathBuf>,
@@ -80,6 +87,12 @@ async fn bench(args: Args) -> Result<()> {
         );
     }
     let secs = Duration::from_secs_f64(args.seconds);
+    if let Some(n) = args.recovery {
+        return recovery(&lockd, n).await;
+    }
+    if args.detached {
+        return detached(&lockd, &args.clients, secs, args.rounds).await;
+    }
     println!(
         "{:>7} {:>14} {:>14} {:>7} {:>16}",
         "clients", "echo req/s", "lockd req/s", "ratio", "lock+release/s"
@@ -110,6 +123,117 @@ async fn bench(args: Args) -> Result<()> {
             "{n:>7} {echo:>14.0} {rate:>14.0} {ratio:>6.2}x {:>16.0}",
             rate / 2.0
         );
+    }
+    Ok(())
+}
+
+/// Detached lease acquire+release pairs per second beside the raw fsync rate.
+async fn detached(lockd: &Path, clients: &[usize], secs: Duration, rounds: usize) -> Result<()> {
+    println!(
+        "{:>7} {:>12} {:>18} {:>10}",
+        "clients", "fsync/s", "lease acq+rel/s", "pairs/fsync"
+    );
+    for &n in clients {
+        let (mut syncs, mut pairs) = (Vec::new(), Vec::new());
+        for _ in 0..rounds.max(1) {
+            let daemon = TestDaemon::start(lockd.to_str().context("lockd path is not UTF-8")?).await;
+            syncs.push(fsync_rate(daemon.dir(), secs)?);
+            pairs.push(drive_detached(&daemon.socket, n, secs).await? / 2.0);
+        }
+        let (sync, pair) = (median(syncs), median(pairs));
+        println!("{n:>7} {sync:>12.0} {pair:>18.0} {:>10.2}", pair / sync);
+    }
+    Ok(())
+}
+
+/// Raw `write(4 KiB) + fdatasync` per second in `dir`: the disk's commit floor.
+fn fsync_rate(dir: &Path, secs: Duration) -> Result<f64> {
+    use std::io::{Seek, Write};
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let block = [0u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < secs {
+        f.seek(std::io::SeekFrom::Start(0))?;
+        f.write_all(&block)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// Round trips per second of detached acquire + release with `n` clients on distinct keys.
+async fn drive_detached(socket: &Path, n: usize, secs: Duration) -> Result<f64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let client = lockd_client::Client::connect(socket).await?;
+        let (count, stop) = (Arc::clone(&count), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let key = format!("lease-{i}");
+            while !stop.load(Ordering::Relaxed) {
+                let acquired = client
+                    .acquire(key.as_str())
+                    .lease(Duration::from_secs(60))
+                    .wait(Duration::from_secs(10))
+                    .detached()
+                    .await;
+                let Ok(lease) = acquired else { break };
+                if client.release(&lease.ticket).await.is_err() {
+                    break;
+                }
+                count.fetch_add(2, Ordering::Relaxed);
+            }
+        }));
+    }
+    let rate = measure(&count, &stop, secs).await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(rate)
+}
+
+/// Stores `n` detached leases, SIGKILLs lockd, and times the restart until it serves.
+async fn recovery(lockd: &Path, n: usize) -> Result<()> {
+    let mut daemon = TestDaemon::start(lockd.to_str().context("lockd path is not UTF-8")?).await;
+    let per = n.div_ceil(64);
+    let mut tasks = Vec::new();
+    let filled = Instant::now();
+    for w in 0..64 {
+        let client = lockd_client::Client::connect(&daemon.socket).await?;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per {
+                let name = format!("recover-{w}-{i}");
+                client
+                    .acquire(name)
+                    .lease(Duration::from_secs(3600))
+                    .detached()
+                    .await
+                    .map(|_| ())?;
+            }
+            Ok::<(), lockd_client::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    println!("stored {} leases in {:.1?}", per * 64, filled.elapsed());
+    daemon.kill9();
+    let start = Instant::now();
+    daemon.restart().await;
+    println!("restart until serving: {:.1?}", start.elapsed());
+    if let Some(line) = daemon
+        .log_tail()
+        .lines()
+        .rev()
+        .find(|l| l.contains("recovered detached leases"))
+    {
+        println!("daemon says: {}", line.trim());
     }
     Ok(())
 }
