@@ -136,7 +136,8 @@ async fn detached(lockd: &Path, clients: &[usize], secs: Duration, rounds: usize
     for &n in clients {
         let (mut syncs, mut pairs) = (Vec::new(), Vec::new());
         for _ in 0..rounds.max(1) {
-            let daemon = TestDaemon::start(lockd.to_str().context("lockd path is not UTF-8")?).await;
+            let daemon =
+                TestDaemon::start(lockd.to_str().context("lockd path is not UTF-8")?).await;
             syncs.push(fsync_rate(daemon.dir(), secs)?);
             pairs.push(drive_detached(&daemon.socket, n, secs).await? / 2.0);
         }
