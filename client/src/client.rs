@@ -10,8 +10,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::SinkExt;
 use lockd_protocol::{
-    Acquire, ClientCodec, ClientMessage, Hello, Key, Limits, Mode, Op, Reply, ServerMessage,
-    Ticket, Wait, DEFAULT_NAMESPACE, PROTOCOL_VERSION,
+    Acquire, Change, ClientCodec, ClientMessage, Description, Hello, Key, KeySummary, Limits,
+    ListPage, ListQuery, Mode, Op, Reply, ServerMessage, Stats, Ticket, Wait, DEFAULT_NAMESPACE,
+    PROTOCOL_VERSION,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -207,6 +208,107 @@ impl Client {
         self.call(Op::Ping).await.map(|_| ())
     }
 
+    /// Who holds and who waits for `key` (never tickets).
+    ///
+    /// # Errors
+    /// `PermissionDenied` if the namespace is not yours; [`Error::Disconnected`].
+    pub async fn describe(&self, key: &Key) -> Result<Description, Error> {
+        match self.call(Op::Describe { key: key.clone() }).await?.reply {
+            Reply::Described(d) => Ok(d),
+            other => Err(Error::Protocol(format!(
+                "expected Described, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Every key with holders or waiters in `namespace` (all visible namespaces if `None`)
+    /// whose name starts with `prefix`, sorted, fetched page by page.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] and the like.
+    pub async fn list(
+        &self,
+        namespace: Option<&str>,
+        prefix: &str,
+    ) -> Result<Vec<KeySummary>, Error> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .list_page(ListQuery {
+                    namespace: namespace.map(str::to_string),
+                    prefix: prefix.to_string(),
+                    after,
+                    limit: 1000,
+                })
+                .await?;
+            all.extend(page.keys);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of [`Client::list`].
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] and the like.
+    pub async fn list_page(&self, query: ListQuery) -> Result<ListPage, Error> {
+        match self.call(Op::List(query)).await?.reply {
+            Reply::Listed(page) => Ok(page),
+            other => Err(Error::Protocol(format!("expected Listed, got {other:?}"))),
+        }
+    }
+
+    /// Ends every hold on `key` (root or a configured admin). Returns how many ended.
+    ///
+    /// # Errors
+    /// `PermissionDenied` for other users.
+    pub async fn force_release(&self, key: &Key) -> Result<u32, Error> {
+        match self
+            .call(Op::ForceRelease { key: key.clone() })
+            .await?
+            .reply
+        {
+            Reply::ForceReleased { holds } => Ok(holds),
+            other => Err(Error::Protocol(format!(
+                "expected ForceReleased, got {other:?}"
+            ))),
+        }
+    }
+
+    /// A stream of every change on `key` from now on (granted, released, expired, forced,
+    /// disconnected). Dropping the stream stops the watch.
+    ///
+    /// # Errors
+    /// `PermissionDenied` if the namespace is not yours.
+    pub async fn watch(&self, key: &Key) -> Result<Watch, Error> {
+        let (events, rx) = mpsc::unbounded_channel();
+        self.inner
+            .tx
+            .send(Command::Watch {
+                key: key.clone(),
+                events,
+            })
+            .map_err(|_| Error::Disconnected)?;
+        match self.call(Op::Watch { key: key.clone() }).await?.reply {
+            Reply::Watching => Ok(Watch { rx }),
+            other => Err(Error::Protocol(format!("expected Watching, got {other:?}"))),
+        }
+    }
+
+    /// The daemon's counters, gauges and latency distributions.
+    ///
+    /// # Errors
+    /// [`Error::Disconnected`] and the like.
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        match self.call(Op::Stats).await?.reply {
+            Reply::Stats(s) => Ok(s),
+            other => Err(Error::Protocol(format!("expected Stats, got {other:?}"))),
+        }
+    }
+
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.is_cancelled()
@@ -252,6 +354,30 @@ impl Client {
     /// Sends `op` without waiting for its answer.
     pub(crate) fn fire(&self, op: Op, forget: Option<u64>) {
         let _ = self.inner.tx.send(Command::Fire { op, forget });
+    }
+}
+
+/// Changes on a watched key, as a [`futures_util::Stream`]; ends when the connection does.
+#[derive(Debug)]
+pub struct Watch {
+    rx: mpsc::UnboundedReceiver<Change>,
+}
+
+impl Watch {
+    /// The next change, or `None` once the connection has ended.
+    pub async fn next(&mut self) -> Option<Change> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_util::Stream for Watch {
+    type Item = Change;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Change>> {
+        self.rx.poll_recv(cx)
     }
 }
 

@@ -14,8 +14,8 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, BytesMut};
 use lockd_protocol::{
-    ClientCodec, ClientMessage, Event, LostReason, Op, Reply, Request, RequestId, ServerMessage,
-    Ticket, WireError,
+    Change, ClientCodec, ClientMessage, Event, Key, LostReason, Op, Reply, Request, RequestId,
+    ServerMessage, Ticket, WireError,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -45,6 +45,11 @@ pub(crate) enum Command {
     Fire { op: Op, forget: Option<u64> },
     /// The caller of request `id` stopped waiting: withdraw it if it is a queued acquire.
     Abandon { id: RequestId },
+    /// Route watch events for `key` to `events` (sent before the `Watch` request).
+    Watch {
+        key: Key,
+        events: mpsc::UnboundedSender<Change>,
+    },
 }
 
 /// A successful answer; `hold` is set for grants.
@@ -139,6 +144,7 @@ pub(crate) struct Task {
     closed: CancellationToken,
     pending: HashMap<RequestId, PendingCall>,
     holds: HashMap<u64, Arc<HoldState>>,
+    watches: HashMap<Key, mpsc::UnboundedSender<Change>>,
     shutting_down: bool,
 }
 
@@ -165,6 +171,7 @@ impl Task {
             closed,
             pending: HashMap::new(),
             holds: HashMap::new(),
+            watches: HashMap::new(),
             shutting_down: false,
         }
     }
@@ -224,6 +231,9 @@ impl Task {
                 }
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 self.send(id, op);
+            }
+            Command::Watch { key, events } => {
+                self.watches.insert(key, events);
             }
             Command::Abandon { id } => {
                 if let Some(call) = self.pending.remove(&id) {
@@ -287,6 +297,19 @@ impl Task {
                         LostReason::ForceReleased => Lost::ForceReleased,
                         LostReason::ReleasedElsewhere => Lost::ReleasedElsewhere,
                     });
+                }
+                true
+            }
+            ServerMessage::Event(Event::Watch { key, change }) => {
+                let gone = match self.watches.get(&key) {
+                    Some(events) => events.send(change).is_err(),
+                    None => false,
+                };
+                if gone {
+                    // The stream was dropped: stop the daemon's events too.
+                    self.watches.remove(&key);
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    self.send(id, Op::Unwatch { key });
                 }
                 true
             }

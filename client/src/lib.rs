@@ -23,7 +23,10 @@ mod connection;
 mod error;
 mod guard;
 
-pub use client::{AcquireBuilder, Client, ConnectOptions, DetachedLease};
+pub use client::{AcquireBuilder, Client, ConnectOptions, DetachedLease, Watch};
 pub use error::Error;
 pub use guard::{LockGuard, Lost};
-pub use lockd_protocol::{ErrorCode, Key, Mode, Ticket, WireError};
+pub use lockd_protocol::{
+    Change, Description, ErrorCode, HolderInfo, Key, KeySummary, ListPage, ListQuery, Mode,
+    OwnerInfo, Stats, Ticket, WaiterInfo, WireError,
+};

@@ -27,7 +27,14 @@ pub struct Config {
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     pub limits: Limits,
+    /// Holds older than this are logged once at WARN and counted as long holds.
+    pub long_hold: Duration,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
 }
+
+/// Default long-hold threshold.
+pub const DEFAULT_LONG_HOLD: Duration = Duration::from_secs(300);
 
 /// Bounds on what one client may ask for.
 #[derive(Debug, Clone, Copy)]

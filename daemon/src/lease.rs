@@ -11,6 +11,7 @@
 //!   matching store change while holding the entry's shard lock, so the store receives changes
 //!   in the same order as memory makes them and converges to the same state.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::time::{delay_queue, DelayQueue};
 
-use crate::lockspace::LockSpace;
+use crate::lockspace::{Ended, LockSpace};
 use crate::peer::{Owner, Push};
 use crate::store::{Change, Done, LeaseRecord, Writer};
 
@@ -39,6 +40,8 @@ pub struct Lease {
     pub detached: bool,
     /// A release by ticket is waiting for its store commit (detached leases only).
     pub releasing: bool,
+    /// The lease end describe shows, shared with the hold in the lock table.
+    pub shown_expiry: Arc<AtomicU64>,
 }
 
 /// Why a ticket operation was refused.
@@ -134,6 +137,9 @@ impl Leases {
         lease.deadline = now + length;
         lease.record.expires_at_ms = now_ms.saturating_add(length.as_millis() as u64);
         lease.record.lease_ms = length.as_millis() as u64;
+        lease
+            .shown_expiry
+            .store(lease.record.expires_at_ms, Ordering::Relaxed);
         let done = lease
             .detached
             .then(|| self.writer.submit(Change::Put(lease.record.clone())));
@@ -179,6 +185,16 @@ impl Leases {
             lease.releasing = false;
             self.writer.submit_quiet(Change::Put(lease.record.clone()));
         }
+    }
+
+    /// Ends the lease of a force-released hold; for a detached one, returns the commit of its
+    /// deletion.
+    pub fn end_forced(&self, ticket: &Ticket) -> Option<Done> {
+        let mut shard = self.shard(ticket);
+        let lease = shard.remove(ticket)?;
+        lease
+            .detached
+            .then(|| self.writer.submit(Change::Delete(*ticket)))
     }
 
     /// Takes back a detached grant whose commit failed (nothing was acknowledged).
@@ -244,7 +260,7 @@ impl Leases {
 /// Ends an expired lease's hold: the key goes to the next waiter, the owner hears `HoldLost`.
 fn end_expired(locks: &LockSpace, lease: Lease) {
     let key = &lease.record.key;
-    if locks.release(key, lease.record.fence) {
+    if locks.release(key, lease.record.fence, Ended::Expired) {
         tracing::info!(key = %key, fence = lease.record.fence, "lease expired");
         lease.owner.push(Push::Lost {
             key: key.clone(),

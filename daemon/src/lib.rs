@@ -12,6 +12,7 @@ pub mod peer;
 pub mod recovery;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod store;
 pub mod table;
 pub mod tickets;
@@ -58,7 +59,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let records = store.load_leases()?;
     let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
     let fences = fence::Fences::new(first_fences, writer.clone());
-    let bound = listener::bind(&config.socket, default_socket_mode())?;
+    let bound = listener::bind(&config.socket, config.socket_mode)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lockd-worker")
@@ -93,6 +94,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
             started.elapsed()
         );
         tokio::spawn(Arc::clone(&leases).expire_loop(arm, Arc::clone(&locks)));
+        tokio::spawn(watch_long_holds(Arc::clone(&locks), config.long_hold));
         let shared = session::Shared::new(locks, leases, config, shutdown);
         tracing::info!(
             "lockd {} serving {} (data in {})",
@@ -106,6 +108,18 @@ pub fn run(config: Config) -> Result<(), RunError> {
     bound.remove();
     tracing::info!("lockd stopped");
     result
+}
+
+/// Logs holds older than `threshold` once each, checking a few times per threshold.
+async fn watch_long_holds(locks: Arc<lockspace::LockSpace>, threshold: std::time::Duration) {
+    use std::time::Duration;
+    let every = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        locks.warn_long_holds(threshold.as_millis() as u64);
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {

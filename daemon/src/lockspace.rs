@@ -1,35 +1,64 @@
 //! The daemon's lock table: [`Table`] split into shards, each behind its own short-held mutex,
-//! plus the fence source and delivery of grants to waiting connections.
+//! plus the fence source, delivery of grants to waiting connections, watch events and the
+//! per-shard statistics.
 //!
 //! Architecture invariants:
 //! - a shard mutex is held only for a table operation, never across `.await` or I/O;
 //! - at most one shard mutex is held at a time (no lock ordering to get wrong);
-//! - grants made on behalf of another connection are pushed to that connection's task after
-//!   the shard is unlocked.
+//! - grants and watch events made on behalf of other connections are pushed to their tasks
+//!   after the shard is unlocked;
+//! - counters live inside the shards and are updated under the shard lock the operation takes
+//!   anyway: statistics add no shared atomic to the hot path.
 
 use std::hash::BuildHasher;
-
-use foldhash::fast::RandomState;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use lockd_protocol::{Key, Mode, RequestId};
+use foldhash::fast::RandomState;
+use foldhash::HashMap;
+use lockd_protocol::{
+    Change, Description, HolderInfo, Key, KeySummary, ListPage, ListQuery, LostReason, Mode,
+    OwnerInfo, RequestId, Ticket, WaiterInfo,
+};
 
 use crate::clock;
 use crate::fence::Fences;
 use crate::peer::{Owner, Push};
+use crate::stats::ShardStats;
 use crate::table::{Acquired, Entry, Granted, Holder, Table, Want};
 
 /// Number of shards; a power of two well above the core count so connections rarely meet.
 pub const SHARDS: usize = 64;
+/// Largest page [`LockSpace::list`] returns.
+pub const MAX_LIST_PAGE: usize = 1000;
 
-/// What a hold carries besides what the table tracks.
-#[derive(Debug, Clone, Default)]
+/// What a hold carries besides what the table tracks. Never shown with its ticket.
+#[derive(Debug, Clone)]
 pub struct HoldMeta {
     /// Opaque bytes shown by describe.
     pub data: Vec<u8>,
+    /// The hold's ticket, so administrative actions can end its lease too.
+    pub ticket: Ticket,
+    /// Lease end (wall-clock ms), shared with the lease registry so renewals show.
+    pub expires_at_ms: Option<Arc<AtomicU64>>,
+    /// A long-hold warning was logged for it.
+    pub warned: bool,
 }
 
-type Shard = Table<Owner, HoldMeta>;
+/// Why a hold ended, for watchers and statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Released,
+    Expired,
+}
+
+#[derive(Default)]
+struct Shard {
+    table: Table<Owner, HoldMeta>,
+    /// Connections watching each key (kept even while the key has no holders or waiters).
+    watches: HashMap<Key, Vec<Owner>>,
+    stats: ShardStats,
+}
 
 /// Outcome of [`LockSpace::acquire`].
 #[derive(Debug)]
@@ -38,6 +67,18 @@ pub enum AcquireOutcome {
     Queued,
     /// Not granted; the message says who holds the key or how many wait ahead.
     Conflict(String),
+}
+
+/// Pushes to deliver once the shard is unlocked.
+#[derive(Default)]
+struct Outbox(Vec<(Owner, Push)>);
+
+impl Outbox {
+    fn deliver(self) {
+        for (owner, push) in self.0 {
+            owner.push(push);
+        }
+    }
 }
 
 pub struct LockSpace {
@@ -49,7 +90,7 @@ pub struct LockSpace {
 impl LockSpace {
     pub fn new(fences: Arc<Fences>) -> LockSpace {
         LockSpace {
-            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::default(),
             fences,
         }
@@ -61,9 +102,7 @@ impl LockSpace {
 
     fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(key) as usize) & (SHARDS - 1);
-        // A panic while holding a shard would be a bug in the pure table; the data is still
-        // consistent per operation, so keep serving rather than poisoning every later request.
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shards[i])
     }
 
     /// Grants, queues or refuses an acquire of `owner` (`detached`: the hold will survive the
@@ -87,56 +126,167 @@ impl LockSpace {
             detached,
             payload: meta,
         };
-        let mut shard = self.shard(key);
-        match shard.acquire(key, want, clock::now_ms(), &mut || self.fences.next()) {
-            Acquired::Granted(fence) => AcquireOutcome::Granted(fence),
-            Acquired::Queued => AcquireOutcome::Queued,
-            Acquired::Conflict => {
-                AcquireOutcome::Conflict(conflict_message(key, shard.get(key), mode))
+        let mut out = Outbox::default();
+        let outcome = {
+            let mut guard = self.shard(key);
+            let shard = &mut *guard;
+            let now = clock::now_ms();
+            match shard
+                .table
+                .acquire(key, want, now, &mut || self.fences.next())
+            {
+                Acquired::Granted(fence) => {
+                    shard.stats.grants += 1;
+                    if let Some(watchers) = shard.watches.get(key) {
+                        let change = Change::Granted {
+                            fence,
+                            mode,
+                            owner: owner_info(owner),
+                        };
+                        notify(&mut out, watchers, key, change);
+                    }
+                    AcquireOutcome::Granted(fence)
+                }
+                Acquired::Queued => AcquireOutcome::Queued,
+                Acquired::Conflict => {
+                    shard.stats.conflicts += 1;
+                    AcquireOutcome::Conflict(conflict_message(key, shard.table.get(key), mode))
+                }
             }
-        }
+        };
+        out.deliver();
+        outcome
     }
 
     /// Ends the hold `fence` on `key`; returns false if there is none.
-    pub fn release(&self, key: &Key, fence: u64) -> bool {
+    pub fn release(&self, key: &Key, fence: u64, why: Ended) -> bool {
+        let mut out = Outbox::default();
         let released = {
-            let mut shard = self.shard(key);
-            shard.release(key, fence, clock::now_ms(), &mut || self.fences.next())
-        };
-        match released {
-            Some((_, granted)) => {
-                deliver(granted);
-                true
+            let mut guard = self.shard(key);
+            let shard = &mut *guard;
+            let now = clock::now_ms();
+            match shard
+                .table
+                .release(key, fence, now, &mut || self.fences.next())
+            {
+                Some((holder, granted)) => {
+                    let change = match why {
+                        Ended::Released => {
+                            shard.stats.releases += 1;
+                            Change::Released { fence }
+                        }
+                        Ended::Expired => {
+                            shard.stats.expiries += 1;
+                            Change::Expired { fence }
+                        }
+                    };
+                    shard
+                        .stats
+                        .hold_ms
+                        .observe(now.saturating_sub(holder.granted_at));
+                    shard.ended(key, change, &mut out);
+                    shard.granted(key, granted, now, &mut out);
+                    true
+                }
+                None => false,
             }
-            None => false,
-        }
+        };
+        out.deliver();
+        released
     }
 
     /// Withdraws a queued acquire; returns false if it is no longer queued.
     pub fn cancel(&self, key: &Key, owner: &Owner, request: RequestId) -> bool {
+        let mut out = Outbox::default();
         let cancelled = {
-            let mut shard = self.shard(key);
-            shard.cancel(key, owner, request, clock::now_ms(), &mut || {
-                self.fences.next()
-            })
-        };
-        match cancelled {
-            Some((_, granted)) => {
-                deliver(granted);
-                true
+            let mut guard = self.shard(key);
+            let shard = &mut *guard;
+            let now = clock::now_ms();
+            match shard
+                .table
+                .cancel(key, owner, request, now, &mut || self.fences.next())
+            {
+                Some((_, granted)) => {
+                    shard.granted(key, granted, now, &mut out);
+                    true
+                }
+                None => false,
             }
-            None => false,
-        }
+        };
+        out.deliver();
+        cancelled
     }
 
-    /// Removes every hold and waiter of `owner` on `key`; returns how many holds ended.
+    /// Removes every waiter and session hold of `owner` on `key` (its connection closed);
+    /// returns how many holds ended.
     pub fn remove_owner(&self, key: &Key, owner: &Owner) -> usize {
-        let (removed, granted) = {
-            let mut shard = self.shard(key);
-            shard.remove_owner(key, owner, clock::now_ms(), &mut || self.fences.next())
+        let mut out = Outbox::default();
+        let ended = {
+            let mut guard = self.shard(key);
+            let shard = &mut *guard;
+            let now = clock::now_ms();
+            let (removed, granted) = shard
+                .table
+                .remove_owner(key, owner, now, &mut || self.fences.next());
+            for holder in &removed {
+                shard.stats.disconnect_releases += 1;
+                shard
+                    .stats
+                    .hold_ms
+                    .observe(now.saturating_sub(holder.granted_at));
+                let change = Change::Disconnected {
+                    fence: holder.fence,
+                };
+                shard.ended(key, change, &mut out);
+            }
+            shard.granted(key, granted, now, &mut out);
+            removed.len()
         };
-        deliver(granted);
-        removed.len()
+        out.deliver();
+        ended
+    }
+
+    /// Ends every hold on `key` (administrators only; the caller checked). Holders are told
+    /// `HoldLost(ForceReleased)`. Returns the tickets of the ended holds, so their leases can be
+    /// ended too.
+    pub fn force_release(&self, key: &Key) -> Vec<Ticket> {
+        let mut out = Outbox::default();
+        let tickets = {
+            let mut guard = self.shard(key);
+            let shard = &mut *guard;
+            let now = clock::now_ms();
+            let (removed, granted) = shard
+                .table
+                .remove_holders(key, now, &mut || self.fences.next());
+            let mut tickets = Vec::with_capacity(removed.len());
+            for holder in removed {
+                shard.stats.forced += 1;
+                shard
+                    .stats
+                    .hold_ms
+                    .observe(now.saturating_sub(holder.granted_at));
+                shard.ended(
+                    key,
+                    Change::Forced {
+                        fence: holder.fence,
+                    },
+                    &mut out,
+                );
+                out.0.push((
+                    holder.owner.clone(),
+                    Push::Lost {
+                        key: key.clone(),
+                        fence: holder.fence,
+                        reason: LostReason::ForceReleased,
+                    },
+                ));
+                tickets.push(holder.payload.ticket);
+            }
+            shard.granted(key, granted, now, &mut out);
+            tickets
+        };
+        out.deliver();
+        tickets
     }
 
     /// Puts back a detached lease recovered from storage; false (nothing changes) if it
@@ -148,7 +298,7 @@ impl LockSpace {
         mode: Mode,
         fence: u64,
         granted_at: u64,
-        data: Vec<u8>,
+        meta: HoldMeta,
     ) -> bool {
         let holder = Holder {
             owner,
@@ -157,24 +307,232 @@ impl LockSpace {
             fence,
             granted_at,
             detached: true,
-            payload: HoldMeta { data },
+            payload: meta,
         };
-        self.shard(key).restore(key, holder)
+        self.shard(key).table.restore(key, holder)
+    }
+
+    /// Holders and waiters of `key` (empty lists if it has none).
+    pub fn describe(&self, key: &Key) -> Description {
+        let shard = self.shard(key);
+        let (holders, waiters) = match shard.table.get(key) {
+            Some(e) => (
+                e.holders.iter().map(holder_info).collect(),
+                e.queue
+                    .iter()
+                    .map(|w| WaiterInfo {
+                        mode: w.mode,
+                        owner: owner_info(&w.owner),
+                        since_ms: w.since,
+                    })
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Description {
+            key: key.clone(),
+            holders,
+            waiters,
+        }
+    }
+
+    /// One page of keys matching `query` that `visible` allows, sorted by (namespace, name).
+    pub fn list(&self, query: &ListQuery, visible: impl Fn(&str) -> bool) -> ListPage {
+        let limit = (query.limit as usize).clamp(1, MAX_LIST_PAGE);
+        let mut keys: Vec<KeySummary> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (key, entry) in shard.table.iter() {
+                let wanted = query
+                    .namespace
+                    .as_ref()
+                    .is_none_or(|ns| *ns == key.namespace)
+                    && key.name.starts_with(&query.prefix)
+                    && query.after.as_ref().is_none_or(|after| key > after)
+                    && visible(&key.namespace);
+                if wanted {
+                    keys.push(KeySummary {
+                        key: key.clone(),
+                        holders: entry.holders.len() as u32,
+                        waiters: entry.queue.len() as u32,
+                        mode: entry.holders.first().map(|h| h.mode),
+                    });
+                }
+            }
+        }
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let next = (keys.len() > limit).then(|| keys[limit - 1].key.clone());
+        keys.truncate(limit);
+        ListPage { keys, next }
+    }
+
+    /// Sends `owner` every change on `key` from now on.
+    pub fn watch(&self, key: &Key, owner: &Owner) {
+        let mut shard = self.shard(key);
+        let watchers = shard.watches.entry(key.clone()).or_default();
+        if !watchers.contains(owner) {
+            watchers.push(owner.clone());
+        }
+    }
+
+    /// Stops a watch; false if there was none.
+    pub fn unwatch(&self, key: &Key, owner: &Owner) -> bool {
+        let mut shard = self.shard(key);
+        let Some(watchers) = shard.watches.get_mut(key) else {
+            return false;
+        };
+        let before = watchers.len();
+        watchers.retain(|w| w != owner);
+        let removed = watchers.len() != before;
+        if watchers.is_empty() {
+            shard.watches.remove(key);
+        }
+        removed
+    }
+
+    /// Counts a request that timed out waiting (for stats).
+    pub fn count_timeout(&self, key: &Key) {
+        self.shard(key).stats.timeouts += 1;
+    }
+
+    /// Sums the shards: (counters, holds, waiters, keys, long holds, wait histogram, hold
+    /// histogram). `long_after_ms` is the long-hold threshold.
+    pub fn totals(&self, long_after_ms: u64) -> Totals {
+        let now = clock::now_ms();
+        let mut t = Totals::default();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            t.stats.add(&shard.stats);
+            for (_, e) in shard.table.iter() {
+                t.keys += 1;
+                t.holds += e.holders.len() as u64;
+                t.waiters += e.queue.len() as u64;
+                t.long_holds += e
+                    .holders
+                    .iter()
+                    .filter(|h| now.saturating_sub(h.granted_at) >= long_after_ms)
+                    .count() as u64;
+            }
+        }
+        t
+    }
+
+    /// Logs (once per hold) every hold older than `threshold_ms`; returns how many were new.
+    pub fn warn_long_holds(&self, threshold_ms: u64) -> u64 {
+        let now = clock::now_ms();
+        let mut warned = 0;
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let mut here = 0;
+            for (key, holder) in shard.table.holders_mut() {
+                let age = now.saturating_sub(holder.granted_at);
+                if age >= threshold_ms && !holder.payload.warned {
+                    holder.payload.warned = true;
+                    here += 1;
+                    tracing::warn!(
+                        key = %key,
+                        fence = holder.fence,
+                        age_s = age / 1000,
+                        "long hold by {}",
+                        holder.owner.describe()
+                    );
+                }
+            }
+            shard.stats.long_holds_warned += here;
+            warned += here;
+        }
+        warned
     }
 
     /// Runs `f` on the entry of `key` (None if it has no holders or waiters).
     pub fn inspect<R>(&self, key: &Key, f: impl FnOnce(Option<&Entry<Owner, HoldMeta>>) -> R) -> R {
-        f(self.shard(key).get(key))
+        f(self.shard(key).table.get(key))
     }
 }
 
-fn deliver(granted: Vec<Granted<Owner>>) {
-    for g in granted {
-        g.owner.push(Push::Granted {
-            request: g.request,
-            fence: g.fence,
-            mode: g.mode,
-        });
+/// Everything [`LockSpace::totals`] adds up.
+#[derive(Default, Debug)]
+pub struct Totals {
+    pub stats: ShardStats,
+    pub keys: u64,
+    pub holds: u64,
+    pub waiters: u64,
+    pub long_holds: u64,
+}
+
+impl Shard {
+    /// Queues the watch event for a hold that ended.
+    fn ended(&mut self, key: &Key, change: Change, out: &mut Outbox) {
+        if let Some(watchers) = self.watches.get(key) {
+            notify(out, watchers, key, change);
+        }
+    }
+
+    /// Queues the pushes for holds granted from the queue, with their watch events.
+    fn granted(&mut self, key: &Key, granted: Vec<Granted<Owner>>, now: u64, out: &mut Outbox) {
+        for g in granted {
+            self.stats.grants += 1;
+            self.stats.wait_ms.observe(now.saturating_sub(g.since));
+            if let Some(watchers) = self.watches.get(key) {
+                let change = Change::Granted {
+                    fence: g.fence,
+                    mode: g.mode,
+                    owner: owner_info(&g.owner),
+                };
+                notify(out, watchers, key, change);
+            }
+            out.0.push((
+                g.owner,
+                Push::Granted {
+                    request: g.request,
+                    fence: g.fence,
+                    mode: g.mode,
+                },
+            ));
+        }
+    }
+}
+
+fn notify(out: &mut Outbox, watchers: &[Owner], key: &Key, change: Change) {
+    for w in watchers {
+        out.0.push((
+            w.clone(),
+            Push::Watch {
+                key: key.clone(),
+                change: change.clone(),
+            },
+        ));
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding a shard would be a bug in the pure table; the data is still
+    // consistent per operation, so keep serving rather than poisoning every later request.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn owner_info(o: &Owner) -> OwnerInfo {
+    OwnerInfo {
+        pid: o.pid,
+        uid: o.uid,
+        gid: o.gid,
+        client_name: o.name.clone(),
+    }
+}
+
+fn holder_info(h: &Holder<Owner, HoldMeta>) -> HolderInfo {
+    HolderInfo {
+        mode: h.mode,
+        fence: h.fence,
+        owner: owner_info(&h.owner),
+        acquired_at_ms: h.granted_at,
+        expires_at_ms: h
+            .payload
+            .expires_at_ms
+            .as_ref()
+            .map(|e| e.load(Ordering::Relaxed)),
+        detached: h.detached,
+        data: h.payload.data.clone(),
     }
 }
 

@@ -18,6 +18,12 @@ struct Args {
     /// as root, else $XDG_STATE_HOME/lockd or ~/.local/state/lockd]
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Permission bits of the socket file, octal [default: 660 as root, else 600]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
+    /// Log holds older than this many seconds once at WARN (and count them in stats)
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    long_hold: f64,
     /// Log filter in RUST_LOG syntax (overrides $RUST_LOG), e.g. `info` or `lockd=debug`
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -34,6 +40,8 @@ fn main() -> ExitCode {
             .data_dir
             .unwrap_or_else(lockd_protocol::paths::default_data_dir),
         limits: Limits::default(),
+        long_hold: std::time::Duration::from_secs_f64(args.long_hold.max(0.001)),
+        socket_mode: args.socket_mode.unwrap_or_else(lockd::default_socket_mode),
     };
     match lockd::run(config) {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,6 +51,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal permission mode like 660"))
 }
 
 fn init_logging(level: Option<&str>) {

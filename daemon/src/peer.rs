@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use lockd_protocol::{Grant, Key, LostReason, Mode, RequestId, Ticket};
+use lockd_protocol::{Change, Grant, Key, LostReason, Mode, RequestId, Ticket};
 use tokio::sync::mpsc;
 
 /// What other tasks tell a connection's task.
@@ -20,6 +20,8 @@ pub enum Push {
         fence: u64,
         reason: LostReason,
     },
+    /// A change on a key this connection watches.
+    Watch { key: Key, change: Change },
     /// A store commit this connection waits on before answering `request` finished.
     Committed {
         request: RequestId,
@@ -38,6 +40,10 @@ pub enum AfterCommit {
     },
     Renewed {
         expires_at_ms: u64,
+    },
+    /// A force-release whose detached leases' deletions were stored.
+    ForceReleased {
+        holds: u32,
     },
     /// A detached lease's release; on success its hold ends, on failure it stays.
     Released {

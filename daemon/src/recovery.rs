@@ -8,12 +8,14 @@
 //!   stored when the daemon died), the one with the higher fence wins: a later grant on a key
 //!   proves the earlier hold had ended.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::lease::{Lease, Leases};
-use crate::lockspace::LockSpace;
+use crate::lockspace::{HoldMeta, LockSpace};
 use crate::peer::Peer;
 use crate::store::{Change, LeaseRecord, Writer};
 
@@ -52,13 +54,20 @@ pub fn restore(
             record.gid,
             format!("{} (before restart)", record.client_name),
         );
+        let shown_expiry = Arc::new(AtomicU64::new(record.expires_at_ms));
+        let meta = HoldMeta {
+            data: record.data.clone(),
+            ticket: record.ticket,
+            expires_at_ms: Some(Arc::clone(&shown_expiry)),
+            warned: false,
+        };
         let restored = locks.restore(
             &record.key,
             owner.clone(),
             record.mode,
             record.fence,
             record.acquired_at_ms,
-            record.data.clone(),
+            meta,
         );
         if !restored {
             writer.submit_quiet(Change::Delete(record.ticket));
@@ -71,6 +80,7 @@ pub fn restore(
             deadline: now + remaining,
             detached: true,
             releasing: false,
+            shown_expiry,
             owner,
             record,
         });

@@ -17,9 +17,9 @@ use bytes::BytesMut;
 use foldhash::{HashMap, HashMapExt};
 use futures_util::StreamExt;
 use lockd_protocol::{
-    Acquire, ClientMessage, ErrorCode, Event, Grant, Hello, Key, LostReason, Mode, Op, Reply,
-    Request, RequestId, Response, ServerCodec, ServerMessage, Ticket, Wait, Welcome, WireError,
-    PROTOCOL_VERSION,
+    Acquire, ClientMessage, ErrorCode, Event, Grant, Hello, Key, ListQuery, LostReason, Mode, Op,
+    Reply, Request, RequestId, Response, ServerCodec, ServerMessage, Stats, Ticket, Wait, Welcome,
+    WireError, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -32,8 +32,9 @@ use tokio_util::time::{delay_queue, DelayQueue};
 use crate::clock;
 use crate::config::Config;
 use crate::lease::{Lease, LeaseSpec, Leases, Release, TicketError};
-use crate::lockspace::{AcquireOutcome, HoldMeta, LockSpace};
+use crate::lockspace::{AcquireOutcome, Ended, HoldMeta, LockSpace};
 use crate::peer::{AfterCommit, Owner, Peer, Push};
+use crate::stats::Global;
 use crate::store::{self, Done};
 use crate::tickets::TicketPool;
 
@@ -43,6 +44,8 @@ pub struct Shared {
     pub leases: Arc<Leases>,
     pub config: Config,
     pub shutdown: CancellationToken,
+    pub global: Global,
+    started: std::time::Instant,
     next_conn: AtomicU64,
 }
 
@@ -58,8 +61,45 @@ impl Shared {
             leases,
             config,
             shutdown,
+            global: Global::default(),
+            started: std::time::Instant::now(),
             next_conn: AtomicU64::new(1),
         })
+    }
+
+    /// Counters, gauges and distributions, summed over the shards.
+    pub fn snapshot(&self) -> Stats {
+        let long_ms = self.config.long_hold.as_millis() as u64;
+        let t = self.locks.totals(long_ms);
+        let g = &self.global;
+        let counters = [
+            ("grants", t.stats.grants),
+            ("conflicts", t.stats.conflicts),
+            ("releases", t.stats.releases),
+            ("timeouts", t.stats.timeouts),
+            ("expiries", t.stats.expiries),
+            ("disconnect_releases", t.stats.disconnect_releases),
+            ("force_releases", t.stats.forced),
+            ("deadlocks", 0),
+            ("protocol_errors", Global::get(&g.protocol_errors)),
+            ("connections_accepted", Global::get(&g.connections_total)),
+            ("long_holds_warned", t.stats.long_holds_warned),
+        ];
+        let gauges = [
+            ("connections", Global::get(&g.connections)),
+            ("holds", t.holds),
+            ("waiters", t.waiters),
+            ("keys", t.keys),
+            ("leases", self.leases.len() as u64),
+            ("long_holds", t.long_holds),
+        ];
+        Stats {
+            counters: counters.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            gauges: gauges.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            wait_ms: t.stats.wait_ms.to_wire(),
+            hold_ms: t.stats.hold_ms.to_wire(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
     }
 }
 
@@ -132,8 +172,11 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         waits: HashMap::new(),
         timers: DelayQueue::new(),
         tickets: TicketPool::default(),
+        watching: Vec::new(),
         shared,
     };
+    Global::inc(&session.shared.global.connections);
+    Global::inc(&session.shared.global.connections_total);
     session.run().await;
     // `Session`'s Drop releases everything the connection held, even if a bug panicked above.
 }
@@ -216,6 +259,13 @@ struct Pending {
     timer: Option<delay_queue::Key>,
     waited: Option<Duration>,
     lease: Option<LeaseSpec>,
+    minted: Minted,
+}
+
+/// The ticket of a hold-to-be, and the lease end that describe shows for it.
+struct Minted {
+    ticket: Ticket,
+    shown_expiry: Option<Arc<AtomicU64>>,
 }
 
 struct Session {
@@ -226,6 +276,8 @@ struct Session {
     waits: HashMap<RequestId, Pending>,
     timers: DelayQueue<RequestId>,
     tickets: TicketPool,
+    /// Keys this connection watches.
+    watching: Vec<Key>,
     shared: Arc<Shared>,
 }
 
@@ -304,6 +356,7 @@ impl Session {
     }
 
     fn protocol_error(&mut self, why: &str) {
+        Global::inc(&self.shared.global.protocol_errors);
         tracing::warn!(
             conn = self.owner.id,
             "protocol error from {}: {why}; closing its connection",
@@ -327,6 +380,12 @@ impl Session {
             Op::Renew { ticket, lease_ms } => self.renew(req.id, &ticket, lease_ms),
             Op::Cancel { request } => Some(Ok(Reply::Cancelled(self.cancel(request, req.id)))),
             Op::Ping => Some(Ok(Reply::Pong)),
+            Op::Describe { key } => Some(self.describe(&key)),
+            Op::List(query) => Some(self.list(&query)),
+            Op::ForceRelease { key } => self.force_release(req.id, &key),
+            Op::Watch { key } => Some(self.watch(key)),
+            Op::Unwatch { key } => Some(Ok(Reply::Unwatched(self.unwatch(&key)))),
+            Op::Stats => Some(Ok(Reply::Stats(self.shared.snapshot()))),
         };
         if let Some(result) = result {
             self.respond(req.id, result);
@@ -346,8 +405,27 @@ impl Session {
             // Longer than a timer can represent usefully: the same as waiting forever.
             Wait::Millis(_) | Wait::Forever => Some(None),
         };
+        // The ticket exists before the grant, so the table can name it to administrative
+        // actions (force-release ends the lease too); it is never shown.
+        let ticket = match self.tickets.draw() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("the OS random source failed: {e}");
+                return Some(Err(WireError::new(
+                    ErrorCode::Internal,
+                    "the daemon could not draw a ticket from the OS random source",
+                )));
+            }
+        };
+        let minted = Minted {
+            ticket,
+            shown_expiry: lease.as_ref().map(|_| Arc::new(AtomicU64::new(0))),
+        };
         let meta = HoldMeta {
             data: a.data.clone(),
+            ticket,
+            expires_at_ms: minted.shown_expiry.clone(),
+            warned: false,
         };
         let detached = lease.as_ref().is_some_and(|l| l.detached);
         let outcome = self.shared.locks.acquire(
@@ -360,7 +438,7 @@ impl Session {
             meta,
         );
         match outcome {
-            AcquireOutcome::Granted(fence) => self.granted(id, a.key, fence, a.mode, lease),
+            AcquireOutcome::Granted(fence) => self.granted(id, a.key, fence, a.mode, lease, minted),
             AcquireOutcome::Conflict(msg) => Some(Err(WireError::new(ErrorCode::Conflict, msg))),
             AcquireOutcome::Queued => {
                 let waited = waited.flatten();
@@ -372,6 +450,7 @@ impl Session {
                         timer,
                         waited,
                         lease,
+                        minted,
                     },
                 );
                 None
@@ -455,18 +534,9 @@ impl Session {
         fence: u64,
         mode: Mode,
         lease: Option<LeaseSpec>,
+        minted: Minted,
     ) -> Option<Result<Reply, WireError>> {
-        let ticket = match self.tickets.draw() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!("the OS random source failed: {e}");
-                self.shared.locks.release(&key, fence);
-                return Some(Err(WireError::new(
-                    ErrorCode::Internal,
-                    "the daemon could not draw a ticket from the OS random source",
-                )));
-            }
-        };
+        let ticket = minted.ticket;
         let Some(spec) = lease else {
             self.holds.insert(
                 ticket,
@@ -485,6 +555,10 @@ impl Session {
         };
         let now_ms = clock::now_ms();
         let record = spec.record(ticket, key.clone(), mode, fence, &self.owner, now_ms);
+        let shown_expiry = minted
+            .shown_expiry
+            .unwrap_or_else(|| Arc::new(AtomicU64::new(0)));
+        shown_expiry.store(record.expires_at_ms, Ordering::Relaxed);
         let grant = Grant {
             ticket,
             fence,
@@ -499,6 +573,7 @@ impl Session {
             deadline: Instant::now() + spec.length,
             detached,
             releasing: false,
+            shown_expiry,
         });
         if let Some(done) = commit {
             self.after_commit(id, done, AfterCommit::Granted { key, grant });
@@ -533,11 +608,17 @@ impl Session {
             if held.leased {
                 self.shared.leases.forget(ticket);
             }
-            return Some(if self.shared.locks.release(&held.key, held.fence) {
-                Ok(Reply::Released)
-            } else {
-                Err(not_holder())
-            });
+            return Some(
+                if self
+                    .shared
+                    .locks
+                    .release(&held.key, held.fence, Ended::Released)
+                {
+                    Ok(Reply::Released)
+                } else {
+                    Err(not_holder())
+                },
+            );
         }
         // A lease: detached, or bound to another connection of the same uid.
         match self.shared.leases.release(ticket, self.owner.uid) {
@@ -548,7 +629,7 @@ impl Session {
             }
             Ok(Release::Done(lease)) => {
                 let (key, fence) = (&lease.record.key, lease.record.fence);
-                if !self.shared.locks.release(key, fence) {
+                if !self.shared.locks.release(key, fence, Ended::Released) {
                     return Some(Err(not_holder()));
                 }
                 lease.owner.push(Push::Lost {
@@ -588,6 +669,74 @@ impl Session {
         }
     }
 
+    fn describe(&self, key: &Key) -> Result<Reply, WireError> {
+        key.validate().map_err(invalid)?;
+        Ok(Reply::Described(self.shared.locks.describe(key)))
+    }
+
+    fn list(&self, query: &ListQuery) -> Result<Reply, WireError> {
+        if let Some(ns) = &query.namespace {
+            lockd_protocol::key::validate_namespace(ns).map_err(invalid)?;
+        }
+        Ok(Reply::Listed(self.shared.locks.list(query, |_| true)))
+    }
+
+    /// Ends every hold on `key`: root only (configured admins come with the config file).
+    fn force_release(&mut self, id: RequestId, key: &Key) -> Option<Result<Reply, WireError>> {
+        if let Err(e) = key.validate() {
+            return Some(Err(invalid(e)));
+        }
+        if self.owner.uid != 0 {
+            return Some(Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "force-release needs root or a configured admin; uid {} is neither",
+                    self.owner.uid
+                ),
+            )));
+        }
+        let tickets = self.shared.locks.force_release(key);
+        tracing::warn!(key = %key, holds = tickets.len(), "force-released by {}", self.owner.describe());
+        let holds = tickets.len() as u32;
+        let commits: Vec<Done> = tickets
+            .iter()
+            .filter_map(|t| self.shared.leases.end_forced(t))
+            .collect();
+        if commits.is_empty() {
+            return Some(Ok(Reply::ForceReleased { holds }));
+        }
+        // Answer once every detached lease's deletion is stored.
+        let owner = self.owner.clone();
+        tokio::spawn(async move {
+            let mut outcome = Ok(());
+            for done in commits {
+                if let Err(e) = store::outcome(done.await) {
+                    outcome = Err(e.to_string());
+                }
+            }
+            owner.push(Push::Committed {
+                request: id,
+                outcome,
+                then: AfterCommit::ForceReleased { holds },
+            });
+        });
+        None
+    }
+
+    fn watch(&mut self, key: Key) -> Result<Reply, WireError> {
+        key.validate().map_err(invalid)?;
+        self.shared.locks.watch(&key, &self.owner);
+        if !self.watching.contains(&key) {
+            self.watching.push(key);
+        }
+        Ok(Reply::Watching)
+    }
+
+    fn unwatch(&mut self, key: &Key) -> bool {
+        self.watching.retain(|k| k != key);
+        self.shared.locks.unwatch(key, &self.owner)
+    }
+
     /// Withdraws the queued acquire `request`; true if it was still queued. The withdrawn
     /// acquire answers `Timeout`.
     fn cancel(&mut self, request: RequestId, by: RequestId) -> bool {
@@ -621,6 +770,7 @@ impl Session {
             return; // granted in the meantime; the grant wins
         }
         if let Some(pending) = self.waits.remove(&request) {
+            self.shared.locks.count_timeout(&pending.key);
             let waited = pending.waited.unwrap_or_default();
             let msg = format!("{} not acquired within {waited:?}", pending.key);
             self.respond(request, Err(WireError::new(ErrorCode::Timeout, msg)));
@@ -641,10 +791,21 @@ impl Session {
                 if let Some(timer) = pending.timer {
                     self.timers.remove(&timer);
                 }
-                if let Some(result) = self.granted(request, pending.key, fence, mode, pending.lease)
-                {
+                let granted = self.granted(
+                    request,
+                    pending.key,
+                    fence,
+                    mode,
+                    pending.lease,
+                    pending.minted,
+                );
+                if let Some(result) = granted {
                     self.respond(request, result);
                 }
+            }
+            Push::Watch { key, change } => {
+                self.wire
+                    .send(ServerMessage::Event(Event::Watch { key, change }));
             }
             Push::Lost { key, fence, reason } => {
                 self.holds.retain(|_, h| h.fence != fence);
@@ -675,18 +836,23 @@ impl Session {
                 if let Some(lease) = self.shared.leases.finish_release(&ticket) {
                     self.shared
                         .locks
-                        .release(&lease.record.key, lease.record.fence);
+                        .release(&lease.record.key, lease.record.fence, Ended::Released);
                 }
                 Ok(Reply::Released)
             }
             (Err(why), AfterCommit::Granted { key, grant }) => {
                 // Take the grant back: nothing unacknowledged may hold the key.
                 if self.shared.leases.revoke(&grant.ticket).is_some() {
-                    self.shared.locks.release(&key, grant.fence);
+                    self.shared.locks.release(&key, grant.fence, Ended::Released);
                 }
                 Err(unavailable(&why))
             }
             (Err(why), AfterCommit::Renewed { .. }) => Err(unavailable(&why)),
+            (Ok(()), AfterCommit::ForceReleased { holds }) => Ok(Reply::ForceReleased { holds }),
+            (Err(why), AfterCommit::ForceReleased { .. }) => Err(WireError::new(
+                ErrorCode::Unavailable,
+                format!("the holds ended, but storing it failed ({why}); detached leases may reappear after a crash: force-release again later"),
+            )),
             (Err(why), AfterCommit::Released { ticket }) => {
                 self.shared.leases.abort_release(&ticket);
                 Err(unavailable(&why))
@@ -711,6 +877,10 @@ impl Session {
             }
             ended += locks.remove_owner(&held.key, &self.owner);
         }
+        for key in self.watching.drain(..) {
+            locks.unwatch(&key, &self.owner);
+        }
+        Global::dec(&self.shared.global.connections);
         tracing::debug!(
             conn = self.owner.id,
             ended,
@@ -725,6 +895,10 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+fn invalid(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::InvalidArgument, e.to_string())
 }
 
 fn not_holder() -> WireError {

@@ -81,6 +81,33 @@ pub enum Op {
         ticket: Ticket,
         lease_ms: Option<u64>,
     },
+    /// Holders and waiters of a key. Answers [`Reply::Described`].
+    Describe { key: Key },
+    /// Keys with holders or waiters, sorted by `(namespace, name)`, one page at a time.
+    /// Answers [`Reply::Listed`].
+    List(ListQuery),
+    /// End every hold on a key (administrators only). Answers [`Reply::ForceReleased`].
+    ForceRelease { key: Key },
+    /// Stream [`Event::Watch`] events for a key on this connection. Answers
+    /// [`Reply::Watching`].
+    Watch { key: Key },
+    /// Stop a watch. Answers [`Reply::Unwatched`].
+    Unwatch { key: Key },
+    /// Counters, gauges and distributions. Answers [`Reply::Stats`].
+    Stats,
+}
+
+/// One page of [`Op::List`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this namespace; `None` for every namespace the peer may use.
+    pub namespace: Option<String>,
+    /// Only names starting with this.
+    pub prefix: String,
+    /// Resume after this key (the previous page's `next`).
+    pub after: Option<Key>,
+    /// Page size; the daemon caps it.
+    pub limit: u32,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -140,6 +167,91 @@ pub enum Reply {
     Renewed {
         expires_at_ms: u64,
     },
+    Described(Description),
+    Listed(ListPage),
+    /// How many holds ended.
+    ForceReleased {
+        holds: u32,
+    },
+    Watching,
+    Unwatched(bool),
+    Stats(Stats),
+}
+
+/// Who holds and who waits for a key. Never contains tickets.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    pub key: Key,
+    pub holders: Vec<HolderInfo>,
+    /// In queue order.
+    pub waiters: Vec<WaiterInfo>,
+}
+
+/// Identity of a connection, from the kernel (SO_PEERCRED) plus its handshake name.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct OwnerInfo {
+    pub pid: Option<i32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub client_name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HolderInfo {
+    pub mode: Mode,
+    pub fence: u64,
+    pub owner: OwnerInfo,
+    /// Milliseconds since the Unix epoch.
+    pub acquired_at_ms: u64,
+    /// Lease end, milliseconds since the Unix epoch; `None` without a lease.
+    pub expires_at_ms: Option<u64>,
+    pub detached: bool,
+    pub data: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WaiterInfo {
+    pub mode: Mode,
+    pub owner: OwnerInfo,
+    /// Milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct KeySummary {
+    pub key: Key,
+    pub holders: u32,
+    pub waiters: u32,
+    /// Mode of the current holders, if any.
+    pub mode: Option<Mode>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub keys: Vec<KeySummary>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next: Option<Key>,
+}
+
+/// The daemon's counters (since start), gauges (now) and distributions.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub counters: Vec<(String, u64)>,
+    pub gauges: Vec<(String, u64)>,
+    /// Time from queueing to grant, for requests that waited.
+    pub wait_ms: Histogram,
+    /// Time from grant to end, for ended holds.
+    pub hold_ms: Histogram,
+    pub uptime_ms: u64,
+}
+
+/// `counts[i]` observations were `<= bounds_ms[i]` (and above the previous bound); the extra
+/// last count is above every bound.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Histogram {
+    pub bounds_ms: Vec<u64>,
+    pub counts: Vec<u64>,
+    pub sum_ms: u64,
 }
 
 /// A granted hold.
@@ -164,6 +276,54 @@ pub enum Event {
     },
     /// The daemon is stopping; the connection closes next and its session holds end.
     ShuttingDown,
+    /// Something happened on a watched key.
+    Watch { key: Key, change: Change },
+}
+
+/// What happened on a watched key.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Granted {
+        fence: u64,
+        mode: Mode,
+        owner: OwnerInfo,
+    },
+    Released {
+        fence: u64,
+    },
+    Expired {
+        fence: u64,
+    },
+    Forced {
+        fence: u64,
+    },
+    /// The holder's connection closed.
+    Disconnected {
+        fence: u64,
+    },
+}
+
+impl Change {
+    pub fn fence(&self) -> u64 {
+        match self {
+            Change::Granted { fence, .. }
+            | Change::Released { fence }
+            | Change::Expired { fence }
+            | Change::Forced { fence }
+            | Change::Disconnected { fence } => *fence,
+        }
+    }
+
+    /// Stable lower-case name: granted, released, expired, forced, disconnected.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Granted { .. } => "granted",
+            Change::Released { .. } => "released",
+            Change::Expired { .. } => "expired",
+            Change::Forced { .. } => "forced",
+            Change::Disconnected { .. } => "disconnected",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

@@ -86,6 +86,8 @@ pub struct Granted<O> {
     pub request: RequestId,
     pub mode: Mode,
     pub fence: u64,
+    /// When the request was queued, caller's milliseconds.
+    pub since: u64,
 }
 
 /// Something removed from the table, with what was granted because of it.
@@ -258,6 +260,28 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         (removed, granted)
     }
 
+    /// Ends every hold on `key` (force-release) and grants whoever may go next.
+    pub fn remove_holders(
+        &mut self,
+        key: &Key,
+        now: u64,
+        next_fence: &mut impl FnMut() -> u64,
+    ) -> (Vec<Holder<O, P>>, Vec<Granted<O>>) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return (Vec::new(), Vec::new());
+        };
+        let removed = std::mem::take(&mut entry.holders);
+        let granted = self.pump(key, now, next_fence);
+        (removed, granted)
+    }
+
+    /// Every holder, mutably (for bookkeeping in the payload, such as long-hold warnings).
+    pub fn holders_mut(&mut self) -> impl Iterator<Item = (&Key, &mut Holder<O, P>)> {
+        self.entries
+            .iter_mut()
+            .flat_map(|(k, e)| e.holders.iter_mut().map(move |h| (k, h)))
+    }
+
     /// Puts back a hold recovered from storage, with its original fence, if it is compatible
     /// with the holders already restored on `key` (queues are empty during recovery).
     ///
@@ -300,6 +324,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
                 request: w.request,
                 mode: w.mode,
                 fence,
+                since: w.since,
             });
             entry.holders.push(Holder {
                 owner: w.owner,
