@@ -127,6 +127,8 @@ struct PendingCall {
     reply: oneshot::Sender<Result<Answer, Error>>,
     /// An acquire that may be queued (so abandoning it must send `Cancel`).
     may_wait: bool,
+    /// A detached acquire: its hold is not tied to this connection, so it is not tracked.
+    detached: bool,
 }
 
 pub(crate) struct Task {
@@ -222,7 +224,15 @@ impl Task {
                     self.holds.remove(&fence);
                 }
                 let may_wait = matches!(&op, Op::Acquire(a) if a.wait != lockd_protocol::Wait::No);
-                self.pending.insert(id, PendingCall { reply, may_wait });
+                let detached = matches!(&op, Op::Acquire(a) if a.detach);
+                self.pending.insert(
+                    id,
+                    PendingCall {
+                        reply,
+                        may_wait,
+                        detached,
+                    },
+                );
                 self.send(id, op);
             }
             Command::Fire { op, forget } => {
@@ -339,7 +349,9 @@ impl Task {
             Ok(reply) => {
                 let hold = granted.map(|(fence, ticket)| {
                     let state = Arc::new(HoldState::default());
-                    self.holds.insert(fence, Arc::clone(&state));
+                    if !call.detached {
+                        self.holds.insert(fence, Arc::clone(&state));
+                    }
                     PendingHold {
                         state,
                         ticket,

@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use crate::store::{self, Change, Store, StoreError, Writer};
 
-/// Fences reserved per store commit.
-pub const FENCE_BLOCK: u64 = 1 << 20;
+/// Fences reserved per store commit. A new reservation starts when half is left, so grants
+/// go on for 2^23 more while a failing disk retries (minutes at full speed); only past that do
+/// grants wait for the disk.
+pub const FENCE_BLOCK: u64 = 1 << 24;
 
 /// The fence source shared by every shard of the lock table.
 pub struct Fences {

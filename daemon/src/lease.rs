@@ -44,6 +44,9 @@ pub struct Lease {
     pub shown_expiry: Arc<AtomicU64>,
 }
 
+/// The expiry task's inbox: `(ticket, Some(deadline))` arms or re-arms, `None` disarms.
+pub type Arming = mpsc::UnboundedReceiver<(Ticket, Option<Instant>)>;
+
 /// Why a ticket operation was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TicketError {
@@ -54,13 +57,13 @@ pub enum TicketError {
 /// All leases, sharded by ticket.
 pub struct Leases {
     shards: Box<[Mutex<HashMap<Ticket, Lease>>]>,
-    arm: mpsc::UnboundedSender<(Ticket, Instant)>,
+    arm: mpsc::UnboundedSender<(Ticket, Option<Instant>)>,
     writer: Writer,
 }
 
 impl Leases {
     /// Creates the registry and its expiry task's inbox; run [`Leases::expire_loop`] with it.
-    pub fn new(writer: Writer) -> (Arc<Leases>, mpsc::UnboundedReceiver<(Ticket, Instant)>) {
+    pub fn new(writer: Writer) -> (Arc<Leases>, Arming) {
         let (arm, rx) = mpsc::unbounded_channel();
         let leases = Leases {
             shards: (0..SHARDS)
@@ -100,8 +103,8 @@ impl Leases {
             .detached
             .then(|| self.writer.submit(Change::Put(lease.record.clone())));
         shard.insert(ticket, lease);
-        drop(shard);
-        let _ = self.arm.send((ticket, deadline));
+        // Sent under the shard lock, so arming messages for one ticket arrive in order.
+        let _ = self.arm.send((ticket, Some(deadline)));
         done
     }
 
@@ -109,8 +112,9 @@ impl Leases {
     pub fn restore(&self, lease: Lease) {
         let ticket = lease.record.ticket;
         let deadline = lease.deadline;
-        self.shard(&ticket).insert(ticket, lease);
-        let _ = self.arm.send((ticket, deadline));
+        let mut shard = self.shard(&ticket);
+        shard.insert(ticket, lease);
+        let _ = self.arm.send((ticket, Some(deadline)));
     }
 
     /// Extends the lease to `length` (default: its original length) from `now`.
@@ -144,8 +148,8 @@ impl Leases {
             .detached
             .then(|| self.writer.submit(Change::Put(lease.record.clone())));
         let (expires, deadline) = (lease.record.expires_at_ms, lease.deadline);
+        let _ = self.arm.send((*ticket, Some(deadline)));
         drop(shard);
-        let _ = self.arm.send((*ticket, deadline));
         Ok((expires, done))
     }
 
@@ -158,7 +162,8 @@ impl Leases {
     pub fn release(&self, ticket: &Ticket, uid: u32) -> Result<Release, TicketError> {
         let mut shard = self.shard(ticket);
         let lease = match shard.get_mut(ticket) {
-            Some(l) if may_act(uid, l.record.uid) => l,
+            // A second release while one is being stored is refused: its outcome decides.
+            Some(l) if may_act(uid, l.record.uid) && !l.releasing => l,
             _ => return Err(TicketError::NotHolder),
         };
         if lease.detached {
@@ -168,13 +173,17 @@ impl Leases {
             ));
         }
         let lease = shard.remove(ticket).ok_or(TicketError::NotHolder)?;
+        let _ = self.arm.send((*ticket, None));
         Ok(Release::Done(Box::new(lease)))
     }
 
     /// Completes a detached release whose commit succeeded; `None` if the lease ended
     /// meanwhile (expired).
     pub fn finish_release(&self, ticket: &Ticket) -> Option<Lease> {
-        self.shard(ticket).remove(ticket)
+        let mut shard = self.shard(ticket);
+        let lease = shard.remove(ticket)?;
+        let _ = self.arm.send((*ticket, None));
+        Some(lease)
     }
 
     /// Undoes a detached release whose commit failed: the lease stays, and the store is told to
@@ -192,6 +201,7 @@ impl Leases {
     pub fn end_forced(&self, ticket: &Ticket) -> Option<Done> {
         let mut shard = self.shard(ticket);
         let lease = shard.remove(ticket)?;
+        let _ = self.arm.send((*ticket, None));
         lease
             .detached
             .then(|| self.writer.submit(Change::Delete(*ticket)))
@@ -201,20 +211,27 @@ impl Leases {
     pub fn revoke(&self, ticket: &Ticket) -> Option<Lease> {
         let mut shard = self.shard(ticket);
         let lease = shard.remove(ticket)?;
-        // The failed put would otherwise be retried and store a lease nobody holds.
+        let _ = self.arm.send((*ticket, None));
+        // Belt and braces: make sure no copy of the failed put reaches the disk later.
         self.writer.submit_quiet(Change::Delete(*ticket));
         Some(lease)
     }
 
     /// Forgets a session-bound lease whose hold ended with its connection (no store change).
     pub fn forget(&self, ticket: &Ticket) {
-        self.shard(ticket).remove(ticket);
+        let mut shard = self.shard(ticket);
+        if shard.remove(ticket).is_some() {
+            let _ = self.arm.send((*ticket, None));
+        }
     }
 
     /// Removes the lease if its deadline has passed (a renewal may have moved it).
     fn take_expired(&self, ticket: &Ticket, now: Instant) -> Option<Lease> {
         let mut shard = self.shard(ticket);
-        if shard.get(ticket)?.deadline > now {
+        let deadline = shard.get(ticket)?.deadline;
+        if deadline > now {
+            // Renewed: make sure a timer exists for the new deadline.
+            let _ = self.arm.send((*ticket, Some(deadline)));
             return None;
         }
         let lease = shard.remove(ticket)?;
@@ -227,22 +244,24 @@ impl Leases {
     }
 
     /// The expiry task: fires deadlines, ends expired holds, hands their keys on.
-    pub async fn expire_loop(
-        self: Arc<Self>,
-        mut arm: mpsc::UnboundedReceiver<(Ticket, Instant)>,
-        locks: Arc<LockSpace>,
-    ) {
+    pub async fn expire_loop(self: Arc<Self>, mut arm: Arming, locks: Arc<LockSpace>) {
         let mut timers: DelayQueue<Ticket> = DelayQueue::new();
         let mut keys: HashMap<Ticket, delay_queue::Key> = HashMap::default();
         loop {
             tokio::select! {
                 armed = arm.recv() => {
                     let Some((ticket, deadline)) = armed else { return };
-                    match keys.get(&ticket) {
-                        Some(k) => timers.reset_at(k, deadline),
-                        None => {
+                    match (keys.get(&ticket), deadline) {
+                        (Some(k), Some(deadline)) => timers.reset_at(k, deadline),
+                        (None, Some(deadline)) => {
                             keys.insert(ticket, timers.insert_at(ticket, deadline));
                         }
+                        (Some(_), None) => {
+                            if let Some(k) = keys.remove(&ticket) {
+                                timers.remove(&k);
+                            }
+                        }
+                        (None, None) => {}
                     }
                 }
                 Some(fired) = timers.next(), if !timers.is_empty() => {

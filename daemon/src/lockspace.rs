@@ -246,6 +246,21 @@ impl LockSpace {
         ended
     }
 
+    /// Ends a detached hold granted to `owner`'s `request` that the owner never learned of
+    /// (its connection closed first). Returns 1 if there was one.
+    pub fn abandon_detached(&self, key: &Key, owner: &Owner, request: RequestId) -> usize {
+        let fence = self.inspect(key, |e| {
+            e?.holders
+                .iter()
+                .find(|h| h.detached && h.request == request && h.owner == *owner)
+                .map(|h| h.fence)
+        });
+        match fence {
+            Some(fence) => usize::from(self.release(key, fence, Ended::Released)),
+            None => 0,
+        }
+    }
+
     /// Ends every hold on `key` (administrators only; the caller checked). Holders are told
     /// `HoldLost(ForceReleased)`. Returns the tickets of the ended holds, so their leases can be
     /// ended too.

@@ -22,11 +22,10 @@ pub enum Push {
     },
     /// A change on a key this connection watches.
     Watch { key: Key, change: Change },
-    /// A store commit this connection waits on before answering `request` finished.
-    Committed {
+    /// The answer to `request`, computed elsewhere (after a store commit).
+    Reply {
         request: RequestId,
-        outcome: Result<(), String>,
-        then: AfterCommit,
+        result: Result<lockd_protocol::Reply, lockd_protocol::WireError>,
     },
 }
 

@@ -173,6 +173,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         timers: DelayQueue::new(),
         tickets: TicketPool::default(),
         watching: Vec::new(),
+        unanswered_grants: HashMap::new(),
         shared,
     };
     Global::inc(&session.shared.global.connections);
@@ -278,6 +279,9 @@ struct Session {
     tickets: TicketPool,
     /// Keys this connection watches.
     watching: Vec<Key>,
+    /// Detached grants whose answer waits for a commit: if the connection closes first,
+    /// nobody will ever learn their tickets, so they are taken back.
+    unanswered_grants: HashMap<RequestId, (Key, Ticket, u64)>,
     shared: Arc<Shared>,
 }
 
@@ -576,6 +580,8 @@ impl Session {
             shown_expiry,
         });
         if let Some(done) = commit {
+            self.unanswered_grants
+                .insert(id, (key.clone(), ticket, fence));
             self.after_commit(id, done, AfterCommit::Granted { key, grant });
             return None;
         }
@@ -591,14 +597,19 @@ impl Session {
     }
 
     /// Answers request `id` once `done` reports (through this connection's mailbox).
+    ///
+    /// The state change that depends on the commit (finishing a release, taking back a failed
+    /// grant) happens in the spawned task, so it happens even if this connection closes first;
+    /// only the answer goes through the mailbox.
     fn after_commit(&self, id: RequestId, done: Done, then: AfterCommit) {
         let owner = self.owner.clone();
+        let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             let outcome = store::outcome(done.await).map_err(|e| e.to_string());
-            owner.push(Push::Committed {
+            let result = finish_commit(&shared, outcome, then);
+            owner.push(Push::Reply {
                 request: id,
-                outcome,
-                then,
+                result,
             });
         });
     }
@@ -707,6 +718,7 @@ impl Session {
         }
         // Answer once every detached lease's deletion is stored.
         let owner = self.owner.clone();
+        let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
             let mut outcome = Ok(());
             for done in commits {
@@ -714,10 +726,10 @@ impl Session {
                     outcome = Err(e.to_string());
                 }
             }
-            owner.push(Push::Committed {
+            let result = finish_commit(&shared, outcome, AfterCommit::ForceReleased { holds });
+            owner.push(Push::Reply {
                 request: id,
-                outcome,
-                then: AfterCommit::ForceReleased { holds },
+                result,
             });
         });
         None
@@ -812,53 +824,11 @@ impl Session {
                 self.wire
                     .send(ServerMessage::Event(Event::HoldLost { key, fence, reason }));
             }
-            Push::Committed {
-                request,
-                outcome,
-                then,
-            } => self.on_committed(request, outcome, then),
+            Push::Reply { request, result } => {
+                self.unanswered_grants.remove(&request);
+                self.respond(request, result);
+            }
         }
-    }
-
-    fn on_committed(&mut self, request: RequestId, outcome: Result<(), String>, then: AfterCommit) {
-        let unavailable = |why: &str| {
-            WireError::new(
-                ErrorCode::Unavailable,
-                format!("the change could not be stored ({why}); it was not made, retry later"),
-            )
-        };
-        let result = match (outcome, then) {
-            (Ok(()), AfterCommit::Granted { grant, .. }) => Ok(Reply::Granted(grant)),
-            (Ok(()), AfterCommit::Renewed { expires_at_ms }) => {
-                Ok(Reply::Renewed { expires_at_ms })
-            }
-            (Ok(()), AfterCommit::Released { ticket }) => {
-                if let Some(lease) = self.shared.leases.finish_release(&ticket) {
-                    self.shared
-                        .locks
-                        .release(&lease.record.key, lease.record.fence, Ended::Released);
-                }
-                Ok(Reply::Released)
-            }
-            (Err(why), AfterCommit::Granted { key, grant }) => {
-                // Take the grant back: nothing unacknowledged may hold the key.
-                if self.shared.leases.revoke(&grant.ticket).is_some() {
-                    self.shared.locks.release(&key, grant.fence, Ended::Released);
-                }
-                Err(unavailable(&why))
-            }
-            (Err(why), AfterCommit::Renewed { .. }) => Err(unavailable(&why)),
-            (Ok(()), AfterCommit::ForceReleased { holds }) => Ok(Reply::ForceReleased { holds }),
-            (Err(why), AfterCommit::ForceReleased { .. }) => Err(WireError::new(
-                ErrorCode::Unavailable,
-                format!("the holds ended, but storing it failed ({why}); detached leases may reappear after a crash: force-release again later"),
-            )),
-            (Err(why), AfterCommit::Released { ticket }) => {
-                self.shared.leases.abort_release(&ticket);
-                Err(unavailable(&why))
-            }
-        };
-        self.respond(request, result);
     }
 
     /// Releases every session hold and waiter of the connection. Waits go first, so a hold
@@ -868,8 +838,13 @@ impl Session {
         let locks = &self.shared.locks;
         let mut ended = 0;
         // Also catches grants that were made but not yet delivered to this task.
-        for (_, pending) in self.waits.drain() {
+        for (request, pending) in self.waits.drain() {
             ended += locks.remove_owner(&pending.key, &self.owner);
+            // A detached grant made for this request survives remove_owner, but nobody will
+            // ever learn its ticket: end it.
+            if pending.lease.as_ref().is_some_and(|l| l.detached) {
+                ended += locks.abandon_detached(&pending.key, &self.owner, request);
+            }
         }
         for (ticket, held) in self.holds.drain() {
             if held.leased {
@@ -879,6 +854,12 @@ impl Session {
         }
         for key in self.watching.drain(..) {
             locks.unwatch(&key, &self.owner);
+        }
+        for (_, (key, ticket, fence)) in self.unanswered_grants.drain() {
+            if self.shared.leases.revoke(&ticket).is_some() {
+                locks.release(&key, fence, Ended::Released);
+                ended += 1;
+            }
         }
         Global::dec(&self.shared.global.connections);
         tracing::debug!(
@@ -894,6 +875,53 @@ impl Drop for Session {
     /// Runs on every exit path, panics included: no session hold outlives its connection.
     fn drop(&mut self) {
         self.cleanup();
+    }
+}
+
+/// Completes a change whose store commit finished: the reply, and the state change that
+/// depends on the outcome.
+fn finish_commit(
+    shared: &Shared,
+    outcome: Result<(), String>,
+    then: AfterCommit,
+) -> Result<Reply, WireError> {
+    let unavailable = |why: &str| {
+        WireError::new(
+            ErrorCode::Unavailable,
+            format!("the change could not be stored ({why}); it was not made, retry later"),
+        )
+    };
+    match (outcome, then) {
+        (Ok(()), AfterCommit::Granted { grant, .. }) => Ok(Reply::Granted(grant)),
+        (Ok(()), AfterCommit::Renewed { expires_at_ms }) => Ok(Reply::Renewed { expires_at_ms }),
+        (Ok(()), AfterCommit::Released { ticket }) => {
+            if let Some(lease) = shared.leases.finish_release(&ticket) {
+                shared
+                    .locks
+                    .release(&lease.record.key, lease.record.fence, Ended::Released);
+            }
+            Ok(Reply::Released)
+        }
+        (Err(why), AfterCommit::Granted { key, grant }) => {
+            // Take the grant back: nothing unacknowledged may hold the key.
+            if shared.leases.revoke(&grant.ticket).is_some() {
+                shared.locks.release(&key, grant.fence, Ended::Released);
+            }
+            Err(unavailable(&why))
+        }
+        (Err(why), AfterCommit::Renewed { .. }) => Err(unavailable(&why)),
+        (Ok(()), AfterCommit::ForceReleased { holds }) => Ok(Reply::ForceReleased { holds }),
+        (Err(why), AfterCommit::ForceReleased { .. }) => Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the holds ended, but storing it failed ({why}); detached leases may reappear \
+                 after a crash: force-release again later"
+            ),
+        )),
+        (Err(why), AfterCommit::Released { ticket }) => {
+            shared.leases.abort_release(&ticket);
+            Err(unavailable(&why))
+        }
     }
 }
 

@@ -275,7 +275,7 @@ impl Store {
     /// [`StoreError::Storage`].
     pub fn set_fence_ceiling(&mut self, ceiling: u64) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        batch.add(Change::FenceCeiling(ceiling));
+        batch.add(Change::FenceCeiling(ceiling), true);
         self.apply(&batch)
     }
 
@@ -296,7 +296,7 @@ impl Store {
         let tx = self.db()?.begin_write().map_err(storage)?;
         {
             let mut leases = tx.open_table(LEASES).map_err(storage)?;
-            for (ticket, state) in &batch.leases {
+            for (ticket, (state, _)) in &batch.leases {
                 let k = ticket.bytes();
                 match state {
                     Some(record) => {
@@ -345,8 +345,8 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// Changes to commit together. Later changes to the same lease replace earlier ones.
 #[derive(Default, Debug)]
 pub struct Batch {
-    /// `Some` to store a lease, `None` to delete it.
-    leases: HashMap<Ticket, Option<LeaseRecord>>,
+    /// `Some` to store a lease, `None` to delete it; `true` when a requester waits on it.
+    leases: HashMap<Ticket, (Option<LeaseRecord>, bool)>,
     fence_ceiling: Option<u64>,
 }
 
@@ -359,13 +359,13 @@ pub enum Change {
 }
 
 impl Batch {
-    fn add(&mut self, change: Change) {
+    fn add(&mut self, change: Change, waited: bool) {
         match change {
             Change::Put(record) => {
-                self.leases.insert(record.ticket, Some(record));
+                self.leases.insert(record.ticket, (Some(record), waited));
             }
             Change::Delete(ticket) => {
-                self.leases.insert(ticket, None);
+                self.leases.insert(ticket, (None, waited));
             }
             Change::FenceCeiling(c) => {
                 self.fence_ceiling = Some(self.fence_ceiling.map_or(c, |old| old.max(c)));
@@ -375,6 +375,14 @@ impl Batch {
 
     fn is_empty(&self) -> bool {
         self.leases.is_empty() && self.fence_ceiling.is_none()
+    }
+
+    /// After a failed commit: forget the changes whose requesters were told it failed (they
+    /// were "not made"; their undo, if any, follows as a quiet change) and keep the quiet ones
+    /// for the retry. The fence thread retries its own reservation.
+    fn keep_quiet_changes(&mut self) {
+        self.leases.retain(|_, (_, waited)| !*waited);
+        self.fence_ceiling = None;
     }
 }
 
@@ -454,7 +462,7 @@ fn writer_loop(mut store: Store, rx: std_mpsc::Receiver<Job>) {
             .into_iter()
             .chain(std::iter::from_fn(|| rx.try_recv().ok()))
         {
-            batch.add(job.change);
+            batch.add(job.change, job.done.is_some());
             waiters.extend(job.done);
         }
         if batch.is_empty() {
@@ -478,6 +486,7 @@ fn writer_loop(mut store: Store, rx: std_mpsc::Receiver<Job>) {
                     );
                 }
                 failing = true;
+                batch.keep_quiet_changes();
                 let msg = e.to_string();
                 for w in waiters.drain(..) {
                     let _ = w.send(Err(StoreError::CommitFailed(msg.clone())));
@@ -604,10 +613,10 @@ mod tests {
             let mut store = Store::open(dir.path()).unwrap();
             assert_eq!(store.fence_ceiling().unwrap(), 0);
             let mut batch = Batch::default();
-            batch.add(Change::Put(a.clone()));
-            batch.add(Change::Put(b.clone()));
-            batch.add(Change::Delete(b.ticket));
-            batch.add(Change::FenceCeiling(42));
+            batch.add(Change::Put(a.clone()), true);
+            batch.add(Change::Put(b.clone()), false);
+            batch.add(Change::Delete(b.ticket), true);
+            batch.add(Change::FenceCeiling(42), true);
             store.apply(&batch).unwrap();
         }
         let mut store = Store::open(dir.path()).unwrap();

@@ -160,8 +160,11 @@ async fn failing_disk_answers_unavailable_keeps_session_locks_and_recovers() {
     let c = d.client().await;
     let lease = Duration::from_secs(60);
     let before = c.acquire("before").lease(lease).detached().await.unwrap();
+    let kept = c.acquire("kept").lease(lease).detached().await.unwrap();
 
     std::fs::write(&fault, b"").unwrap(); // the disk starts failing
+    let err = c.release(&kept.ticket).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
     let err = c
         .acquire("during")
         .lease(lease)
@@ -218,4 +221,51 @@ async fn failing_disk_answers_unavailable_keeps_session_locks_and_recovers() {
     c.renew(&after.ticket, None)
         .await
         .expect("the lease taken after recovery survived");
+}
+
+#[tokio::test]
+async fn detached_grant_to_a_closing_connection_is_not_orphaned() {
+    use lockd_protocol::{Acquire, Key, Mode, Op, Wait};
+    use lockd_tests::raw::RawConn;
+    let d = TestDaemon::start(LOCKD).await;
+    let holder = d.client().await;
+    let other = d.client().await;
+    for i in 0..20 {
+        let name = format!("orphan-{i}");
+        let held = holder.lock(name.as_str()).await.unwrap();
+        let mut raw = RawConn::connect_hello(&d.socket).await;
+        raw.request(
+            1,
+            Op::Acquire(Acquire {
+                key: Key::in_default(name.as_str()).unwrap(),
+                mode: Mode::Exclusive,
+                wait: Wait::Forever,
+                lease_ms: Some(60_000),
+                detach: true,
+                data: vec![],
+            }),
+        )
+        .await;
+        raw.request(2, Op::Ping).await;
+        let _ = raw.recv(PROMPT).await; // the Pong: the acquire is queued
+                                        // Release and vanish at the same moment: the grant races the disconnect.
+        let (released, ()) = tokio::join!(held.release(), async { drop(raw) });
+        released.unwrap();
+        // Either the waiter was gone before the grant, or it got a detached lease whose
+        // ticket it will never read; both ways the key must not stay held for the lease's
+        // minute: a lease nobody knows the ticket of is abandoned with its connection.
+        let g = within(PROMPT, "key free again", async {
+            loop {
+                match other.try_lock(name.as_str()).await {
+                    Ok(g) => break g,
+                    Err(e) if e.is_conflict() => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await;
+        drop(g);
+    }
 }

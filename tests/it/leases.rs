@@ -112,8 +112,8 @@ async fn expiry_hands_the_key_to_the_next_waiter_and_renewal_prevents_it() {
     let d = daemon().await;
     let (a, b) = (d.client().await, d.client().await);
     let lease = Duration::from_millis(500);
+    let start = Instant::now(); // before the acquire: the lease runs from the grant on
     let detached = a.acquire("exp").lease(lease).detached().await.unwrap();
-    let start = Instant::now();
     let waiting = enqueue(&b, b.acquire("exp").wait_forever()).await;
     let g = within(PROMPT, "granted by expiry", waiting)
         .await
