@@ -1,8 +1,10 @@
 //! `lockctl`: lockd from the shell. Argument parsing lives here; each subcommand in its module.
 
+mod admin;
 mod duration;
 mod exit;
 mod lease;
+mod output;
 mod run;
 
 use std::path::PathBuf;
@@ -24,7 +26,10 @@ Exit codes:
 Examples:
   lockctl run -n nightly-backup -- /usr/local/bin/backup.sh
   lockctl run -w 30 -s reports -- ./read-reports.sh
-  eval \"$(lockctl acquire --lease 10m -n report)\" && lockctl release \"$LOCKD_TICKET\"";
+  eval \"$(lockctl acquire --lease 10m -n report)\" && lockctl release \"$LOCKD_TICKET\"
+  lockctl describe nightly-backup
+  lockctl list --namespace ops
+  lockctl metrics > /var/lib/node_exporter/lockd.prom";
 
 /// Take lockd locks from the shell: flock(1) for a whole host, with fencing tokens.
 #[derive(Parser, Debug)]
@@ -43,6 +48,24 @@ enum Command {
     Acquire(lease::AcquireArgs),
     Renew(lease::RenewArgs),
     Release(lease::ReleaseArgs),
+    Describe(admin::DescribeArgs),
+    List(admin::ListArgs),
+    ForceRelease(admin::ForceArgs),
+    Watch(admin::WatchArgs),
+    Stats(admin::StatsArgs),
+    /// Print the daemon's statistics in Prometheus text format (lockd_ prefix)
+    #[command(
+        after_help = "Example (node_exporter textfile collector):\n  lockctl metrics > /var/lib/node_exporter/lockd.prom.$$ && mv /var/lib/node_exporter/lockd.prom.$$ /var/lib/node_exporter/lockd.prom"
+    )]
+    Metrics,
+    /// Print a shell completion script
+    #[command(
+        after_help = "Example:\n  lockctl completions bash > /etc/bash_completion.d/lockctl"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -56,6 +79,22 @@ async fn main() -> ExitCode {
         Command::Acquire(args) => lease::acquire(&socket, args).await,
         Command::Renew(args) => lease::renew(&socket, args).await,
         Command::Release(args) => lease::release(&socket, args).await,
+        Command::Describe(args) => admin::describe(&socket, args).await,
+        Command::List(args) => admin::list(&socket, args).await,
+        Command::ForceRelease(args) => admin::force_release(&socket, args).await,
+        Command::Watch(args) => admin::watch(&socket, args).await,
+        Command::Stats(args) => admin::stats(&socket, args).await,
+        Command::Metrics => admin::metrics(&socket).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "lockctl",
+                &mut std::io::stdout(),
+            );
+            0
+        }
     };
     ExitCode::from(code)
 }

@@ -1,0 +1,453 @@
+//! `lockctl describe`, `list`, `force-release`, `watch`, `stats`, `metrics`: seeing and fixing
+//! what the daemon holds.
+
+use std::path::Path;
+
+use clap::Args;
+use lockd_client::{Change, Client, ConnectOptions, Description, Key, Stats};
+use serde_json::json;
+
+use crate::{exit, output};
+
+#[derive(Args, Debug)]
+pub struct KeyArgs {
+    /// Lock name
+    pub name: String,
+    /// Lock namespace
+    #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Who holds a lock and who waits for it (never tickets).
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  lockctl describe nightly-backup\n  lockctl describe --json --namespace ops deploy | jq '.holders[0].pid'"
+)]
+pub struct DescribeArgs {
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Locks that have holders or waiters.
+#[derive(Args, Debug)]
+#[command(after_help = "Example:\n  lockctl list --namespace ops --prefix deploy-")]
+pub struct ListArgs {
+    /// Only this namespace [default: every namespace you may use]
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Only names starting with this
+    #[arg(long, value_name = "P", default_value = "")]
+    pub prefix: String,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// End every hold on a lock (root or a configured admin); holders are told they lost it.
+#[derive(Args, Debug)]
+#[command(after_help = "Example:\n  lockctl force-release stuck-job")]
+pub struct ForceArgs {
+    /// Lock name
+    pub name: String,
+    /// Lock namespace
+    #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+}
+
+/// Print one line per event on a lock until interrupted.
+#[derive(Args, Debug)]
+#[command(after_help = "Example:\n  lockctl watch leader --json | while read -r ev; do ...; done")]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Counters, gauges and latency distributions.
+#[derive(Args, Debug)]
+#[command(after_help = "Example:\n  lockctl stats --json | jq .gauges.holds")]
+pub struct StatsArgs {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+async fn connect(socket: &Path, what: &str) -> Result<Client, u8> {
+    let options = ConnectOptions {
+        client_name: format!("lockctl {what}"),
+        ..ConnectOptions::default()
+    };
+    Client::connect_with(socket, options)
+        .await
+        .map_err(|e| fail(&e))
+}
+
+fn fail(e: &lockd_client::Error) -> u8 {
+    eprintln!("lockctl: {e}");
+    exit::for_error(e, exit::NOT_ACQUIRED)
+}
+
+fn key(name: &str, namespace: &str) -> Result<Key, u8> {
+    Key::new(namespace, name).map_err(|e| {
+        eprintln!("lockctl: {e}");
+        exit::USAGE
+    })
+}
+
+pub async fn describe(socket: &Path, args: DescribeArgs) -> u8 {
+    let k = match key(&args.key.name, &args.key.namespace) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let client = match connect(socket, "describe").await {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    match client.describe(&k).await {
+        Ok(d) if args.key.json => {
+            println!("{}", describe_json(&d));
+            0
+        }
+        Ok(d) => {
+            print_description(&d);
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn describe_json(d: &Description) -> serde_json::Value {
+    json!({
+        "namespace": d.key.namespace,
+        "name": d.key.name,
+        "holders": d.holders.iter().map(|h| json!({
+            "mode": h.mode.as_str(),
+            "fence": h.fence,
+            "pid": h.owner.pid,
+            "uid": h.owner.uid,
+            "gid": h.owner.gid,
+            "client": h.owner.client_name,
+            "acquired_at_ms": h.acquired_at_ms,
+            "expires_at_ms": h.expires_at_ms,
+            "detached": h.detached,
+            "data": output::data(&h.data),
+        })).collect::<Vec<_>>(),
+        "waiters": d.waiters.iter().map(|w| json!({
+            "mode": w.mode.as_str(),
+            "pid": w.owner.pid,
+            "uid": w.owner.uid,
+            "gid": w.owner.gid,
+            "client": w.owner.client_name,
+            "since_ms": w.since_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn pid(p: Option<i32>) -> String {
+    p.map_or_else(|| "-".into(), |p| p.to_string())
+}
+
+fn print_description(d: &Description) {
+    println!(
+        "{}: {} holder(s), {} waiter(s)",
+        d.key,
+        d.holders.len(),
+        d.waiters.len()
+    );
+    if !d.holders.is_empty() {
+        let rows: Vec<Vec<String>> = d
+            .holders
+            .iter()
+            .map(|h| {
+                vec![
+                    h.mode.as_str().into(),
+                    h.fence.to_string(),
+                    pid(h.owner.pid),
+                    h.owner.uid.to_string(),
+                    h.owner.client_name.clone(),
+                    output::relative(h.acquired_at_ms),
+                    h.expires_at_ms.map_or_else(|| "-".into(), output::relative),
+                    output::data(&h.data),
+                ]
+            })
+            .collect();
+        println!();
+        output::table(
+            &[
+                "MODE", "FENCE", "PID", "UID", "CLIENT", "ACQUIRED", "EXPIRES", "DATA",
+            ],
+            &rows,
+        );
+    }
+    if !d.waiters.is_empty() {
+        let rows: Vec<Vec<String>> = d
+            .waiters
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                vec![
+                    (i + 1).to_string(),
+                    w.mode.as_str().into(),
+                    pid(w.owner.pid),
+                    w.owner.uid.to_string(),
+                    w.owner.client_name.clone(),
+                    output::relative(w.since_ms),
+                ]
+            })
+            .collect();
+        println!();
+        output::table(
+            &["#", "MODE", "PID", "UID", "CLIENT", "WAITING SINCE"],
+            &rows,
+        );
+    }
+}
+
+pub async fn list(socket: &Path, args: ListArgs) -> u8 {
+    let client = match connect(socket, "list").await {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let keys = match client.list(args.namespace.as_deref(), &args.prefix).await {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        let v: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                json!({
+                    "namespace": k.key.namespace,
+                    "name": k.key.name,
+                    "mode": k.mode.map(|m| m.as_str()),
+                    "holders": k.holders,
+                    "waiters": k.waiters,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return 0;
+    }
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.key.namespace.clone(),
+                k.key.name.clone(),
+                k.mode.map_or("-", |m| m.as_str()).into(),
+                k.holders.to_string(),
+                k.waiters.to_string(),
+            ]
+        })
+        .collect();
+    output::table(&["NAMESPACE", "NAME", "MODE", "HOLDERS", "WAITERS"], &rows);
+    0
+}
+
+pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
+    let k = match key(&args.name, &args.namespace) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let client = match connect(socket, "force-release").await {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    match client.force_release(&k).await {
+        Ok(n) => {
+            println!("{k}: ended {n} hold(s)");
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+pub async fn watch(socket: &Path, args: WatchArgs) -> u8 {
+    let k = match key(&args.key.name, &args.key.namespace) {
+        Ok(k) => k,
+        Err(c) => return c,
+    };
+    let client = match connect(socket, "watch").await {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let mut events = match client.watch(&k).await {
+        Ok(w) => w,
+        Err(e) => return fail(&e),
+    };
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    while let Some(change) = events.next().await {
+        let at = output::now_ms();
+        let line = if args.key.json {
+            change_json(&k, &change, at).to_string()
+        } else {
+            change_line(&change)
+        };
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return 0; // the reader went away (e.g. `| head`)
+        }
+    }
+    eprintln!("lockctl: the connection to lockd was lost");
+    exit::UNAVAILABLE
+}
+
+fn change_line(c: &Change) -> String {
+    match c {
+        Change::Granted { fence, mode, owner } => format!(
+            "granted  fence={fence} mode={} pid={} uid={} client={:?}",
+            mode.as_str(),
+            pid(owner.pid),
+            owner.uid,
+            owner.client_name
+        ),
+        other => format!("{:<8} fence={}", other.kind(), other.fence()),
+    }
+}
+
+fn change_json(k: &Key, c: &Change, at_ms: u64) -> serde_json::Value {
+    let mut v = json!({
+        "event": c.kind(),
+        "namespace": k.namespace,
+        "name": k.name,
+        "fence": c.fence(),
+        "at_ms": at_ms,
+    });
+    if let Change::Granted { mode, owner, .. } = c {
+        v["mode"] = json!(mode.as_str());
+        v["pid"] = json!(owner.pid);
+        v["uid"] = json!(owner.uid);
+        v["client"] = json!(owner.client_name);
+    }
+    v
+}
+
+pub async fn stats(socket: &Path, args: StatsArgs) -> u8 {
+    let client = match connect(socket, "stats").await {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let s = match client.stats().await {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        let counters: serde_json::Map<_, _> = s
+            .counters
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        let gauges: serde_json::Map<_, _> = s
+            .gauges
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        let hist = |h: &lockd_protocol::Histogram| json!({ "bounds_ms": h.bounds_ms, "counts": h.counts, "sum_ms": h.sum_ms });
+        println!(
+            "{}",
+            json!({
+                "uptime_ms": s.uptime_ms,
+                "counters": counters,
+                "gauges": gauges,
+                "wait_ms": hist(&s.wait_ms),
+                "hold_ms": hist(&s.hold_ms),
+            })
+        );
+        return 0;
+    }
+    let mut rows = vec![vec!["uptime".to_string(), output::duration(s.uptime_ms)]];
+    rows.extend(s.gauges.iter().map(|(k, v)| vec![k.clone(), v.to_string()]));
+    rows.extend(
+        s.counters
+            .iter()
+            .map(|(k, v)| vec![format!("{k} (total)"), v.to_string()]),
+    );
+    for (name, h) in [("wait", &s.wait_ms), ("hold", &s.hold_ms)] {
+        let n: u64 = h.counts.iter().sum();
+        let mean = if n == 0 { 0 } else { h.sum_ms / n };
+        rows.push(vec![
+            format!("{name} time"),
+            format!("{n} observed, mean {}", output::duration(mean)),
+        ]);
+    }
+    output::table(&["NAME", "VALUE"], &rows);
+    0
+}
+
+pub async fn metrics(socket: &Path) -> u8 {
+    let client = match connect(socket, "metrics").await {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    match client.stats().await {
+        Ok(s) => {
+            print!("{}", prometheus(&s));
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prometheus text exposition format (valid for the node_exporter textfile collector).
+pub fn prometheus(s: &Stats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP lockd_uptime_seconds Seconds since lockd started."
+    );
+    let _ = writeln!(out, "# TYPE lockd_uptime_seconds gauge");
+    let _ = writeln!(out, "lockd_uptime_seconds {}", s.uptime_ms as f64 / 1000.0);
+    for (name, v) in &s.counters {
+        let _ = writeln!(
+            out,
+            "# HELP lockd_{name}_total Count of {} since start.",
+            name.replace('_', " ")
+        );
+        let _ = writeln!(out, "# TYPE lockd_{name}_total counter");
+        let _ = writeln!(out, "lockd_{name}_total {v}");
+    }
+    for (name, v) in &s.gauges {
+        let _ = writeln!(
+            out,
+            "# HELP lockd_{name} Current number of {}.",
+            name.replace('_', " ")
+        );
+        let _ = writeln!(out, "# TYPE lockd_{name} gauge");
+        let _ = writeln!(out, "lockd_{name} {v}");
+    }
+    for (name, help, h) in [
+        (
+            "wait",
+            "Time requests waited in a queue before their grant.",
+            &s.wait_ms,
+        ),
+        (
+            "hold",
+            "Time holds were held before they ended.",
+            &s.hold_ms,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP lockd_{name}_seconds {help}");
+        let _ = writeln!(out, "# TYPE lockd_{name}_seconds histogram");
+        let mut cumulative = 0;
+        for (bound, count) in h.bounds_ms.iter().zip(&h.counts) {
+            cumulative += count;
+            let le = *bound as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "lockd_{name}_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let total: u64 = h.counts.iter().sum();
+        let _ = writeln!(out, "lockd_{name}_seconds_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "lockd_{name}_seconds_sum {}", h.sum_ms as f64 / 1000.0);
+        let _ = writeln!(out, "lockd_{name}_seconds_count {total}");
+    }
+    out
+}
