@@ -369,7 +369,7 @@ pub async fn stats(socket: &Path, args: StatsArgs) -> u8 {
     );
     for (name, h) in [("wait", &s.wait_ms), ("hold", &s.hold_ms)] {
         let n: u64 = h.counts.iter().sum();
-        let mean = if n == 0 { 0 } else { h.sum_ms / n };
+        let mean = h.sum_ms.checked_div(n).unwrap_or(0);
         rows.push(vec![
             format!("{name} time"),
             format!("{n} observed, mean {}", output::duration(mean)),
