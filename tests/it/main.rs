@@ -3,6 +3,7 @@
 //! One test binary, one module per behaviour. Every daemon runs on its own temporary socket and
 //! data directory; every wait is bounded.
 
+mod admin;
 mod counter;
 mod crash;
 mod durability;
