@@ -137,7 +137,7 @@ impl LockSpace {
             {
                 Acquired::Granted(fence) => {
                     shard.stats.grants += 1;
-                    if let Some(watchers) = shard.watches.get(key) {
+                    if let Some(watchers) = shard.watchers(key) {
                         let change = Change::Granted {
                             fence,
                             mode,
@@ -476,9 +476,19 @@ pub struct Totals {
 }
 
 impl Shard {
+    /// Watchers of `key`; skips hashing when nobody in this shard watches anything (the hot
+    /// path).
+    fn watchers(&self, key: &Key) -> Option<&Vec<Owner>> {
+        if self.watches.is_empty() {
+            None
+        } else {
+            self.watches.get(key)
+        }
+    }
+
     /// Queues the watch event for a hold that ended.
     fn ended(&mut self, key: &Key, change: Change, out: &mut Outbox) {
-        if let Some(watchers) = self.watches.get(key) {
+        if let Some(watchers) = self.watchers(key) {
             notify(out, watchers, key, change);
         }
     }
@@ -488,7 +498,7 @@ impl Shard {
         for g in granted {
             self.stats.grants += 1;
             self.stats.wait_ms.observe(now.saturating_sub(g.since));
-            if let Some(watchers) = self.watches.get(key) {
+            if let Some(watchers) = self.watchers(key) {
                 let change = Change::Granted {
                     fence: g.fence,
                     mode: g.mode,

@@ -355,3 +355,47 @@ async fn help_teaches_and_completions_generate() {
         assert!(stdout(&out).contains("lockctl"), "{shell}");
     }
 }
+
+#[tokio::test]
+async fn long_holds_are_logged_once_and_counted() {
+    let d = TestDaemon::start_with(LOCKD, &["--long-hold", "0.3"]).await;
+    let c = d.client().await;
+    let _g = c.lock("slowpoke").await.unwrap();
+    let stats = within(PROMPT, "long hold noticed", async {
+        loop {
+            let s = c.stats().await.unwrap();
+            let warned = s
+                .counters
+                .iter()
+                .find(|(n, _)| n == "long_holds_warned")
+                .unwrap()
+                .1;
+            if warned >= 1 {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let gauge = stats
+        .gauges
+        .iter()
+        .find(|(n, _)| n == "long_holds")
+        .unwrap()
+        .1;
+    assert_eq!(gauge, 1);
+    tokio::time::sleep(Duration::from_millis(400)).await; // a few more checks run
+    let log = d.log_tail();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("long hold")).collect();
+    assert_eq!(warnings.len(), 1, "logged once:\n{log}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("default/slowpoke"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].contains("age_s") && warnings[0].contains("pid"),
+        "{}",
+        warnings[0]
+    );
+}
