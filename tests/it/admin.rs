@@ -3,27 +3,16 @@
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use lockd_client::{ErrorCode, Key, ListQuery, Lost, Mode};
-use lockd_protocol::{Acquire, Op, Wait};
+use lockd_client::{ErrorCode, ListQuery, Lost, Mode};
+use lockd_protocol::Wait;
 use lockd_tests::raw::RawConn;
 use lockd_tests::{within, TestDaemon};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::{daemon, enqueue, LOCKCTL, LOCKD, PROMPT};
-
-async fn lockctl(d: &TestDaemon, args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(LOCKCTL)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .output();
-    within(Duration::from_secs(60), "lockctl", run)
-        .await
-        .unwrap()
-}
+use crate::{daemon, enqueue, lockctl, LOCKCTL, LOCKD, PROMPT};
 
 fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    crate::text(&o.stdout)
 }
 
 #[tokio::test]
@@ -46,7 +35,7 @@ async fn describe_shows_holders_and_waiters_in_order_and_never_a_ticket() {
     let _p1 = enqueue(&w1, w1.acquire("described").shared().wait_forever()).await;
     let _p2 = enqueue(&w2, w2.acquire("described").wait_forever()).await;
 
-    let json = lockctl(&d, &["describe", "--json", "described"]).await;
+    let json = lockctl(&d.socket, &["describe", "--json", "described"]).await;
     assert_eq!(json.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let h = &v["holders"][0];
@@ -66,7 +55,7 @@ async fn describe_shows_holders_and_waiters_in_order_and_never_a_ticket() {
     );
     assert_eq!(waiters[1]["mode"], "exclusive");
 
-    let human = lockctl(&d, &["describe", "described"]).await;
+    let human = lockctl(&d.socket, &["describe", "described"]).await;
     let text = stdout(&human);
     assert!(
         text.contains("leader=10.0.0.7") && text.contains("exclusive"),
@@ -78,9 +67,9 @@ async fn describe_shows_holders_and_waiters_in_order_and_never_a_ticket() {
         for out in [&json, &human] {
             assert!(!stdout(out).contains(&ticket), "ticket leaked by describe");
         }
-        let det = lockctl(&d, &["describe", "--json", "described-detached"]).await;
+        let det = lockctl(&d.socket, &["describe", "--json", "described-detached"]).await;
         assert!(!stdout(&det).contains(&ticket));
-        let list = lockctl(&d, &["list", "--json"]).await;
+        let list = lockctl(&d.socket, &["list", "--json"]).await;
         assert!(!stdout(&list).contains(&ticket));
         assert!(
             !d.log_tail().contains(&ticket),
@@ -120,13 +109,13 @@ async fn list_paginates_over_five_thousand_keys() {
     }
     let expected: Vec<String> = (0..5000).map(|i| format!("page-{i:05}")).collect();
     assert_eq!(seen, expected);
-    let out = lockctl(&d, &["list", "--prefix", "page-"]).await;
+    let out = lockctl(&d.socket, &["list", "--prefix", "page-"]).await;
     assert_eq!(
         stdout(&out).lines().count(),
         5001,
         "header + one line per key"
     );
-    let out = lockctl(&d, &["list", "--json", "--namespace", "default"]).await;
+    let out = lockctl(&d.socket, &["list", "--json", "--namespace", "default"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 5001);
     assert_eq!(v[0]["holders"], 1);
@@ -168,7 +157,7 @@ async fn force_release_by_root_ends_holds_and_is_denied_to_others() {
         eprintln!("SKIPPED the non-admin half: needs root and setpriv to run as another uid");
     }
 
-    let out = lockctl(&d, &["force-release", "stuck"]).await;
+    let out = lockctl(&d.socket, &["force-release", "stuck"]).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -247,14 +236,7 @@ async fn watch_reports_grant_release_expiry_and_disconnect_in_order() {
     free.release().await.unwrap();
     raw.request(
         1,
-        Op::Acquire(Acquire {
-            key: Key::in_default("watched").unwrap(),
-            mode: Mode::Exclusive,
-            wait: Wait::No,
-            lease_ms: None,
-            detach: false,
-            data: vec![],
-        }),
+        crate::acquire_op("watched", Mode::Exclusive, Wait::No, None, false),
     )
     .await;
     let _ = raw.recv(PROMPT).await;
@@ -283,7 +265,7 @@ async fn metrics_parse_as_prometheus_text() {
     let _ = w.acquire("m").wait(Duration::from_millis(50)).await; // a timeout
     g.release().await.unwrap();
     let _held = c.try_lock("m").await.unwrap();
-    let out = lockctl(&d, &["metrics"]).await;
+    let out = lockctl(&d.socket, &["metrics"]).await;
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
     let lines = text.lines().map(|l| Ok(l.to_string()));
@@ -317,7 +299,7 @@ async fn metrics_parse_as_prometheus_text() {
                 && matches!(s.value, prometheus_parse::Value::Histogram(_))),
         "hold time histogram present:\n{text}"
     );
-    let stats = lockctl(&d, &["stats", "--json"]).await;
+    let stats = lockctl(&d.socket, &["stats", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(v["gauges"]["holds"], 1);
 }
@@ -325,7 +307,7 @@ async fn metrics_parse_as_prometheus_text() {
 #[tokio::test]
 async fn help_teaches_and_completions_generate() {
     let d = daemon().await;
-    let help = lockctl(&d, &["--help"]).await;
+    let help = lockctl(&d.socket, &["--help"]).await;
     let text = stdout(&help);
     for needle in ["Exit codes", "69", "77", "Examples"] {
         assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
@@ -343,14 +325,14 @@ async fn help_teaches_and_completions_generate() {
         "metrics",
         "completions",
     ] {
-        let out = lockctl(&d, &[sub, "--help"]).await;
+        let out = lockctl(&d.socket, &[sub, "--help"]).await;
         assert!(
             stdout(&out).contains("Example"),
             "{sub} --help has no example"
         );
     }
     for shell in ["bash", "zsh", "fish"] {
-        let out = lockctl(&d, &["completions", shell]).await;
+        let out = lockctl(&d.socket, &["completions", shell]).await;
         assert_eq!(out.status.code(), Some(0));
         assert!(stdout(&out).contains("lockctl"), "{shell}");
     }

@@ -78,14 +78,7 @@ async fn protocol_error_releases_the_offenders_own_holds() {
     let mut raw = RawConn::connect_hello(&d.socket).await;
     raw.request(
         1,
-        Op::Acquire(Acquire {
-            key: Key::in_default("raw-held").unwrap(),
-            mode: Mode::Exclusive,
-            wait: Wait::No,
-            lease_ms: None,
-            detach: false,
-            data: vec![],
-        }),
+        crate::acquire_op("raw-held", Mode::Exclusive, Wait::No, None, false),
     )
     .await;
     match raw.recv(PROMPT).await {

@@ -7,24 +7,9 @@ use std::time::{Duration, Instant};
 use lockd_client::{ErrorCode, Lost, Ticket};
 use lockd_protocol::{Acquire, Event, Key, LostReason, Mode, Op, Reply, ServerMessage, Wait};
 use lockd_tests::raw::RawConn;
-use lockd_tests::{within, TestDaemon};
+use lockd_tests::within;
 
-use crate::{daemon, enqueue, LOCKCTL, PROMPT};
-
-async fn lockctl(d: &TestDaemon, args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(LOCKCTL)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .output();
-    within(Duration::from_secs(60), "lockctl", run)
-        .await
-        .unwrap()
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
+use crate::{code, daemon, enqueue, lockctl, PROMPT};
 
 fn field(out: &Output, name: &str) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -39,7 +24,7 @@ fn field(out: &Output, name: &str) -> String {
 async fn detached_lease_from_lockctl_outlives_it_and_is_managed_by_ticket() {
     let d = daemon().await;
     let out = lockctl(
-        &d,
+        &d.socket,
         &["acquire", "--lease", "1m", "--detach", "-n", "cron-job"],
     )
     .await;
@@ -50,26 +35,26 @@ async fn detached_lease_from_lockctl_outlives_it_and_is_managed_by_ticket() {
     Ticket::from_text(&ticket).expect("a ticket");
 
     // lockctl has exited; the lease still blocks others.
-    let out = lockctl(&d, &["run", "-n", "cron-job", "--", "true"]).await;
+    let out = lockctl(&d.socket, &["run", "-n", "cron-job", "--", "true"]).await;
     assert_eq!(code(&out), 1, "the detached lease must block run -n");
 
     // Renewed and released from other processes by the ticket.
-    let out = lockctl(&d, &["renew", &ticket, "--lease", "2m"]).await;
+    let out = lockctl(&d.socket, &["renew", &ticket, "--lease", "2m"]).await;
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let out = lockctl(&d, &["release", &ticket]).await;
+    let out = lockctl(&d.socket, &["release", &ticket]).await;
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    let out = lockctl(&d, &["run", "-n", "cron-job", "--", "true"]).await;
+    let out = lockctl(&d.socket, &["run", "-n", "cron-job", "--", "true"]).await;
     assert_eq!(code(&out), 0, "released");
 
     // An ended ticket and a wrong ticket: exit 3. A malformed one: usage error.
-    let out = lockctl(&d, &["release", &ticket]).await;
+    let out = lockctl(&d.socket, &["release", &ticket]).await;
     assert_eq!(code(&out), 3);
-    let out = lockctl(&d, &["renew", &ticket]).await;
+    let out = lockctl(&d.socket, &["renew", &ticket]).await;
     assert_eq!(code(&out), 3);
     let wrong = Ticket::generate().unwrap().to_text();
-    let out = lockctl(&d, &["release", &wrong]).await;
+    let out = lockctl(&d.socket, &["release", &wrong]).await;
     assert_eq!(code(&out), 3);
-    let out = lockctl(&d, &["release", "not-a-ticket"]).await;
+    let out = lockctl(&d.socket, &["release", "not-a-ticket"]).await;
     assert_eq!(code(&out), 2);
 }
 
@@ -165,14 +150,7 @@ async fn expired_session_lease_pushes_hold_lost_to_its_connection() {
     let mut raw = RawConn::connect_hello(&d.socket).await;
     raw.request(
         1,
-        Op::Acquire(Acquire {
-            key: Key::in_default("lost").unwrap(),
-            mode: Mode::Exclusive,
-            wait: Wait::No,
-            lease_ms: Some(300),
-            detach: false,
-            data: vec![],
-        }),
+        crate::acquire_op("lost", Mode::Exclusive, Wait::No, Some(300), false),
     )
     .await;
     let fence = match raw.recv(PROMPT).await {

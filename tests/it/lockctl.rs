@@ -1,32 +1,12 @@
 //! `lockctl run`: the shell contract (environment, exit codes, signals, lost holds).
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lockd_tests::{signal, within, TestDaemon};
 
-use crate::{daemon, LOCKCTL, PROMPT};
-
-async fn lockctl(socket: &Path, args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(LOCKCTL)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output();
-    within(Duration::from_secs(60), "lockctl finished", child)
-        .await
-        .expect("run lockctl")
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use crate::{code, daemon, lockctl, text, LOCKCTL, PROMPT};
 
 async fn wait_for_file(path: &Path) {
     within(PROMPT, "marker file", async {

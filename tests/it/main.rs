@@ -31,6 +31,46 @@ pub async fn daemon() -> TestDaemon {
     TestDaemon::start(LOCKD).await
 }
 
+/// Runs `lockctl --socket SOCKET ARGS...` (bounded) and returns its output.
+pub async fn lockctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(LOCKCTL)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output();
+    lockd_tests::within(Duration::from_secs(60), "lockctl finished", run)
+        .await
+        .expect("run lockctl")
+}
+
+/// A process's exit code (-1 if a signal killed it).
+pub fn code(out: &std::process::Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An acquire of `name` in the default namespace, for raw connections.
+pub fn acquire_op(
+    name: &str,
+    mode: lockd_protocol::Mode,
+    wait: lockd_protocol::Wait,
+    lease_ms: Option<u64>,
+    detach: bool,
+) -> lockd_protocol::Op {
+    lockd_protocol::Op::Acquire(lockd_protocol::Acquire {
+        key: lockd_protocol::Key::in_default(name).expect("valid name"),
+        mode,
+        wait,
+        lease_ms,
+        detach,
+        data: vec![],
+    })
+}
+
 pub type Pending = Pin<Box<dyn Future<Output = Result<LockGuard, Error>> + Send>>;
 
 /// Sends a (waiting) acquire and returns once the daemon has queued or answered it: the

@@ -4,9 +4,7 @@ use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockd_protocol::{
-    ClientMessage, ErrorCode, Key, Mode, Op, Reply, Response, ServerMessage, Wait,
-};
+use lockd_protocol::{ClientMessage, ErrorCode, Mode, Op, Reply, Response, ServerMessage, Wait};
 use lockd_tests::raw::RawConn;
 use lockd_tests::within;
 
@@ -104,17 +102,6 @@ async fn ten_waiters_are_granted_in_fifo_order() {
     );
 }
 
-fn acquire_op(name: &str, wait: Wait) -> Op {
-    Op::Acquire(lockd_protocol::Acquire {
-        key: Key::in_default(name).unwrap(),
-        mode: Mode::Exclusive,
-        wait,
-        lease_ms: None,
-        detach: false,
-        data: vec![],
-    })
-}
-
 /// The next response on a raw connection, or a panic.
 async fn response(raw: &mut RawConn) -> Response {
     match raw.recv(PROMPT).await {
@@ -151,7 +138,11 @@ async fn bounded_wait_times_out_within_bounds_and_leaves_the_queue() {
     // A raw waiter (no client-side clean-up to hide behind) times out and leaves the queue:
     // after the holder releases, the key is free at once.
     let mut raw = RawConn::connect_hello(&d.socket).await;
-    raw.request(1, acquire_op("slow", Wait::Millis(200))).await;
+    raw.request(
+        1,
+        crate::acquire_op("slow", Mode::Exclusive, Wait::Millis(200), None, false),
+    )
+    .await;
     let r = response(&mut raw).await;
     assert_eq!(r.id, 1);
     assert_eq!(r.result.expect_err("timed out").code, ErrorCode::Timeout);
@@ -167,7 +158,11 @@ async fn cancel_withdraws_a_wait_and_the_next_waiter_is_granted() {
     let (a, c) = (d.client().await, d.client().await);
     let held = a.lock("k").await.unwrap();
     let mut raw = RawConn::connect_hello(&d.socket).await;
-    raw.request(1, acquire_op("k", Wait::Forever)).await;
+    raw.request(
+        1,
+        crate::acquire_op("k", Mode::Exclusive, Wait::Forever, None, false),
+    )
+    .await;
     raw.request(2, Op::Cancel { request: 1 }).await;
     let first = response(&mut raw).await;
     assert_eq!(first.id, 1, "the withdrawn acquire answers first");
@@ -235,8 +230,11 @@ async fn absurdly_long_wait_is_a_forever_wait_not_a_crash() {
     let a = d.client().await;
     let held = a.lock("long").await.unwrap();
     let mut raw = RawConn::connect_hello(&d.socket).await;
-    raw.request(1, acquire_op("long", Wait::Millis(u64::MAX)))
-        .await;
+    raw.request(
+        1,
+        crate::acquire_op("long", Mode::Exclusive, Wait::Millis(u64::MAX), None, false),
+    )
+    .await;
     raw.request(2, Op::Ping).await;
     assert_eq!(response(&mut raw).await.id, 2, "queued, connection alive");
     held.release().await.unwrap();
@@ -254,14 +252,7 @@ async fn waiter_whose_connection_closes_leaves_the_queue() {
     let mut raw = RawConn::connect_hello(&d.socket).await;
     raw.request(
         1,
-        Op::Acquire(lockd_protocol::Acquire {
-            key: Key::in_default("q").unwrap(),
-            mode: Mode::Exclusive,
-            wait: Wait::Forever,
-            lease_ms: None,
-            detach: false,
-            data: vec![],
-        }),
+        crate::acquire_op("q", Mode::Exclusive, Wait::Forever, None, false),
     )
     .await;
     raw.send(ClientMessage::Request(lockd_protocol::Request {

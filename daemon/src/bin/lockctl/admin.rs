@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use clap::Args;
-use lockd_client::{Change, Client, ConnectOptions, Description, Key, Stats};
+use lockd_client::{Change, Description, Key, Stats};
 use serde_json::json;
 
 use crate::{exit, output};
@@ -74,21 +74,6 @@ pub struct StatsArgs {
     pub json: bool,
 }
 
-async fn connect(socket: &Path, what: &str) -> Result<Client, u8> {
-    let options = ConnectOptions {
-        client_name: format!("lockctl {what}"),
-        ..ConnectOptions::default()
-    };
-    Client::connect_with(socket, options)
-        .await
-        .map_err(|e| fail(&e))
-}
-
-fn fail(e: &lockd_client::Error) -> u8 {
-    eprintln!("lockctl: {e}");
-    exit::for_error(e, exit::NOT_ACQUIRED)
-}
-
 fn key(name: &str, namespace: &str) -> Result<Key, u8> {
     Key::new(namespace, name).map_err(|e| {
         eprintln!("lockctl: {e}");
@@ -101,7 +86,7 @@ pub async fn describe(socket: &Path, args: DescribeArgs) -> u8 {
         Ok(k) => k,
         Err(c) => return c,
     };
-    let client = match connect(socket, "describe").await {
+    let client = match crate::connect(socket, "describe").await {
         Ok(c) => c,
         Err(c) => return c,
     };
@@ -114,7 +99,7 @@ pub async fn describe(socket: &Path, args: DescribeArgs) -> u8 {
             print_description(&d);
             0
         }
-        Err(e) => fail(&e),
+        Err(e) => exit::report(&e),
     }
 }
 
@@ -206,13 +191,13 @@ fn print_description(d: &Description) {
 }
 
 pub async fn list(socket: &Path, args: ListArgs) -> u8 {
-    let client = match connect(socket, "list").await {
+    let client = match crate::connect(socket, "list").await {
         Ok(c) => c,
         Err(c) => return c,
     };
     let keys = match client.list(args.namespace.as_deref(), &args.prefix).await {
         Ok(k) => k,
-        Err(e) => return fail(&e),
+        Err(e) => return exit::report(&e),
     };
     if args.json {
         let v: Vec<_> = keys
@@ -251,7 +236,7 @@ pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
         Ok(k) => k,
         Err(c) => return c,
     };
-    let client = match connect(socket, "force-release").await {
+    let client = match crate::connect(socket, "force-release").await {
         Ok(c) => c,
         Err(c) => return c,
     };
@@ -260,7 +245,7 @@ pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
             println!("{k}: ended {n} hold(s)");
             0
         }
-        Err(e) => fail(&e),
+        Err(e) => exit::report(&e),
     }
 }
 
@@ -269,13 +254,13 @@ pub async fn watch(socket: &Path, args: WatchArgs) -> u8 {
         Ok(k) => k,
         Err(c) => return c,
     };
-    let client = match connect(socket, "watch").await {
+    let client = match crate::connect(socket, "watch").await {
         Ok(c) => c,
         Err(c) => return c,
     };
     let mut events = match client.watch(&k).await {
         Ok(w) => w,
-        Err(e) => return fail(&e),
+        Err(e) => return exit::report(&e),
     };
     use std::io::Write;
     let mut stdout = std::io::stdout();
@@ -328,13 +313,13 @@ fn change_json(k: &Key, c: &Change, at_ms: u64) -> serde_json::Value {
 }
 
 pub async fn stats(socket: &Path, args: StatsArgs) -> u8 {
-    let client = match connect(socket, "stats").await {
+    let client = match crate::connect(socket, "stats").await {
         Ok(c) => c,
         Err(c) => return c,
     };
     let s = match client.stats().await {
         Ok(s) => s,
-        Err(e) => return fail(&e),
+        Err(e) => return exit::report(&e),
     };
     if args.json {
         let counters: serde_json::Map<_, _> = s
@@ -380,7 +365,7 @@ pub async fn stats(socket: &Path, args: StatsArgs) -> u8 {
 }
 
 pub async fn metrics(socket: &Path) -> u8 {
-    let client = match connect(socket, "metrics").await {
+    let client = match crate::connect(socket, "metrics").await {
         Ok(c) => c,
         Err(c) => return c,
     };
@@ -389,7 +374,7 @@ pub async fn metrics(socket: &Path) -> u8 {
             print!("{}", prometheus(&s));
             0
         }
-        Err(e) => fail(&e),
+        Err(e) => exit::report(&e),
     }
 }
 

@@ -38,3 +38,9 @@ pub fn for_error(err: &Error, not_acquired: u8) -> u8 {
         _ => INTERNAL,
     }
 }
+
+/// Prints `err` for the user and returns its exit code (conflict and timeout: 1).
+pub fn report(err: &Error) -> u8 {
+    eprintln!("lockctl: {err}");
+    for_error(err, NOT_ACQUIRED)
+}

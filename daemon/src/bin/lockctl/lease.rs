@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::Args;
-use lockd_client::{Client, ConnectOptions, Ticket};
+use lockd_client::Ticket;
 
 use crate::{duration, exit};
 
@@ -81,22 +81,6 @@ pub struct ReleaseArgs {
     ticket: String,
 }
 
-async fn connect(socket: &Path, what: &str) -> Result<Client, u8> {
-    let options = ConnectOptions {
-        client_name: format!("lockctl {what}"),
-        ..ConnectOptions::default()
-    };
-    Client::connect_with(socket, options).await.map_err(|e| {
-        eprintln!("lockctl: {e}");
-        exit::for_error(&e, exit::NOT_ACQUIRED)
-    })
-}
-
-fn fail(e: &lockd_client::Error) -> u8 {
-    eprintln!("lockctl: {e}");
-    exit::for_error(e, exit::NOT_ACQUIRED)
-}
-
 /// Reads a ticket argument (`-` means stdin).
 fn ticket(arg: &str) -> Result<Ticket, u8> {
     let text = if arg == "-" {
@@ -116,7 +100,7 @@ fn ticket(arg: &str) -> Result<Ticket, u8> {
 }
 
 pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
-    let client = match connect(socket, "acquire").await {
+    let client = match crate::connect(socket, "acquire").await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -135,7 +119,7 @@ pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
     }
     let lease = match acquire.detached().await {
         Ok(l) => l,
-        Err(e) => return fail(&e),
+        Err(e) => return exit::report(&e),
     };
     if args.json {
         println!(
@@ -162,7 +146,7 @@ pub async fn renew(socket: &Path, args: RenewArgs) -> u8 {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let client = match connect(socket, "renew").await {
+    let client = match crate::connect(socket, "renew").await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -175,7 +159,7 @@ pub async fn renew(socket: &Path, args: RenewArgs) -> u8 {
             }
             0
         }
-        Err(e) => fail(&e),
+        Err(e) => exit::report(&e),
     }
 }
 
@@ -184,12 +168,12 @@ pub async fn release(socket: &Path, args: ReleaseArgs) -> u8 {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let client = match connect(socket, "release").await {
+    let client = match crate::connect(socket, "release").await {
         Ok(c) => c,
         Err(code) => return code,
     };
     match client.release(&ticket).await {
         Ok(()) => 0,
-        Err(e) => fail(&e),
+        Err(e) => exit::report(&e),
     }
 }

@@ -68,6 +68,21 @@ enum Command {
     },
 }
 
+/// Connects for subcommand `what` (shown by describe as the client name); on failure prints
+/// why and returns the exit code.
+pub(crate) async fn connect(
+    socket: &std::path::Path,
+    what: &str,
+) -> Result<lockd_client::Client, u8> {
+    let options = lockd_client::ConnectOptions {
+        client_name: format!("lockctl {what}"),
+        ..lockd_client::ConnectOptions::default()
+    };
+    lockd_client::Client::connect_with(socket, options)
+        .await
+        .map_err(|e| exit::report(&e))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
