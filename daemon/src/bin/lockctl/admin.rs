@@ -55,6 +55,9 @@ pub struct ForceArgs {
     /// Lock namespace
     #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Print one line per event on a lock until interrupted.
@@ -241,6 +244,13 @@ pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
         Err(c) => return c,
     };
     match client.force_release(&k).await {
+        Ok(n) if args.json => {
+            println!(
+                "{}",
+                json!({ "namespace": k.namespace, "name": k.name, "ended": n })
+            );
+            0
+        }
         Ok(n) => {
             println!("{k}: ended {n} hold(s)");
             0
