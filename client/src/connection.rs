@@ -146,7 +146,8 @@ pub(crate) struct Task {
     closed: CancellationToken,
     pending: HashMap<RequestId, PendingCall>,
     holds: HashMap<u64, Arc<HoldState>>,
-    watches: HashMap<Key, mpsc::UnboundedSender<Change>>,
+    /// Watch streams by key; several streams may watch one key.
+    watches: HashMap<Key, Vec<mpsc::UnboundedSender<Change>>>,
     shutting_down: bool,
 }
 
@@ -243,7 +244,7 @@ impl Task {
                 self.send(id, op);
             }
             Command::Watch { key, events } => {
-                self.watches.insert(key, events);
+                self.watches.entry(key).or_default().push(events);
             }
             Command::Abandon { id } => {
                 if let Some(call) = self.pending.remove(&id) {
@@ -311,12 +312,15 @@ impl Task {
                 true
             }
             ServerMessage::Event(Event::Watch { key, change }) => {
-                let gone = match self.watches.get(&key) {
-                    Some(events) => events.send(change).is_err(),
+                let gone = match self.watches.get_mut(&key) {
+                    Some(streams) => {
+                        streams.retain(|events| events.send(change.clone()).is_ok());
+                        streams.is_empty()
+                    }
                     None => false,
                 };
                 if gone {
-                    // The stream was dropped: stop the daemon's events too.
+                    // Every stream was dropped: stop the daemon's events too.
                     self.watches.remove(&key);
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     self.send(id, Op::Unwatch { key });

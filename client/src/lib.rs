@@ -20,10 +20,12 @@
 
 mod client;
 mod connection;
+mod election;
 mod error;
 mod guard;
 
 pub use client::{AcquireBuilder, Client, ConnectOptions, DetachedLease, Watch};
+pub use election::{Election, Leader, Leadership, Observer};
 pub use error::Error;
 pub use guard::{LockGuard, Lost};
 pub use lockd_protocol::{

@@ -18,6 +18,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_HOLDS_PER_CONN: usize = 65_536;
 /// Default most waiting acquires one connection may have at once.
 pub const DEFAULT_MAX_WAITS_PER_CONN: usize = 65_536;
+/// Default most keys one connection may watch.
+pub const DEFAULT_MAX_WATCHES_PER_CONN: usize = 4096;
 /// Default most simultaneous connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
@@ -31,6 +33,17 @@ pub struct Config {
     pub long_hold: Duration,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
+    /// Besides root, these uids may use administrative operations (force-release).
+    pub admin_uids: Vec<u32>,
+    /// Peers whose primary gid is one of these may too.
+    pub admin_gids: Vec<u32>,
+}
+
+impl Config {
+    /// May a peer with `uid` and primary `gid` use administrative operations?
+    pub fn is_admin(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || self.admin_uids.contains(&uid) || self.admin_gids.contains(&gid)
+    }
 }
 
 /// Default long-hold threshold.
@@ -51,6 +64,8 @@ pub struct Limits {
     pub max_waits_per_conn: usize,
     /// Connections beyond this are answered `LimitExceeded` and closed.
     pub max_connections: usize,
+    /// Most keys one connection may watch at once.
+    pub max_watches_per_conn: usize,
 }
 
 impl Default for Limits {
@@ -64,6 +79,7 @@ impl Default for Limits {
             max_holds_per_conn: DEFAULT_MAX_HOLDS_PER_CONN,
             max_waits_per_conn: DEFAULT_MAX_WAITS_PER_CONN,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_watches_per_conn: DEFAULT_MAX_WATCHES_PER_CONN,
         }
     }
 }

@@ -81,6 +81,11 @@ impl Leases {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a live lease has this ticket.
+    pub fn contains(&self, ticket: &Ticket) -> bool {
+        self.shard(ticket).contains_key(ticket)
+    }
+
     /// Number of live leases.
     pub fn len(&self) -> usize {
         self.shards

@@ -6,7 +6,7 @@
 //! - a shard mutex is held only for a table operation, never across `.await` or I/O;
 //! - at most one shard mutex is held at a time (no lock ordering to get wrong);
 //! - grants and watch events made on behalf of other connections are pushed to their tasks
-//!   after the shard is unlocked;
+//!   before the shard is unlocked (a non-blocking send), so events of a key arrive in order;
 //! - counters live inside the shards and are updated under the shard lock the operation takes
 //!   anyway: statistics add no shared atomic to the hot path.
 
@@ -69,13 +69,15 @@ pub enum AcquireOutcome {
     Conflict(String),
 }
 
-/// Pushes to deliver once the shard is unlocked.
+/// Pushes made by one table operation, delivered when it is dropped: declared after the
+/// shard guard, it delivers while the shard is still locked, so every connection receives the
+/// events of a key in table order (an unbounded send never blocks).
 #[derive(Default)]
 struct Outbox(Vec<(Owner, Push)>);
 
-impl Outbox {
-    fn deliver(self) {
-        for (owner, push) in self.0 {
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        for (owner, push) in self.0.drain(..) {
             owner.push(push);
         }
     }
@@ -126,9 +128,11 @@ impl LockSpace {
             detached,
             payload: meta,
         };
-        let mut out = Outbox::default();
         let outcome = {
             let mut guard = self.shard(key);
+            // Declared after the guard, so it is dropped (and delivers) before the unlock:
+            // watchers see events in table order.
+            let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             match shard
@@ -154,15 +158,16 @@ impl LockSpace {
                 }
             }
         };
-        out.deliver();
         outcome
     }
 
     /// Ends the hold `fence` on `key`; returns false if there is none.
     pub fn release(&self, key: &Key, fence: u64, why: Ended) -> bool {
-        let mut out = Outbox::default();
         let released = {
             let mut guard = self.shard(key);
+            // Declared after the guard, so it is dropped (and delivers) before the unlock:
+            // watchers see events in table order.
+            let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             match shard
@@ -191,15 +196,16 @@ impl LockSpace {
                 None => false,
             }
         };
-        out.deliver();
         released
     }
 
     /// Withdraws a queued acquire; returns false if it is no longer queued.
     pub fn cancel(&self, key: &Key, owner: &Owner, request: RequestId) -> bool {
-        let mut out = Outbox::default();
         let cancelled = {
             let mut guard = self.shard(key);
+            // Declared after the guard, so it is dropped (and delivers) before the unlock:
+            // watchers see events in table order.
+            let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             match shard
@@ -213,16 +219,17 @@ impl LockSpace {
                 None => false,
             }
         };
-        out.deliver();
         cancelled
     }
 
     /// Removes every waiter and session hold of `owner` on `key` (its connection closed);
     /// returns how many holds ended.
     pub fn remove_owner(&self, key: &Key, owner: &Owner) -> usize {
-        let mut out = Outbox::default();
         let ended = {
             let mut guard = self.shard(key);
+            // Declared after the guard, so it is dropped (and delivers) before the unlock:
+            // watchers see events in table order.
+            let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             let (removed, granted) = shard
@@ -242,7 +249,6 @@ impl LockSpace {
             shard.granted(key, granted, now, &mut out);
             removed.len()
         };
-        out.deliver();
         ended
     }
 
@@ -265,9 +271,11 @@ impl LockSpace {
     /// `HoldLost(ForceReleased)`. Returns the tickets of the ended holds, so their leases can be
     /// ended too.
     pub fn force_release(&self, key: &Key) -> Vec<Ticket> {
-        let mut out = Outbox::default();
         let tickets = {
             let mut guard = self.shard(key);
+            // Declared after the guard, so it is dropped (and delivers) before the unlock:
+            // watchers see events in table order.
+            let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             let (removed, granted) = shard
@@ -300,7 +308,6 @@ impl LockSpace {
             shard.granted(key, granted, now, &mut out);
             tickets
         };
-        out.deliver();
         tickets
     }
 
@@ -352,9 +359,14 @@ impl LockSpace {
     }
 
     /// One page of keys matching `query` that `visible` allows, sorted by (namespace, name).
+    ///
+    /// Keeps only the `limit + 1` smallest candidates while scanning (a bounded max-heap), so a
+    /// page costs one pass and `O(limit)` memory however many keys exist.
     pub fn list(&self, query: &ListQuery, visible: impl Fn(&str) -> bool) -> ListPage {
+        use std::collections::BinaryHeap;
         let limit = (query.limit as usize).clamp(1, MAX_LIST_PAGE);
-        let mut keys: Vec<KeySummary> = Vec::new();
+        let mut best: BinaryHeap<(Key, u32, u32, Option<Mode>)> =
+            BinaryHeap::with_capacity(limit + 1);
         for shard in self.shards.iter() {
             let shard = lock(shard);
             for (key, entry) in shard.table.iter() {
@@ -365,17 +377,36 @@ impl LockSpace {
                     && key.name.starts_with(&query.prefix)
                     && query.after.as_ref().is_none_or(|after| key > after)
                     && visible(&key.namespace);
-                if wanted {
-                    keys.push(KeySummary {
-                        key: key.clone(),
-                        holders: entry.holders.len() as u32,
-                        waiters: entry.queue.len() as u32,
-                        mode: entry.holders.first().map(|h| h.mode),
-                    });
+                if !wanted {
+                    continue;
                 }
+                if best.len() > limit {
+                    match best.peek() {
+                        Some(top) if *key < top.0 => {
+                            best.pop();
+                        }
+                        _ => continue,
+                    }
+                }
+                let mode = entry.holders.first().map(|h| h.mode);
+                best.push((
+                    key.clone(),
+                    entry.holders.len() as u32,
+                    entry.queue.len() as u32,
+                    mode,
+                ));
             }
         }
-        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let mut keys: Vec<KeySummary> = best
+            .into_sorted_vec()
+            .into_iter()
+            .map(|(key, holders, waiters, mode)| KeySummary {
+                key,
+                holders,
+                waiters,
+                mode,
+            })
+            .collect();
         let next = (keys.len() > limit).then(|| keys[limit - 1].key.clone());
         keys.truncate(limit);
         ListPage { keys, next }
@@ -418,6 +449,7 @@ impl LockSpace {
         for shard in self.shards.iter() {
             let shard = lock(shard);
             t.stats.add(&shard.stats);
+            t.watches += shard.watches.values().map(|w| w.len() as u64).sum::<u64>();
             for (_, e) in shard.table.iter() {
                 t.keys += 1;
                 t.holds += e.holders.len() as u64;
@@ -473,6 +505,7 @@ pub struct Totals {
     pub holds: u64,
     pub waiters: u64,
     pub long_holds: u64,
+    pub watches: u64,
 }
 
 impl Shard {

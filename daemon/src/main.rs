@@ -24,6 +24,12 @@ struct Args {
     /// Log holds older than this many seconds once at WARN (and count them in stats)
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     long_hold: f64,
+    /// A uid (besides root) allowed to force-release; repeat for several
+    #[arg(long = "admin-uid", value_name = "UID")]
+    admin_uids: Vec<u32>,
+    /// Peers with this primary gid may force-release too; repeat for several
+    #[arg(long = "admin-gid", value_name = "GID")]
+    admin_gids: Vec<u32>,
     /// Log filter in RUST_LOG syntax (overrides $RUST_LOG), e.g. `info` or `lockd=debug`
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -42,6 +48,8 @@ fn main() -> ExitCode {
         limits: Limits::default(),
         long_hold: std::time::Duration::from_secs_f64(args.long_hold.max(0.001)),
         socket_mode: args.socket_mode.unwrap_or_else(lockd::default_socket_mode),
+        admin_uids: args.admin_uids,
+        admin_gids: args.admin_gids,
     };
     match lockd::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -92,6 +92,7 @@ impl Shared {
             ("keys", t.keys),
             ("leases", self.leases.len() as u64),
             ("long_holds", t.long_holds),
+            ("watches", t.watches),
         ];
         Stats {
             counters: counters.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
@@ -135,6 +136,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     let hello = match conn.handshake(shared.config.limits.handshake_timeout).await {
         Ok(hello) => hello,
         Err(why) => {
+            Global::inc(&shared.global.protocol_errors);
             tracing::debug!(conn = id, "handshake with {who} failed: {why}");
             return;
         }
@@ -172,7 +174,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         waits: HashMap::new(),
         timers: DelayQueue::new(),
         tickets: TicketPool::default(),
-        watching: Vec::new(),
+        watching: std::collections::HashSet::new(),
         unanswered_grants: HashMap::new(),
         shared,
     };
@@ -278,7 +280,7 @@ struct Session {
     timers: DelayQueue<RequestId>,
     tickets: TicketPool,
     /// Keys this connection watches.
-    watching: Vec<Key>,
+    watching: std::collections::HashSet<Key>,
     /// Detached grants whose answer waits for a commit: if the connection closes first,
     /// nobody will ever learn their tickets, so they are taken back.
     unanswered_grants: HashMap<RequestId, (Key, Ticket, u64)>,
@@ -443,7 +445,10 @@ impl Session {
         );
         match outcome {
             AcquireOutcome::Granted(fence) => self.granted(id, a.key, fence, a.mode, lease, minted),
-            AcquireOutcome::Conflict(msg) => Some(Err(WireError::new(ErrorCode::Conflict, msg))),
+            AcquireOutcome::Conflict(msg) => {
+                self.tickets.put_back(ticket);
+                Some(Err(WireError::new(ErrorCode::Conflict, msg)))
+            }
             AcquireOutcome::Queued => {
                 let waited = waited.flatten();
                 let timer = waited.map(|d| self.timers.insert(id, d));
@@ -697,11 +702,11 @@ impl Session {
         if let Err(e) = key.validate() {
             return Some(Err(invalid(e)));
         }
-        if self.owner.uid != 0 {
+        if !self.shared.config.is_admin(self.owner.uid, self.owner.gid) {
             return Some(Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
-                    "force-release needs root or a configured admin; uid {} is neither",
+                    "force-release needs root or an admin (lockd --admin-uid/--admin-gid); uid {} is neither",
                     self.owner.uid
                 ),
             )));
@@ -737,15 +742,20 @@ impl Session {
 
     fn watch(&mut self, key: Key) -> Result<Reply, WireError> {
         key.validate().map_err(invalid)?;
-        self.shared.locks.watch(&key, &self.owner);
-        if !self.watching.contains(&key) {
-            self.watching.push(key);
+        let max = self.shared.config.limits.max_watches_per_conn;
+        if !self.watching.contains(&key) && self.watching.len() >= max {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!("this connection already watches {max} keys, the limit"),
+            ));
         }
+        self.shared.locks.watch(&key, &self.owner);
+        self.watching.insert(key);
         Ok(Reply::Watching)
     }
 
     fn unwatch(&mut self, key: &Key) -> bool {
-        self.watching.retain(|k| k != key);
+        self.watching.remove(key);
         self.shared.locks.unwatch(key, &self.owner)
     }
 
@@ -852,7 +862,7 @@ impl Session {
             }
             ended += locks.remove_owner(&held.key, &self.owner);
         }
-        for key in self.watching.drain(..) {
+        for key in self.watching.drain() {
             locks.unwatch(&key, &self.owner);
         }
         for (_, (key, ticket, fence)) in self.unanswered_grants.drain() {
@@ -892,7 +902,16 @@ fn finish_commit(
         )
     };
     match (outcome, then) {
-        (Ok(()), AfterCommit::Granted { grant, .. }) => Ok(Reply::Granted(grant)),
+        (Ok(()), AfterCommit::Granted { grant, .. }) => {
+            if shared.leases.contains(&grant.ticket) {
+                Ok(Reply::Granted(grant))
+            } else {
+                Err(WireError::new(
+                    ErrorCode::NotHolder,
+                    "the lease was granted but ended (force-released or expired) before it was stored",
+                ))
+            }
+        }
         (Ok(()), AfterCommit::Renewed { expires_at_ms }) => Ok(Reply::Renewed { expires_at_ms }),
         (Ok(()), AfterCommit::Released { ticket }) => {
             if let Some(lease) = shared.leases.finish_release(&ticket) {

@@ -9,6 +9,8 @@ const BATCH: usize = 32;
 pub struct TicketPool {
     buf: [u8; TICKET_LEN * BATCH],
     used: usize,
+    /// A ticket drawn for a request that was refused, never shown to anyone: reused first.
+    spare: Option<Ticket>,
 }
 
 impl Default for TicketPool {
@@ -16,6 +18,7 @@ impl Default for TicketPool {
         TicketPool {
             buf: [0; TICKET_LEN * BATCH],
             used: BATCH,
+            spare: None,
         }
     }
 }
@@ -26,6 +29,9 @@ impl TicketPool {
     /// # Errors
     /// The OS random source failed.
     pub fn draw(&mut self) -> Result<Ticket, getrandom::Error> {
+        if let Some(t) = self.spare.take() {
+            return Ok(t);
+        }
         if self.used == BATCH {
             getrandom::fill(&mut self.buf)?;
             self.used = 0;
@@ -36,6 +42,13 @@ impl TicketPool {
         slot.fill(0);
         self.used += 1;
         Ok(Ticket::from_bytes(bytes))
+    }
+}
+
+impl TicketPool {
+    /// Gives back a ticket that never left the daemon (its request was refused at once).
+    pub fn put_back(&mut self, ticket: Ticket) {
+        self.spare = Some(ticket);
     }
 }
 

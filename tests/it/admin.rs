@@ -123,14 +123,23 @@ async fn list_paginates_over_five_thousand_keys() {
 
 #[tokio::test]
 async fn force_release_by_root_ends_holds_and_is_denied_to_others() {
-    let d = TestDaemon::start_with(LOCKD, &["--socket-mode", "666"]).await;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let me_text = me.to_string();
+    // This uid is an admin (root is anyway), so the test also runs unprivileged.
+    let d = TestDaemon::start_with(LOCKD, &["--socket-mode", "666", "--admin-uid", &me_text]).await;
     let holder = d.client().await;
     let g = holder.lock("stuck").await.unwrap();
     let ticket = *g.ticket();
+    let lease = holder
+        .acquire("stuck-lease")
+        .lease(Duration::from_secs(60))
+        .detached()
+        .await
+        .unwrap();
 
     // As another uid: permission denied, nothing changes.
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = me == 0;
     let setpriv = std::path::Path::new("/usr/bin/setpriv").exists();
     if root && setpriv {
         use std::os::unix::fs::PermissionsExt;
@@ -173,6 +182,22 @@ async fn force_release_by_root_ends_holds_and_is_denied_to_others() {
         .try_lock("stuck")
         .await
         .expect("free after force-release");
+
+    // A detached lease: its ticket stops working, and it does not come back after a crash.
+    let out = lockctl(&d.socket, &["force-release", "--json", "stuck-lease"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ended"], 1);
+    let err = holder.renew(&lease.ticket, None).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotHolder));
+    drop(holder);
+    let mut d = d;
+    d.kill9();
+    d.restart().await;
+    d.client()
+        .await
+        .try_lock("stuck-lease")
+        .await
+        .expect("the forced lease stayed gone");
 }
 
 #[tokio::test]
@@ -187,17 +212,14 @@ async fn watch_reports_grant_release_expiry_and_disconnect_in_order() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
-    // The watch is registered at some point after spawn: probe until an event arrives.
     let c = d.client().await;
-    let first = within(PROMPT, "watch ready", async {
+    within(PROMPT, "watch registered", async {
         loop {
-            let g = c.try_lock("watched").await.unwrap();
-            g.release().await.unwrap();
-            if let Ok(Ok(Some(line))) =
-                tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
-            {
-                break line;
+            let s = c.stats().await.unwrap();
+            if s.gauges.iter().any(|(n, v)| n == "watches" && *v >= 1) {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
@@ -205,9 +227,6 @@ async fn watch_reports_grant_release_expiry_and_disconnect_in_order() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         v["event"].as_str().unwrap().to_string()
     };
-    assert_eq!(kind(&first), "granted");
-    // The probe that got through is released next.
-    assert_eq!(kind(&next_line(&mut lines).await), "released");
     let mut expect = Vec::new();
     // grant + release
     let g = c.try_lock("watched").await.unwrap();
@@ -299,6 +318,33 @@ async fn metrics_parse_as_prometheus_text() {
                 && matches!(s.value, prometheus_parse::Value::Histogram(_))),
         "hold time histogram present:\n{text}"
     );
+    // Stricter than the parser: buckets are cumulative and +Inf equals _count.
+    for name in ["lockd_wait_seconds", "lockd_hold_seconds"] {
+        let buckets: Vec<u64> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            buckets.windows(2).all(|w| w[0] <= w[1]),
+            "{name} not cumulative"
+        );
+        let count: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_count ")))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(buckets.last(), Some(&count), "{name}: +Inf != _count");
+    }
+    let mut names: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("# TYPE"))
+        .map(|l| l.split(' ').nth(2).unwrap())
+        .collect();
+    let before = names.len();
+    names.dedup();
+    assert_eq!(names.len(), before, "duplicate metric families");
     let stats = lockctl(&d.socket, &["stats", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(v["gauges"]["holds"], 1);
@@ -380,4 +426,69 @@ async fn long_holds_are_logged_once_and_counted() {
         "{}",
         warnings[0]
     );
+}
+
+#[tokio::test]
+async fn two_watches_on_one_connection_both_see_events() {
+    let d = daemon().await;
+    let c = d.client().await;
+    let key = lockd_client::Key::in_default("twice").unwrap();
+    let mut w1 = c.watch(&key).await.unwrap();
+    let mut w2 = c.watch(&key).await.unwrap();
+    let g = c.try_lock("twice").await.unwrap();
+    for w in [&mut w1, &mut w2] {
+        let e = within(PROMPT, "event", w.next())
+            .await
+            .expect("stream open");
+        assert_eq!(e.kind(), "granted");
+    }
+    drop(w1);
+    g.release().await.unwrap();
+    let e = within(PROMPT, "event", w2.next())
+        .await
+        .expect("still open");
+    assert_eq!(e.kind(), "released");
+}
+
+#[tokio::test]
+async fn leader_election_campaign_observe_resign() {
+    use lockd_client::Election;
+    let d = daemon().await;
+    let (a, b, o) = (d.client().await, d.client().await, d.client().await);
+    let ea = Election::new(&a, "default", "leader").unwrap();
+    let eb = Election::new(&b, "default", "leader").unwrap();
+    let eo = Election::new(&o, "default", "leader").unwrap();
+    let mut observer = eo.observe().await.unwrap();
+    assert_eq!(
+        within(PROMPT, "first report", observer.next())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+
+    let lead_a = ea.campaign("node-a:8080", None).await.unwrap();
+    let seen = within(PROMPT, "a leads", observer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.identity, b"node-a:8080");
+    assert_eq!(seen.fence, lead_a.fence());
+
+    let b_campaign =
+        tokio::spawn(async move { eb.campaign("node-b:8080", None).await.map(|l| (l, b)) });
+    lead_a.resign().await.unwrap();
+    let (lead_b, _b) = crate::within_or_panic(b_campaign).await.unwrap();
+    let now = within(PROMPT, "b leads", async {
+        loop {
+            if let Some(l) = observer.next().await.unwrap().unwrap() {
+                break l;
+            }
+        }
+    })
+    .await;
+    assert_eq!(now.identity, b"node-b:8080");
+    assert!(now.fence > seen.fence);
+    assert_eq!(eo.leader().await.unwrap().unwrap().fence, lead_b.fence());
 }
