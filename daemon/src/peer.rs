@@ -22,6 +22,8 @@ pub enum Push {
     },
     /// A change on a key this connection watches.
     Watch { key: Key, change: Change },
+    /// The daemon is stopping: say `ShuttingDown` and close.
+    Shutdown,
     /// The answer to `request`, computed elsewhere (after a store commit).
     Reply {
         request: RequestId,

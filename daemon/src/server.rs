@@ -40,6 +40,7 @@ pub async fn run(listener: UnixListener, shared: Arc<Shared>) {
         }
     }
     drop(listener);
+    shared.stop_sessions();
     tracker.close();
     let grace = shared.config.limits.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

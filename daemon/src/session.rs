@@ -45,6 +45,9 @@ pub struct Shared {
     pub config: Config,
     pub shutdown: CancellationToken,
     pub global: Global,
+    /// Live sessions, so shutdown can reach them through their mailboxes (connect and
+    /// disconnect only: never on the request path).
+    sessions: std::sync::Mutex<HashMap<u64, Owner>>,
     started: std::time::Instant,
     next_conn: AtomicU64,
 }
@@ -62,9 +65,28 @@ impl Shared {
             config,
             shutdown,
             global: Global::default(),
+            sessions: std::sync::Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
             next_conn: AtomicU64::new(1),
         })
+    }
+
+    /// Tells every live session to say `ShuttingDown` and close.
+    pub fn stop_sessions(&self) {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for owner in sessions.values() {
+            owner.push(Push::Shutdown);
+        }
+    }
+
+    fn register(&self, owner: &Owner) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.insert(owner.id, owner.clone());
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.remove(&id);
     }
 
     /// Counters, gauges and distributions, summed over the shards.
@@ -179,6 +201,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         shared,
     };
     Global::inc(&session.shared.global.connections);
+    session.shared.register(&session.owner);
     Global::inc(&session.shared.global.connections_total);
     session.run().await;
     // `Session`'s Drop releases everything the connection held, even if a bug panicked above.
@@ -303,17 +326,23 @@ impl Session {
     }
 
     async fn serve_until_end(&mut self) -> End {
-        // A child token per connection: polling a token's future takes that token's mutex,
-        // and the daemon-wide token would be a lock every connection fights over.
-        let shutdown = self.shared.shutdown.child_token().cancelled_owned();
-        tokio::pin!(shutdown);
+        // Shutdown arrives through the mailbox (`Push::Shutdown`): polling a cancellation
+        // token on every wake-up would take a mutex per request.
+        if self.shared.shutdown.is_cancelled() {
+            return End::Shutdown;
+        }
         loop {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => return End::Shutdown,
                 Some(push) = self.push_rx.recv() => {
+                    if matches!(push, Push::Shutdown) {
+                        return End::Shutdown;
+                    }
                     self.on_push(push);
                     while let Ok(push) = self.push_rx.try_recv() {
+                        if matches!(push, Push::Shutdown) {
+                            return End::Shutdown;
+                        }
                         self.on_push(push);
                     }
                 }
@@ -834,6 +863,7 @@ impl Session {
                 self.wire
                     .send(ServerMessage::Event(Event::HoldLost { key, fence, reason }));
             }
+            Push::Shutdown => {} // handled by the loop
             Push::Reply { request, result } => {
                 self.unanswered_grants.remove(&request);
                 self.respond(request, result);
@@ -872,6 +902,7 @@ impl Session {
             }
         }
         Global::dec(&self.shared.global.connections);
+        self.shared.unregister(self.owner.id);
         tracing::debug!(
             conn = self.owner.id,
             ended,
