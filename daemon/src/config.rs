@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use lockd_protocol::DEFAULT_MAX_FRAME;
 
+use crate::auth::Authz;
+
 /// Default largest `data` attached to a hold, in bytes.
 pub const DEFAULT_MAX_DATA: usize = 1024;
 /// Default longest lease.
@@ -18,6 +20,14 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_HOLDS_PER_CONN: usize = 65_536;
 /// Default most waiting acquires one connection may have at once.
 pub const DEFAULT_MAX_WAITS_PER_CONN: usize = 65_536;
+/// Default most connections of one uid.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 4096;
+/// Default most holds of one uid.
+pub const DEFAULT_MAX_HOLDS_PER_UID: usize = 262_144;
+/// Default most waiting acquires of one uid.
+pub const DEFAULT_MAX_WAITS_PER_UID: usize = 262_144;
+/// Default write stall after which a non-reading client is disconnected.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default most keys one connection may watch.
 pub const DEFAULT_MAX_WATCHES_PER_CONN: usize = 4096;
 /// Default most simultaneous connections.
@@ -33,16 +43,33 @@ pub struct Config {
     pub long_hold: Duration,
     /// Permission bits of the socket file.
     pub socket_mode: u32,
-    /// Besides root, these uids may use administrative operations (force-release).
-    pub admin_uids: Vec<u32>,
-    /// Peers whose primary gid is one of these may too.
-    pub admin_gids: Vec<u32>,
+    /// Group of the socket file (`None`: the daemon's own).
+    pub socket_gid: Option<u32>,
+    /// Namespaces' users and groups, and admins.
+    pub authz: Authz,
 }
 
 impl Config {
-    /// May a peer with `uid` and primary `gid` use administrative operations?
-    pub fn is_admin(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || self.admin_uids.contains(&uid) || self.admin_gids.contains(&gid)
+    /// Defaults with the given socket and data directory.
+    pub fn new(socket: PathBuf, data_dir: PathBuf, socket_mode: u32) -> Config {
+        Config {
+            socket,
+            data_dir,
+            limits: Limits::default(),
+            long_hold: DEFAULT_LONG_HOLD,
+            socket_mode,
+            socket_gid: None,
+            authz: Authz::default(),
+        }
+    }
+
+    /// Defaults with throw-away paths, for unit tests.
+    pub fn for_tests() -> Config {
+        Config::new(
+            "/nonexistent/lockd.sock".into(),
+            "/nonexistent/data".into(),
+            0o600,
+        )
     }
 }
 
@@ -64,6 +91,15 @@ pub struct Limits {
     pub max_waits_per_conn: usize,
     /// Connections beyond this are answered `LimitExceeded` and closed.
     pub max_connections: usize,
+    /// Connections of one uid beyond this are answered `LimitExceeded` and closed.
+    pub max_connections_per_uid: usize,
+    /// Holds (session holds and detached leases) of one uid at once.
+    pub max_holds_per_uid: usize,
+    /// Waiting acquires of one uid at once.
+    pub max_waits_per_uid: usize,
+    /// A connection whose responses cannot be written for this long (it does not read them)
+    /// is closed and its session holds are released.
+    pub write_timeout: Duration,
     /// Most keys one connection may watch at once.
     pub max_watches_per_conn: usize,
 }
@@ -79,6 +115,10 @@ impl Default for Limits {
             max_holds_per_conn: DEFAULT_MAX_HOLDS_PER_CONN,
             max_waits_per_conn: DEFAULT_MAX_WAITS_PER_CONN,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            max_holds_per_uid: DEFAULT_MAX_HOLDS_PER_UID,
+            max_waits_per_uid: DEFAULT_MAX_WAITS_PER_UID,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_watches_per_conn: DEFAULT_MAX_WATCHES_PER_CONN,
         }
     }

@@ -25,6 +25,7 @@ use tokio_util::time::{delay_queue, DelayQueue};
 use crate::lockspace::{Ended, LockSpace};
 use crate::peer::{Owner, Push};
 use crate::store::{Change, Done, LeaseRecord, Writer};
+use crate::usage::HoldShare;
 
 const SHARDS: usize = 16;
 
@@ -42,6 +43,8 @@ pub struct Lease {
     pub releasing: bool,
     /// The lease end describe shows, shared with the hold in the lock table.
     pub shown_expiry: Arc<AtomicU64>,
+    /// A detached lease counts toward its uid's holds until it ends (dropped).
+    pub share: Option<HoldShare>,
 }
 
 /// The expiry task's inbox: `(ticket, Some(deadline))` arms or re-arms, `None` disarms.
@@ -302,7 +305,8 @@ pub enum Release {
     Pending(Done),
 }
 
-/// May a peer with `uid` act on a lease acquired by `owner_uid`? Root may act for anyone.
+/// May a peer with `uid` act on a lease acquired by `owner_uid`? Root may act for anyone;
+/// callers pass 0 for configured admins too.
 pub fn may_act(uid: u32, owner_uid: u32) -> bool {
     uid == owner_uid || uid == 0
 }

@@ -2,8 +2,11 @@
 //!
 //! See ARCHITECTURE.md for the map of modules and their invariants.
 
+pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod config_file;
+pub mod duration;
 pub mod fence;
 pub mod lease;
 pub mod listener;
@@ -16,6 +19,7 @@ pub mod stats;
 pub mod store;
 pub mod table;
 pub mod tickets;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -59,7 +63,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let records = store.load_leases()?;
     let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
     let fences = fence::Fences::new(first_fences, writer.clone());
-    let bound = listener::bind(&config.socket, config.socket_mode)?;
+    let bound = listener::bind(&config.socket, config.socket_mode, config.socket_gid)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lockd-worker")
@@ -78,10 +82,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
         spawn_signal_handler(shutdown.clone()).map_err(RunError::Runtime)?;
         let locks = Arc::new(lockspace::LockSpace::new(fences));
         let (leases, arm) = lease::Leases::new(writer.clone());
+        let usage = Arc::new(usage::Registry::default());
         let recovered = recovery::restore(
             records,
             &locks,
             &leases,
+            &usage,
             &writer,
             clock::now_ms(),
             tokio::time::Instant::now(),
@@ -95,7 +101,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         );
         tokio::spawn(Arc::clone(&leases).expire_loop(arm, Arc::clone(&locks)));
         tokio::spawn(watch_long_holds(Arc::clone(&locks), config.long_hold));
-        let shared = session::Shared::new(locks, leases, config, shutdown);
+        let shared = session::Shared::new(locks, leases, usage, config, shutdown);
         tracing::info!(
             "lockd {} serving {} (data in {})",
             env!("CARGO_PKG_VERSION"),

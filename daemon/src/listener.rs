@@ -13,6 +13,8 @@ pub enum ListenError {
     AlreadyRunning(PathBuf),
     #[error("{0} exists and is not a socket; remove it or pass a different --socket")]
     NotASocket(PathBuf),
+    #[error("the socket's directory {0} is writable by others or owned by another user; fix its ownership and mode (e.g. chmod 755) or pass a different --socket")]
+    UnsafeDirectory(PathBuf),
     #[error("cannot bind {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -33,7 +35,7 @@ pub struct BoundSocket {
 ///
 /// # Errors
 /// [`ListenError::AlreadyRunning`] when a daemon answers on `path`; other variants for I/O.
-pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, ListenError> {
     let io_err = |source| ListenError::Io {
         path: path.to_owned(),
         source,
@@ -47,6 +49,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
             .create(parent)
             .map_err(io_err)?;
     }
+    check_directory(path)?;
     remove_if_stale(path)?;
     let mask = !mode & 0o777;
     // SAFETY: umask has no memory-safety preconditions.
@@ -55,12 +58,39 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(io_err)?;
+    if let Some(gid) = group {
+        // The socket exists with the final mode and our group first: the change only narrows
+        // or moves group access, never widens it for others.
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io_err)?;
+    }
     let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
     Ok(BoundSocket {
         listener,
         path: path.to_owned(),
         identity: (meta.dev(), meta.ino()),
     })
+}
+
+/// Refuses a socket directory that others could tamper with: it must belong to root or to us,
+/// and must not be writable by group or others unless it is sticky (like /tmp).
+fn check_directory(path: &Path) -> Result<(), ListenError> {
+    let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| ListenError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let owner_ok = meta.uid() == 0 || meta.uid() == me;
+    let sticky = meta.mode() & 0o1000 != 0;
+    let writable_by_others = meta.mode() & 0o022 != 0;
+    if owner_ok && (!writable_by_others || sticky) {
+        Ok(())
+    } else {
+        Err(ListenError::UnsafeDirectory(dir.to_owned()))
+    }
 }
 
 /// Removes `path` if it is a socket nobody answers on.
@@ -117,19 +147,31 @@ mod tests {
     fn binds_with_mode_and_replaces_stale_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/lockd.sock");
-        let first = bind(&path, 0o600).unwrap();
+        let first = bind(&path, 0o600, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // Live: refused.
         assert!(matches!(
-            bind(&path, 0o600),
+            bind(&path, 0o600, None),
             Err(ListenError::AlreadyRunning(_))
         ));
         // Stale (listener closed, file left behind): replaced.
         drop(first);
-        let second = bind(&path, 0o600).unwrap();
+        let second = bind(&path, 0o600, None).unwrap();
         second.remove();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn refuses_a_world_writable_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            bind(&open.join("s"), 0o600, None),
+            Err(ListenError::UnsafeDirectory(_))
+        ));
     }
 
     #[test]
@@ -138,7 +180,7 @@ mod tests {
         let path = dir.path().join("not-a-socket");
         std::fs::write(&path, b"keep me").unwrap();
         assert!(matches!(
-            bind(&path, 0o600),
+            bind(&path, 0o600, None),
             Err(ListenError::NotASocket(_))
         ));
         assert_eq!(std::fs::read(&path).unwrap(), b"keep me");

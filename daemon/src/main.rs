@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use lockd::config::{Config, Limits};
+use lockd::config::Config;
 
 /// A single-host lock daemon: exclusive and shared locks, FIFO waits, fencing tokens.
 #[derive(Parser, Debug)]
@@ -22,8 +22,15 @@ struct Args {
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     socket_mode: Option<u32>,
     /// Log holds older than this many seconds once at WARN (and count them in stats)
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
-    long_hold: f64,
+    /// [default: 300]
+    #[arg(long, value_name = "SECS")]
+    long_hold: Option<f64>,
+    /// Configuration file [default: /etc/lockd/lockd.toml when it exists]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate a configuration file and exit (non-zero, naming the bad line, if invalid)
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
     /// A uid (besides root) allowed to force-release; repeat for several
     #[arg(long = "admin-uid", value_name = "UID")]
     admin_uids: Vec<u32>,
@@ -37,20 +44,54 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.check_config {
+        return match lockd::config_file::load(path) {
+            Ok(_) => {
+                println!("{}: OK", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lockd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(args.log_level.as_deref());
-    let config = Config {
-        socket: args
-            .socket
+    let mut config = Config::new(
+        args.socket
+            .clone()
             .unwrap_or_else(lockd_protocol::paths::default_socket_path),
-        data_dir: args
-            .data_dir
+        args.data_dir
+            .clone()
             .unwrap_or_else(lockd_protocol::paths::default_data_dir),
-        limits: Limits::default(),
-        long_hold: std::time::Duration::from_secs_f64(args.long_hold.max(0.001)),
-        socket_mode: args.socket_mode.unwrap_or_else(lockd::default_socket_mode),
-        admin_uids: args.admin_uids,
-        admin_gids: args.admin_gids,
+        args.socket_mode.unwrap_or_else(lockd::default_socket_mode),
+    );
+    if let Some(secs) = args.long_hold {
+        config.long_hold = std::time::Duration::from_secs_f64(secs.max(0.001));
+    }
+    config.authz.add_admins(&args.admin_uids, &args.admin_gids);
+    let file = match &args.config {
+        Some(path) => Some(path.clone()),
+        None => {
+            let default = PathBuf::from(lockd::config_file::DEFAULT_PATH);
+            default.exists().then_some(default)
+        }
     };
+    if let Some(path) = file {
+        let overrides = lockd::config_file::CliOverrides {
+            socket: args.socket.is_some(),
+            data_dir: args.data_dir.is_some(),
+            socket_mode: args.socket_mode.is_some(),
+            long_hold: args.long_hold.is_some(),
+        };
+        match lockd::config_file::load(&path) {
+            Ok(loaded) => loaded.apply(&mut config, &overrides),
+            Err(e) => {
+                eprintln!("lockd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match lockd::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

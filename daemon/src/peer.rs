@@ -63,6 +63,10 @@ pub struct Peer {
     pub gid: u32,
     /// The name given in the handshake (display only).
     pub name: String,
+    /// Primary gid and supplementary groups, from the kernel.
+    pub groups: Vec<u32>,
+    /// Root or a configured admin (decided at connect).
+    pub admin: bool,
     push: mpsc::UnboundedSender<Push>,
 }
 
@@ -75,6 +79,19 @@ impl Peer {
         gid: u32,
         name: String,
     ) -> (Owner, mpsc::UnboundedReceiver<Push>) {
+        Peer::open_with(id, pid, uid, gid, name, vec![gid], uid == 0)
+    }
+
+    /// As [`Peer::open`], with groups and the admin flag.
+    pub fn open_with(
+        id: u64,
+        pid: Option<i32>,
+        uid: u32,
+        gid: u32,
+        name: String,
+        groups: Vec<u32>,
+        admin: bool,
+    ) -> (Owner, mpsc::UnboundedReceiver<Push>) {
         let (push, rx) = mpsc::unbounded_channel();
         let peer = Peer {
             id,
@@ -82,6 +99,8 @@ impl Peer {
             uid,
             gid,
             name,
+            groups,
+            admin,
             push,
         };
         (Owner(Arc::new(peer)), rx)
@@ -91,6 +110,15 @@ impl Peer {
     /// its cleanup removes whatever the message was about.
     pub fn push(&self, msg: Push) {
         let _ = self.push.send(msg);
+    }
+
+    /// The uid for ticket checks: 0 (acts for anyone) for admins.
+    pub fn acting_uid(&self) -> u32 {
+        if self.admin {
+            0
+        } else {
+            self.uid
+        }
     }
 
     /// "pid 123 uid 1000 'name'" for messages and logs.

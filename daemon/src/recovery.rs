@@ -18,6 +18,7 @@ use crate::lease::{Lease, Leases};
 use crate::lockspace::{HoldMeta, LockSpace};
 use crate::peer::Peer;
 use crate::store::{Change, LeaseRecord, Writer};
+use crate::usage::{HoldShare, Registry};
 
 /// What recovery did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -33,6 +34,7 @@ pub fn restore(
     mut records: Vec<LeaseRecord>,
     locks: &LockSpace,
     leases: &Leases,
+    usage: &Registry,
     writer: &Writer,
     now_ms: u64,
     now: Instant,
@@ -81,6 +83,7 @@ pub fn restore(
             detached: true,
             releasing: false,
             shown_expiry,
+            share: Some(HoldShare::new(usage.of(record.uid))),
             owner,
             record,
         });

@@ -29,19 +29,23 @@ use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
+use crate::auth;
 use crate::clock;
 use crate::config::Config;
+use crate::config::DEFAULT_WRITE_TIMEOUT;
 use crate::lease::{Lease, LeaseSpec, Leases, Release, TicketError};
 use crate::lockspace::{AcquireOutcome, Ended, HoldMeta, LockSpace};
 use crate::peer::{AfterCommit, Owner, Peer, Push};
 use crate::stats::Global;
 use crate::store::{self, Done};
 use crate::tickets::TicketPool;
+use crate::usage::{HoldShare, Registry, UidUsage};
 
 /// State shared by every connection.
 pub struct Shared {
     pub locks: Arc<LockSpace>,
     pub leases: Arc<Leases>,
+    pub usage: Arc<Registry>,
     pub config: Config,
     pub shutdown: CancellationToken,
     pub global: Global,
@@ -56,12 +60,14 @@ impl Shared {
     pub fn new(
         locks: Arc<LockSpace>,
         leases: Arc<Leases>,
+        usage: Arc<Registry>,
         config: Config,
         shutdown: CancellationToken,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             locks,
             leases,
+            usage,
             config,
             shutdown,
             global: Global::default(),
@@ -175,6 +181,24 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         let _ = conn.flush().await;
         return;
     }
+    let usage = shared.usage.of(cred.uid());
+    let max_per_uid = shared.config.limits.max_connections_per_uid;
+    if usage.connections.fetch_add(1, Ordering::Relaxed) >= max_per_uid {
+        usage.connections.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!(
+            "refusing a connection of {who}: {max_per_uid} connections of its uid are open"
+        );
+        let msg = format!(
+            "uid {} already has {max_per_uid} connections, the limit",
+            cred.uid()
+        );
+        conn.send(ServerMessage::Rejected(WireError::new(
+            ErrorCode::LimitExceeded,
+            msg,
+        )));
+        let _ = conn.flush().await;
+        return;
+    }
     let welcome = Welcome {
         protocol_version: PROTOCOL_VERSION,
         server_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -186,7 +210,10 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     }
     let mut name = hello.client_name;
     truncate_utf8(&mut name, 256);
-    let (owner, push_rx) = Peer::open(id, cred.pid(), cred.uid(), cred.gid(), name);
+    let groups = auth::peer_groups(cred.pid(), cred.gid());
+    let admin = shared.config.authz.is_admin(cred.uid(), &groups);
+    let (owner, push_rx) =
+        Peer::open_with(id, cred.pid(), cred.uid(), cred.gid(), name, groups, admin);
     tracing::debug!(conn = id, "connected: {}", owner.describe());
     let mut session = Session {
         wire: conn,
@@ -198,6 +225,8 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         tickets: TicketPool::default(),
         watching: std::collections::HashSet::new(),
         unanswered_grants: HashMap::new(),
+        usage,
+        counted: (0, 0),
         shared,
     };
     Global::inc(&session.shared.global.connections);
@@ -257,10 +286,22 @@ impl Wire {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_within(DEFAULT_WRITE_TIMEOUT).await
+    }
+
+    /// Writes the output buffer; fails with `TimedOut` if the peer does not take it within
+    /// `limit` (it is not reading its responses).
+    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self.stream.write_all(&self.out).await;
+        let r = match tokio::time::timeout(limit, self.stream.write_all(&self.out)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client does not read its responses",
+            )),
+        };
         if self.out.capacity() > OUT_KEEP {
             self.out = BytesMut::with_capacity(READ_CHUNK);
         } else {
@@ -304,6 +345,9 @@ struct Session {
     tickets: TicketPool,
     /// Keys this connection watches.
     watching: std::collections::HashSet<Key>,
+    /// This uid's usage, and the (holds, waits) this connection last added to it.
+    usage: Arc<UidUsage>,
+    counted: (usize, usize),
     /// Detached grants whose answer waits for a commit: if the connection closes first,
     /// nobody will ever learn their tickets, so they are taken back.
     unanswered_grants: HashMap<RequestId, (Key, Ticket, u64)>,
@@ -366,9 +410,44 @@ impl Session {
                     Err(_) => return End::Closed,
                 },
             }
-            if self.wire.flush().await.is_err() {
+            self.sync_usage();
+            let limit = self.shared.config.limits.write_timeout;
+            if let Err(e) = self.wire.flush_within(limit).await {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    tracing::warn!(
+                        conn = self.owner.id,
+                        "disconnecting {}: it has not read its responses for {limit:?}",
+                        self.owner.describe()
+                    );
+                }
                 return End::Closed;
             }
+        }
+    }
+
+    /// Brings this uid's hold and wait counts up to date with this connection's.
+    fn sync_usage(&mut self) {
+        let now = (self.holds.len(), self.waits.len());
+        UidUsage::adjust(&self.usage.holds, self.counted.0, now.0);
+        UidUsage::adjust(&self.usage.waits, self.counted.1, now.1);
+        self.counted = now;
+    }
+
+    /// PermissionDenied unless this peer may use `namespace`.
+    fn authorize(&self, namespace: &str) -> Result<(), WireError> {
+        let o = &self.owner;
+        if self
+            .shared
+            .config
+            .authz
+            .may_use(namespace, o.uid, &o.groups)
+        {
+            Ok(())
+        } else {
+            Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!("uid {} may not use namespace {namespace:?}", o.uid),
+            ))
         }
     }
 
@@ -502,6 +581,7 @@ impl Session {
         if let Err(e) = a.key.validate() {
             return invalid(e.to_string());
         }
+        self.authorize(&a.key.namespace)?;
         let limits = &self.shared.config.limits;
         if a.data.len() > limits.max_data {
             return invalid(format!(
@@ -532,6 +612,24 @@ impl Session {
                 format!(
                     "this connection already has {} holds, the limit; release some first",
                     self.holds.len()
+                ),
+            ));
+        }
+        if UidUsage::get(&self.usage.holds) >= limits.max_holds_per_uid {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "uid {} already has {} holds, the limit",
+                    self.owner.uid, limits.max_holds_per_uid
+                ),
+            ));
+        }
+        if a.wait != Wait::No && UidUsage::get(&self.usage.waits) >= limits.max_waits_per_uid {
+            return Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "uid {} already has {} waiting acquires, the limit",
+                    self.owner.uid, limits.max_waits_per_uid
                 ),
             ));
         }
@@ -612,6 +710,7 @@ impl Session {
             detached,
             releasing: false,
             shown_expiry,
+            share: detached.then(|| HoldShare::new(Arc::clone(&self.usage))),
         });
         if let Some(done) = commit {
             self.unanswered_grants
@@ -666,7 +765,7 @@ impl Session {
             );
         }
         // A lease: detached, or bound to another connection of the same uid.
-        match self.shared.leases.release(ticket, self.owner.uid) {
+        match self.shared.leases.release(ticket, self.owner.acting_uid()) {
             Err(TicketError::NotHolder) => Some(Err(not_holder())),
             Ok(Release::Pending(done)) => {
                 self.after_commit(id, done, AfterCommit::Released { ticket: *ticket });
@@ -699,7 +798,7 @@ impl Session {
         };
         let renewed = self.shared.leases.renew(
             ticket,
-            self.owner.uid,
+            self.owner.acting_uid(),
             length,
             Instant::now(),
             clock::now_ms(),
@@ -716,14 +815,18 @@ impl Session {
 
     fn describe(&self, key: &Key) -> Result<Reply, WireError> {
         key.validate().map_err(invalid)?;
+        self.authorize(&key.namespace)?;
         Ok(Reply::Described(self.shared.locks.describe(key)))
     }
 
     fn list(&self, query: &ListQuery) -> Result<Reply, WireError> {
         if let Some(ns) = &query.namespace {
             lockd_protocol::key::validate_namespace(ns).map_err(invalid)?;
+            self.authorize(ns)?;
         }
-        Ok(Reply::Listed(self.shared.locks.list(query, |_| true)))
+        let (authz, o) = (&self.shared.config.authz, &self.owner);
+        let visible = |ns: &str| authz.may_use(ns, o.uid, &o.groups);
+        Ok(Reply::Listed(self.shared.locks.list(query, visible)))
     }
 
     /// Ends every hold on `key`: root only (configured admins come with the config file).
@@ -731,7 +834,7 @@ impl Session {
         if let Err(e) = key.validate() {
             return Some(Err(invalid(e)));
         }
-        if !self.shared.config.is_admin(self.owner.uid, self.owner.gid) {
+        if !self.owner.admin {
             return Some(Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -771,6 +874,7 @@ impl Session {
 
     fn watch(&mut self, key: Key) -> Result<Reply, WireError> {
         key.validate().map_err(invalid)?;
+        self.authorize(&key.namespace)?;
         let max = self.shared.config.limits.max_watches_per_conn;
         if !self.watching.contains(&key) && self.watching.len() >= max {
             return Err(WireError::new(
@@ -901,6 +1005,8 @@ impl Session {
                 ended += 1;
             }
         }
+        self.sync_usage();
+        self.usage.connections.fetch_sub(1, Ordering::Relaxed);
         Global::dec(&self.shared.global.connections);
         self.shared.unregister(self.owner.id);
         tracing::debug!(

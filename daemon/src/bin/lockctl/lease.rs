@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::Args;
 use lockd_client::Ticket;
 
-use crate::{duration, exit};
+use crate::exit;
+use lockd::duration;
 
 const ACQUIRE_HELP: &str = "\
 Prints shell assignments (eval them) or, with --json, an object:

@@ -1,7 +1,6 @@
 //! `lockctl`: lockd from the shell. Argument parsing lives here; each subcommand in its module.
 
 mod admin;
-mod duration;
 mod exit;
 mod lease;
 mod output;

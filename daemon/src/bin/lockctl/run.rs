@@ -19,7 +19,8 @@ use clap::Args;
 use lockd_client::{Client, ConnectOptions, LockGuard};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::{duration, exit};
+use crate::exit;
+use lockd::duration;
 
 const AFTER_HELP: &str = "\
 Examples:

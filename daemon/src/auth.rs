@@ -1,0 +1,120 @@
+//! Authorization by peer credentials: which namespaces a peer may use, and who is an admin.
+//!
+//! Identity is the peer's uid, primary gid and supplementary groups as the kernel reports them
+//! (SO_PEERCRED and /proc), never a claim in a message. A namespace listed in the configuration
+//! is open only to its users and groups (and admins); every other namespace, `default`
+//! included, is open to every peer that can connect.
+
+use std::collections::HashMap;
+
+/// The uids and gids allowed somewhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl Allowed {
+    fn admits(&self, uid: u32, groups: &[u32]) -> bool {
+        self.uids.contains(&uid) || groups.iter().any(|g| self.gids.contains(g))
+    }
+}
+
+/// The authorization rules.
+#[derive(Debug, Clone, Default)]
+pub struct Authz {
+    namespaces: HashMap<String, Allowed>,
+    admins: Allowed,
+}
+
+impl Authz {
+    pub fn new(namespaces: HashMap<String, Allowed>, admins: Allowed) -> Authz {
+        Authz { namespaces, admins }
+    }
+
+    /// Adds `other`'s rules (a configuration file on top of command-line admins).
+    pub fn merge(&mut self, other: Authz) {
+        self.namespaces.extend(other.namespaces);
+        self.admins.uids.extend(other.admins.uids);
+        self.admins.gids.extend(other.admins.gids);
+    }
+
+    /// Adds admins given on the command line.
+    pub fn add_admins(&mut self, uids: &[u32], gids: &[u32]) {
+        self.admins.uids.extend_from_slice(uids);
+        self.admins.gids.extend_from_slice(gids);
+    }
+
+    /// Root, or a configured admin uid, or a member of a configured admin group.
+    /// `groups` holds the primary gid and the supplementary groups.
+    pub fn is_admin(&self, uid: u32, groups: &[u32]) -> bool {
+        uid == 0 || self.admins.admits(uid, groups)
+    }
+
+    /// May this peer use `namespace`?
+    pub fn may_use(&self, namespace: &str, uid: u32, groups: &[u32]) -> bool {
+        match self.namespaces.get(namespace) {
+            None => true,
+            Some(allowed) => self.is_admin(uid, groups) || allowed.admits(uid, groups),
+        }
+    }
+}
+
+/// The primary gid plus the supplementary groups of process `pid`, read from
+/// `/proc/PID/status` (the `Groups:` line). Falls back to the primary gid alone.
+pub fn peer_groups(pid: Option<i32>, gid: u32) -> Vec<u32> {
+    let mut groups = vec![gid];
+    let Some(pid) = pid else { return groups };
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
+            groups.extend(
+                line["Groups:".len()..]
+                    .split_whitespace()
+                    .filter_map(|g| g.parse::<u32>().ok())
+                    .filter(|g| *g != gid),
+            );
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_namespaces_are_closed_to_others() {
+        let mut ns = HashMap::new();
+        ns.insert(
+            "ops".to_string(),
+            Allowed {
+                uids: vec![1000],
+                gids: vec![50],
+            },
+        );
+        let a = Authz::new(
+            ns,
+            Allowed {
+                uids: vec![7],
+                gids: vec![],
+            },
+        );
+        assert!(a.may_use("default", 1234, &[1234]));
+        assert!(a.may_use("anything", 1234, &[1234]));
+        assert!(a.may_use("ops", 1000, &[1000]));
+        assert!(
+            a.may_use("ops", 2000, &[2000, 50]),
+            "by supplementary group"
+        );
+        assert!(!a.may_use("ops", 2000, &[2000]));
+        assert!(a.may_use("ops", 7, &[7]), "admins may use every namespace");
+        assert!(a.may_use("ops", 0, &[0]), "root too");
+    }
+
+    #[test]
+    fn own_groups_are_read_from_proc() {
+        let gid = unsafe { libc::getegid() };
+        let groups = peer_groups(Some(std::process::id() as i32), gid);
+        assert_eq!(groups[0], gid);
+    }
+}
