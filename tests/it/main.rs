@@ -8,10 +8,12 @@ mod counter;
 mod crash;
 mod durability;
 mod fences;
+mod fuzz;
 mod hostile;
 mod leases;
 mod lockctl;
 mod queue;
+mod security;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;

@@ -27,6 +27,7 @@ pub struct TestDaemon {
     log: PathBuf,
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
+    nofile: Option<u64>,
 }
 
 impl TestDaemon {
@@ -43,6 +44,16 @@ impl TestDaemon {
 
     /// As [`TestDaemon::start`], with extra arguments and environment variables.
     pub async fn start_full(bin: &str, extra_args: &[&str], env: &[(&str, &str)]) -> TestDaemon {
+        TestDaemon::start_limited(bin, extra_args, env, None).await
+    }
+
+    /// As [`TestDaemon::start_full`], with the daemon's open-file limit set to `nofile`.
+    pub async fn start_limited(
+        bin: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("lockd-test-")
             .tempdir()
@@ -59,6 +70,7 @@ impl TestDaemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            nofile,
         };
         d.spawn();
         d.wait_ready().await;
@@ -81,7 +93,24 @@ impl TestDaemon {
             .append(true)
             .open(&self.log)
             .expect("open daemon log");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--socket")
             .arg(&self.socket)
             .arg("--data-dir")
@@ -95,6 +124,28 @@ impl TestDaemon {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
+    }
+
+    /// Peak resident memory of the daemon (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU time the daemon used so far (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        get(11) + get(12)
     }
 
     /// Waits until a client can connect, or panics with the log tail.
