@@ -134,3 +134,40 @@ impl Limits {
         }
     }
 }
+
+/// The live configuration: read by connections (each keeps an `Arc` and re-reads it when the
+/// generation changes), replaced as a whole on reload.
+#[derive(Debug)]
+pub struct ConfigCell {
+    current: std::sync::RwLock<std::sync::Arc<Config>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl ConfigCell {
+    pub fn new(config: Config) -> ConfigCell {
+        ConfigCell {
+            current: std::sync::RwLock::new(std::sync::Arc::new(config)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The current configuration.
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
+        std::sync::Arc::clone(&guard)
+    }
+
+    /// Bumped by every [`ConfigCell::replace`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Installs `config`; connections pick it up at their next wake-up.
+    pub fn replace(&self, config: Config) {
+        let mut guard = self.current.write().unwrap_or_else(|p| p.into_inner());
+        *guard = std::sync::Arc::new(config);
+        drop(guard);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}

@@ -15,8 +15,10 @@ pub mod peer;
 pub mod recovery;
 pub mod server;
 pub mod session;
+pub mod signals;
 pub mod stats;
 pub mod store;
+pub mod systemd;
 pub mod table;
 pub mod tickets;
 pub mod usage;
@@ -48,7 +50,12 @@ pub fn default_socket_mode() -> u32 {
     }
 }
 
-/// Opens the store, binds the socket, serves until SIGTERM or SIGINT, then shuts down cleanly.
+/// Produces a fresh configuration on SIGHUP, or says why the file is not usable.
+pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Opens the store, binds the socket (or adopts systemd's), serves until SIGTERM or SIGINT,
+/// then shuts down cleanly. SIGHUP calls `reload` and applies the result (a bad configuration
+/// is logged and the old one kept).
 ///
 /// Order matters: the store is opened first, so a second daemon on the same data directory fails
 /// before it touches the socket; the socket is bound before any thread starts (see
@@ -56,30 +63,35 @@ pub fn default_socket_mode() -> u32 {
 ///
 /// # Errors
 /// [`RunError`] describing what the operator must fix.
-pub fn run(config: Config) -> Result<(), RunError> {
+pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
     let mut store = store::Store::open(&config.data_dir)?;
     let first_fences = fence::Fences::reserve_first(&mut store)?;
     let started = std::time::Instant::now();
     let records = store.load_leases()?;
     let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
     let fences = fence::Fences::new(first_fences, writer.clone());
-    let bound = listener::bind(&config.socket, config.socket_mode, config.socket_gid)?;
+    // A socket passed by systemd is used as it is and never unlinked; otherwise bind our own.
+    let (std_listener, bound) = match systemd::activated_listener().map_err(RunError::Runtime)? {
+        Some(l) => (l, None),
+        None => {
+            let bound = listener::bind(&config.socket, config.socket_mode, config.socket_gid)?;
+            let l = bound.listener.try_clone().map_err(RunError::Runtime)?;
+            (l, Some(bound))
+        }
+    };
+    let signals = signals::Signals::install().map_err(RunError::Runtime)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lockd-worker")
         .build()
         .map_err(RunError::Runtime)?;
     let result = runtime.block_on(async {
-        bound
-            .listener
+        std_listener
             .set_nonblocking(true)
             .map_err(RunError::Runtime)?;
-        let listener = tokio::net::UnixListener::from_std(
-            bound.listener.try_clone().map_err(RunError::Runtime)?,
-        )
-        .map_err(RunError::Runtime)?;
+        let listener =
+            tokio::net::UnixListener::from_std(std_listener).map_err(RunError::Runtime)?;
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone()).map_err(RunError::Runtime)?;
         let locks = Arc::new(lockspace::LockSpace::new(fences));
         let (leases, arm) = lease::Leases::new(writer.clone());
         let usage = Arc::new(usage::Registry::default());
@@ -101,19 +113,56 @@ pub fn run(config: Config) -> Result<(), RunError> {
         );
         tokio::spawn(Arc::clone(&leases).expire_loop(arm, Arc::clone(&locks)));
         tokio::spawn(watch_long_holds(Arc::clone(&locks), config.long_hold));
-        let shared = session::Shared::new(locks, leases, usage, config, shutdown);
-        tracing::info!(
-            "lockd {} serving {} (data in {})",
-            env!("CARGO_PKG_VERSION"),
-            shared.config.socket.display(),
-            shared.config.data_dir.display()
+        let where_ = bound.as_ref().map_or_else(
+            || "a socket passed by systemd".to_string(),
+            |b| b.path.display().to_string(),
         );
+        let data_dir = config.data_dir.display().to_string();
+        let shared = session::Shared::new(locks, leases, usage, config, shutdown.clone());
+        tokio::spawn(signals.handle(Arc::clone(&shared), reload));
+        if let Some(every) = systemd::watchdog_interval() {
+            tokio::spawn(watchdog(Arc::clone(&shared), every));
+        }
+        tracing::info!(
+            "lockd {} serving {where_} (data in {data_dir})",
+            env!("CARGO_PKG_VERSION")
+        );
+        systemd::ready(&format!(
+            "serving; {} detached leases recovered",
+            recovered.restored
+        ));
         server::run(listener, shared).await;
         Ok(())
     });
-    bound.remove();
+    if let Some(bound) = bound {
+        bound.remove();
+    }
     tracing::info!("lockd stopped");
     result
+}
+
+/// Pings the systemd watchdog only after proving the daemon works: every shard lock can be
+/// taken (no stuck lock table) and this task got scheduled (the runtime is alive).
+async fn watchdog(shared: Arc<session::Shared>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        shared.locks.probe();
+        systemd::watchdog();
+        let s = shared.snapshot();
+        let gauge = |name: &str| s.gauges.iter().find(|(n, _)| n == name).map_or(0, |g| g.1);
+        systemd::status(&format!(
+            "{} connections, {} holds, {} waiters, {} leases",
+            gauge("connections"),
+            gauge("holds"),
+            gauge("waiters"),
+            gauge("leases")
+        ));
+    }
 }
 
 /// Logs holds older than `threshold` once each, checking a few times per threshold.
@@ -126,19 +175,4 @@ async fn watch_long_holds(locks: Arc<lockspace::LockSpace>, threshold: std::time
         tick.tick().await;
         locks.warn_long_holds(threshold.as_millis() as u64);
     }
-}
-
-fn spawn_signal_handler(shutdown: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!("{which} received: shutting down");
-        shutdown.cancel();
-    });
-    Ok(())
 }

@@ -464,6 +464,13 @@ impl LockSpace {
         t
     }
 
+    /// Takes and releases every shard lock: returns only if no shard is stuck (watchdog).
+    pub fn probe(&self) {
+        for shard in self.shards.iter() {
+            drop(lock(shard));
+        }
+    }
+
     /// Logs (once per hold) every hold older than `threshold_ms`; returns how many were new.
     pub fn warn_long_holds(&self, threshold_ms: u64) -> u64 {
         let now = clock::now_ms();

@@ -7,7 +7,7 @@ use clap::Parser;
 use lockd::config::Config;
 
 /// A single-host lock daemon: exclusive and shared locks, FIFO waits, fencing tokens.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
     /// Unix socket to listen on [default: $RUNTIME_DIRECTORY/lockd.sock under systemd,
@@ -57,6 +57,27 @@ fn main() -> ExitCode {
         };
     }
     init_logging(args.log_level.as_deref());
+    let config = match build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lockd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reload_args = args.clone();
+    let reload: lockd::Reload = Box::new(move || build_config(&reload_args));
+    match lockd::run(config, reload) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("lockd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Defaults, then the configuration file, then the command line.
+fn build_config(args: &Args) -> Result<Config, String> {
     let mut config = Config::new(
         args.socket
             .clone()
@@ -84,22 +105,10 @@ fn main() -> ExitCode {
             socket_mode: args.socket_mode.is_some(),
             long_hold: args.long_hold.is_some(),
         };
-        match lockd::config_file::load(&path) {
-            Ok(loaded) => loaded.apply(&mut config, &overrides),
-            Err(e) => {
-                eprintln!("lockd: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
+        let loaded = lockd::config_file::load(&path).map_err(|e| e.to_string())?;
+        loaded.apply(&mut config, &overrides);
     }
-    match lockd::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("lockd: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    Ok(config)
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -116,9 +125,58 @@ fn init_logging(level: Option<&str>) {
         Some(l) => EnvFilter::new(l),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // journald adds its own timestamps; `<N>` prefixes keep the priorities.
+        let format = tracing_subscriber::fmt::format()
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .with_ansi(false);
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(journald::Prefixed(format))
+            .init();
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+mod journald {
+    //! syslog-style `<N>` priority prefixes, which journald reads from a service's stderr.
+
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    use tracing_subscriber::registry::LookupSpan;
+
+    pub struct Prefixed<F>(pub F);
+
+    impl<S, N, F> FormatEvent<S, N> for Prefixed<F>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+        F: FormatEvent<S, N>,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> std::fmt::Result {
+            let priority = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                Level::DEBUG | Level::TRACE => 7,
+            };
+            write!(writer, "<{priority}>")?;
+            self.0.format_event(ctx, writer, event)
+        }
+    }
 }

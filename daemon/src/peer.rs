@@ -65,8 +65,8 @@ pub struct Peer {
     pub name: String,
     /// Primary gid and supplementary groups, from the kernel.
     pub groups: Vec<u32>,
-    /// Root or a configured admin (decided at connect).
-    pub admin: bool,
+    /// Root or a configured admin (decided at connect, updated on config reload).
+    pub admin: std::sync::atomic::AtomicBool,
     push: mpsc::UnboundedSender<Push>,
 }
 
@@ -100,7 +100,7 @@ impl Peer {
             gid,
             name,
             groups,
-            admin,
+            admin: std::sync::atomic::AtomicBool::new(admin),
             push,
         };
         (Owner(Arc::new(peer)), rx)
@@ -112,9 +112,14 @@ impl Peer {
         let _ = self.push.send(msg);
     }
 
+    /// Root or a configured admin?
+    pub fn is_admin(&self) -> bool {
+        self.admin.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The uid for ticket checks: 0 (acts for anyone) for admins.
     pub fn acting_uid(&self) -> u32 {
-        if self.admin {
+        if self.is_admin() {
             0
         } else {
             self.uid

@@ -23,8 +23,9 @@ pub async fn run(listener: UnixListener, shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if tracker.len() >= shared.config.limits.max_connections {
-                        refuse(&stream, shared.config.limits.max_connections);
+                    let max = shared.config.get().limits.max_connections;
+                    if tracker.len() >= max {
+                        refuse(&stream, max);
                         continue;
                     }
                     tracker.spawn(session::serve(stream, Arc::clone(&shared)));
@@ -42,7 +43,7 @@ pub async fn run(listener: UnixListener, shared: Arc<Shared>) {
     drop(listener);
     shared.stop_sessions();
     tracker.close();
-    let grace = shared.config.limits.shutdown_grace;
+    let grace = shared.config.get().limits.shutdown_grace;
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within {grace:?}");
     }

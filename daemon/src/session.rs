@@ -31,8 +31,8 @@ use tokio_util::time::{delay_queue, DelayQueue};
 
 use crate::auth;
 use crate::clock;
-use crate::config::Config;
 use crate::config::DEFAULT_WRITE_TIMEOUT;
+use crate::config::{Config, ConfigCell};
 use crate::lease::{Lease, LeaseSpec, Leases, Release, TicketError};
 use crate::lockspace::{AcquireOutcome, Ended, HoldMeta, LockSpace};
 use crate::peer::{AfterCommit, Owner, Peer, Push};
@@ -46,7 +46,8 @@ pub struct Shared {
     pub locks: Arc<LockSpace>,
     pub leases: Arc<Leases>,
     pub usage: Arc<Registry>,
-    pub config: Config,
+    /// The current configuration; replaced on reload (SIGHUP).
+    pub config: ConfigCell,
     pub shutdown: CancellationToken,
     pub global: Global,
     /// Live sessions, so shutdown can reach them through their mailboxes (connect and
@@ -68,7 +69,7 @@ impl Shared {
             locks,
             leases,
             usage,
-            config,
+            config: ConfigCell::new(config),
             shutdown,
             global: Global::default(),
             sessions: std::sync::Mutex::new(HashMap::new()),
@@ -97,7 +98,7 @@ impl Shared {
 
     /// Counters, gauges and distributions, summed over the shards.
     pub fn snapshot(&self) -> Stats {
-        let long_ms = self.config.long_hold.as_millis() as u64;
+        let long_ms = self.config.get().long_hold.as_millis() as u64;
         let t = self.locks.totals(long_ms);
         let g = &self.global;
         let counters = [
@@ -149,7 +150,8 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         }
     };
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let max_frame = shared.config.limits.max_frame;
+    let config = shared.config.get();
+    let max_frame = config.limits.max_frame;
     let mut conn = Wire {
         stream,
         codec: ServerCodec::new(max_frame),
@@ -161,7 +163,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
         cred.uid()
     );
-    let hello = match conn.handshake(shared.config.limits.handshake_timeout).await {
+    let hello = match conn.handshake(config.limits.handshake_timeout).await {
         Ok(hello) => hello,
         Err(why) => {
             Global::inc(&shared.global.protocol_errors);
@@ -182,7 +184,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         return;
     }
     let usage = shared.usage.of(cred.uid());
-    let max_per_uid = shared.config.limits.max_connections_per_uid;
+    let max_per_uid = config.limits.max_connections_per_uid;
     if usage.connections.fetch_add(1, Ordering::Relaxed) >= max_per_uid {
         usage.connections.fetch_sub(1, Ordering::Relaxed);
         tracing::warn!(
@@ -202,7 +204,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     let welcome = Welcome {
         protocol_version: PROTOCOL_VERSION,
         server_version: env!("CARGO_PKG_VERSION").to_string(),
-        limits: shared.config.limits.to_wire(),
+        limits: config.limits.to_wire(),
     };
     conn.send(ServerMessage::Welcome(welcome));
     if conn.flush().await.is_err() {
@@ -211,7 +213,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     let mut name = hello.client_name;
     truncate_utf8(&mut name, 256);
     let groups = auth::peer_groups(cred.pid(), cred.gid());
-    let admin = shared.config.authz.is_admin(cred.uid(), &groups);
+    let admin = config.authz.is_admin(cred.uid(), &groups);
     let (owner, push_rx) =
         Peer::open_with(id, cred.pid(), cred.uid(), cred.gid(), name, groups, admin);
     tracing::debug!(conn = id, "connected: {}", owner.describe());
@@ -227,6 +229,8 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         unanswered_grants: HashMap::new(),
         usage,
         counted: (0, 0),
+        generation: shared.config.generation(),
+        config,
         shared,
     };
     Global::inc(&session.shared.global.connections);
@@ -345,6 +349,10 @@ struct Session {
     tickets: TicketPool,
     /// Keys this connection watches.
     watching: std::collections::HashSet<Key>,
+    /// The configuration this connection applies, refreshed when a reload bumps the
+    /// generation (checked once per wake-up: one relaxed load of a rarely written word).
+    config: Arc<Config>,
+    generation: u64,
     /// This uid's usage, and the (holds, waits) this connection last added to it.
     usage: Arc<UidUsage>,
     counted: (usize, usize),
@@ -411,7 +419,8 @@ impl Session {
                 },
             }
             self.sync_usage();
-            let limit = self.shared.config.limits.write_timeout;
+            self.refresh_config();
+            let limit = self.config.limits.write_timeout;
             if let Err(e) = self.wire.flush_within(limit).await {
                 if e.kind() == std::io::ErrorKind::TimedOut {
                     tracing::warn!(
@@ -422,6 +431,20 @@ impl Session {
                 }
                 return End::Closed;
             }
+        }
+    }
+
+    /// Picks up a reloaded configuration (authorization, limits) without dropping anything.
+    fn refresh_config(&mut self) {
+        let generation = self.shared.config.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            self.config = self.shared.config.get();
+            let o = &self.owner;
+            o.admin.store(
+                self.config.authz.is_admin(o.uid, &o.groups),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -436,12 +459,7 @@ impl Session {
     /// PermissionDenied unless this peer may use `namespace`.
     fn authorize(&self, namespace: &str) -> Result<(), WireError> {
         let o = &self.owner;
-        if self
-            .shared
-            .config
-            .authz
-            .may_use(namespace, o.uid, &o.groups)
-        {
+        if self.config.authz.may_use(namespace, o.uid, &o.groups) {
             Ok(())
         } else {
             Err(WireError::new(
@@ -582,7 +600,7 @@ impl Session {
             return invalid(e.to_string());
         }
         self.authorize(&a.key.namespace)?;
-        let limits = &self.shared.config.limits;
+        let limits = &self.config.limits;
         if a.data.len() > limits.max_data {
             return invalid(format!(
                 "data is {} bytes; the limit is {}",
@@ -647,7 +665,7 @@ impl Session {
 
     /// A lease length in milliseconds, checked against the configured maximum.
     fn check_lease(&self, ms: u64) -> Result<Duration, WireError> {
-        let max = self.shared.config.limits.max_lease;
+        let max = self.config.limits.max_lease;
         let length = Duration::from_millis(ms);
         if ms == 0 || length > max {
             return Err(WireError::new(
@@ -824,7 +842,7 @@ impl Session {
             lockd_protocol::key::validate_namespace(ns).map_err(invalid)?;
             self.authorize(ns)?;
         }
-        let (authz, o) = (&self.shared.config.authz, &self.owner);
+        let (authz, o) = (&self.config.authz, &self.owner);
         let visible = |ns: &str| authz.may_use(ns, o.uid, &o.groups);
         Ok(Reply::Listed(self.shared.locks.list(query, visible)))
     }
@@ -834,7 +852,7 @@ impl Session {
         if let Err(e) = key.validate() {
             return Some(Err(invalid(e)));
         }
-        if !self.owner.admin {
+        if !self.owner.is_admin() {
             return Some(Err(WireError::new(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -875,7 +893,7 @@ impl Session {
     fn watch(&mut self, key: Key) -> Result<Reply, WireError> {
         key.validate().map_err(invalid)?;
         self.authorize(&key.namespace)?;
-        let max = self.shared.config.limits.max_watches_per_conn;
+        let max = self.config.limits.max_watches_per_conn;
         if !self.watching.contains(&key) && self.watching.len() >= max {
             return Err(WireError::new(
                 ErrorCode::LimitExceeded,

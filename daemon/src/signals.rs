@@ -1,0 +1,70 @@
+//! Signals, with signal-hook: SIGTERM and SIGINT stop the daemon gracefully, SIGHUP reloads
+//! the configuration. A second SIGTERM or SIGINT during shutdown exits at once.
+
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::mpsc;
+
+use crate::session::Shared;
+use crate::{systemd, Reload};
+
+/// Signals caught by a dedicated thread and forwarded to the runtime.
+pub struct Signals {
+    rx: mpsc::UnboundedReceiver<i32>,
+}
+
+impl Signals {
+    /// Installs the handlers (before any other thread starts).
+    ///
+    /// # Errors
+    /// The handlers could not be registered.
+    pub fn install() -> std::io::Result<Signals> {
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("lockd-signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    if tx.send(sig).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Signals { rx })
+    }
+
+    /// Acts on signals until the channel closes.
+    pub async fn handle(mut self, shared: Arc<Shared>, reload: Reload) {
+        while let Some(sig) = self.rx.recv().await {
+            match sig {
+                SIGHUP => reload_config(&shared, &reload),
+                _ => {
+                    let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                    if shared.shutdown.is_cancelled() {
+                        tracing::warn!("{name} again: exiting at once");
+                        std::process::exit(1);
+                    }
+                    tracing::info!("{name} received: shutting down");
+                    systemd::stopping();
+                    shared.shutdown.cancel();
+                }
+            }
+        }
+    }
+}
+
+fn reload_config(shared: &Shared, reload: &Reload) {
+    match reload() {
+        Ok(config) => {
+            let old = shared.config.get();
+            if config.socket != old.socket || config.data_dir != old.data_dir {
+                tracing::warn!("the socket and data directory change only with a restart");
+            }
+            shared.config.replace(config);
+            tracing::info!("configuration reloaded");
+            systemd::status("configuration reloaded");
+        }
+        Err(e) => tracing::error!("configuration reload failed, keeping the old one: {e}"),
+    }
+}

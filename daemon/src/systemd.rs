@@ -1,0 +1,58 @@
+//! systemd integration: socket activation (`LISTEN_FDS`), readiness and status
+//! notifications (`NOTIFY_SOCKET`), and the watchdog (`WATCHDOG_USEC`).
+//!
+//! Everything here is a no-op outside systemd: `sd_notify` ignores a missing `NOTIFY_SOCKET`.
+
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+/// The socket systemd passed, if any (the first of `LISTEN_FDS`).
+///
+/// # Errors
+/// `LISTEN_FDS` is set for us but unusable.
+pub fn activated_listener() -> std::io::Result<Option<UnixListener>> {
+    let mut fds = sd_notify::listen_fds()?;
+    let Some(fd) = fds.next() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and nothing else in the
+    // process owns it; from here on the listener does.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    // systemd hands over blocking sockets; tokio needs non-blocking ones.
+    listener.set_nonblocking(true)?;
+    Ok(Some(listener))
+}
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// READY=1 with a one-line STATUS.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// A STATUS line.
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+/// STOPPING=1.
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
+}
+
+/// WATCHDOG=1.
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// How often to ping the watchdog: half of `WATCHDOG_USEC`, if set for us.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|d| d / 2)
+}
