@@ -14,6 +14,7 @@ mod leases;
 mod lockctl;
 mod queue;
 mod security;
+mod systemd;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;

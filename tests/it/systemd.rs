@@ -1,0 +1,242 @@
+//! systemd integration: unit files, socket activation, sd_notify, signals and reload.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lockd_client::Client;
+use lockd_tests::{signal, wait_child, within, TestDaemon};
+
+use crate::{code, text, LOCKCTL, LOCKD, PROMPT};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/bin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn unit_files_pass_systemd_analyze_verify() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        eprintln!("SKIPPED: systemd-analyze is not installed (.ci/run installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let units = [
+        "lockd.service",
+        "lockd.socket",
+        "examples/nightly-backup.service",
+        "examples/myapp-leader@.service",
+    ];
+    for unit in units {
+        // The binaries are not installed here: point the units at the built ones.
+        let text = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
+        let text = text
+            .replace("/usr/bin/lockd ", &format!("{LOCKD} "))
+            .replace("/usr/bin/lockctl", LOCKCTL)
+            .replace("/usr/local/bin/backup.sh", "/bin/true")
+            .replace("/usr/local/bin/myapp", "/bin/true");
+        let name = Path::new(unit).file_name().unwrap();
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    std::fs::copy(
+        dir.path().join("myapp-leader@.service"),
+        dir.path().join("myapp-leader@a.service"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(analyze)
+        .current_dir(dir.path())
+        .args(["verify", "--man=no", "./lockd.socket", "./lockd.service"])
+        .args(["./nightly-backup.service", "./myapp-leader@a.service"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "warnings: {}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn socket_activation_serves_on_the_passed_socket_and_leaves_it() {
+    let Some(activate) = tool("systemd-socket-activate") else {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed (.ci/run installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let mut child = std::process::Command::new(activate)
+        .arg("-l")
+        .arg(&socket)
+        .arg(LOCKD)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--socket")
+        .arg(dir.path().join("unused.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = within(PROMPT, "activated daemon answers", async {
+        loop {
+            if let Ok(c) = Client::connect(&socket).await {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    c.try_lock("activated").await.unwrap();
+    assert!(
+        !dir.path().join("unused.sock").exists(),
+        "it must not bind its own socket"
+    );
+    drop(c);
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_child(&mut child, PROMPT).expect("exits on SIGTERM");
+    assert!(status.success(), "{status}");
+    assert!(
+        socket.exists(),
+        "a socket passed by systemd is left in place"
+    );
+}
+
+/// Receives sd_notify datagrams on a temporary NOTIFY_SOCKET.
+struct Notify {
+    sock: UnixDatagram,
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Notify {
+    fn new() -> Notify {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Notify {
+            sock,
+            _dir: dir,
+            path,
+        }
+    }
+
+    /// Waits (bounded) for a datagram containing `needle`; returns it.
+    fn expect(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PROMPT;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == needle) {
+                    return msg;
+                }
+            }
+        }
+        panic!("no {needle} within {PROMPT:?}");
+    }
+}
+
+#[tokio::test]
+async fn notifies_ready_watchdog_and_stopping() {
+    let notify = Notify::new();
+    let path = notify.path.to_str().unwrap().to_string();
+    let mut d = TestDaemon::start_full(
+        LOCKD,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    )
+    .await;
+    let ready = notify.expect("READY=1");
+    assert!(ready.contains("STATUS="), "{ready}");
+    notify.expect("WATCHDOG=1");
+    notify.expect("WATCHDOG=1");
+    notify.expect("WATCHDOG=1");
+    let status = d.terminate(PROMPT);
+    assert!(status.success());
+    notify.expect("STOPPING=1");
+}
+
+#[tokio::test]
+async fn sighup_reloads_authorization_without_dropping_connections() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || tool("setpriv").is_none() {
+        eprintln!("SKIPPED: needs root and setpriv to act as another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lockd.toml");
+    std::fs::write(&config, "[namespaces.ops]\nusers = [1000]\n").unwrap();
+    let config_arg = config.to_str().unwrap().to_string();
+    let d = TestDaemon::start_with(LOCKD, &["--config", &config_arg, "--socket-mode", "666"]).await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let stayer = d.client().await;
+    let held = stayer.lock("kept-across-reload").await.unwrap();
+    let outsider = |d: &TestDaemon| {
+        let socket = d.socket.clone();
+        async move {
+            let run = tokio::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    LOCKCTL,
+                    "--socket",
+                ])
+                .arg(&socket)
+                .args(["run", "-n", "--namespace", "ops", "job", "--", "true"])
+                .stdin(Stdio::null())
+                .output();
+            within(PROMPT, "lockctl", run).await.unwrap()
+        }
+    };
+    assert_eq!(code(&outsider(&d).await), 77, "denied before the reload");
+
+    std::fs::write(&config, "[namespaces.ops]\nusers = [1000, 65534]\n").unwrap();
+    signal(d.pid(), libc::SIGHUP);
+    let out = within(PROMPT, "reload applied", async {
+        loop {
+            let out = outsider(&d).await;
+            if code(&out) != 77 {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+
+    // A broken file is refused and the working configuration kept.
+    std::fs::write(&config, "[namespaces.ops]\nusers = [1000, 65534\n").unwrap();
+    signal(d.pid(), libc::SIGHUP);
+    within(PROMPT, "reload failure logged", async {
+        while !d.log_tail().contains("keeping the old one") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        code(&outsider(&d).await),
+        0,
+        "the old configuration still applies"
+    );
+
+    // The connection that was there all along kept its lock.
+    assert!(!held.is_lost());
+    stayer.ping().await.unwrap();
+    held.release().await.unwrap();
+}
