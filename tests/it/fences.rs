@@ -89,15 +89,3 @@ async fn live_socket_is_not_stolen_and_stale_socket_is_replaced() {
     d.restart().await;
     d.client().await.ping().await.unwrap();
 }
-
-#[tokio::test]
-async fn sigterm_says_shutting_down_and_exits_cleanly() {
-    let mut d = daemon().await;
-    let c = d.client().await;
-    let g = c.lock("held-at-shutdown").await.unwrap();
-    let status = d.terminate(crate::PROMPT);
-    assert!(status.success(), "exit status {status}");
-    let why = lockd_tests::within(crate::PROMPT, "loss reported", g.lost()).await;
-    assert_eq!(why, lockd_client::Lost::DaemonShutdown);
-    assert!(!d.socket.exists(), "the socket file it created is removed");
-}

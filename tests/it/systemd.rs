@@ -240,3 +240,50 @@ async fn sighup_reloads_authorization_without_dropping_connections() {
     stayer.ping().await.unwrap();
     held.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn sigterm_says_shutting_down_and_exits_cleanly() {
+    let mut d = crate::daemon().await;
+    let c = d.client().await;
+    let g = c.lock("held-at-shutdown").await.unwrap();
+    let lease = c
+        .acquire("lease-across-shutdown")
+        .lease(std::time::Duration::from_secs(60))
+        .detached()
+        .await
+        .unwrap();
+    let status = d.terminate(crate::PROMPT);
+    assert!(status.success(), "exit status {status}");
+    let why = lockd_tests::within(crate::PROMPT, "loss reported", g.lost()).await;
+    assert_eq!(why, lockd_client::Lost::DaemonShutdown);
+    assert!(!d.socket.exists(), "the socket file it created is removed");
+    d.restart().await;
+    let c = d.client().await;
+    c.renew(&lease.ticket, None)
+        .await
+        .expect("detached lease intact after a graceful restart");
+}
+
+#[tokio::test]
+async fn journald_format_has_priorities_and_no_timestamps() {
+    let d = lockd_tests::TestDaemon::start_full(crate::LOCKD, &[], &[("JOURNAL_STREAM", "8:1234")])
+        .await;
+    let _ = d.client().await.try_lock("x").await;
+    let log = d.log_tail();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let b = l.as_bytes();
+        assert!(
+            b.len() > 3 && b[0] == b'<' && b[1].is_ascii_digit() && b[2] == b'>',
+            "no priority prefix: {l}"
+        );
+        assert!(!l.contains("Z "), "timestamp in: {l}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("serving")),
+        "{log}"
+    );
+}
