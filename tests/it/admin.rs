@@ -145,7 +145,8 @@ async fn force_release_by_root_ends_holds_and_is_denied_to_others() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(d.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let out = tokio::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", LOCKCTL])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(crate::lockctl_for_others(d.dir()))
             .arg("--socket")
             .arg(&d.socket)
             .args(["force-release", "stuck"])

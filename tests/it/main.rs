@@ -47,6 +47,19 @@ pub async fn lockctl(socket: &std::path::Path, args: &[&str]) -> std::process::O
         .expect("run lockctl")
 }
 
+/// A copy of lockctl that other uids can execute (the build directory may sit under a
+/// private home), placed in `dir`, which is made traversable too.
+pub fn lockctl_for_others(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let copy = dir.join("lockctl");
+    if !copy.exists() {
+        std::fs::copy(LOCKCTL, &copy).expect("copy lockctl");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    copy
+}
+
 /// A process's exit code (-1 if a signal killed it).
 pub fn code(out: &std::process::Output) -> i32 {
     out.status.code().unwrap_or(-1)

@@ -9,7 +9,7 @@ use lockd_protocol::{Mode, Op, ServerMessage, Wait};
 use lockd_tests::raw::RawConn;
 use lockd_tests::{within, TestDaemon};
 
-use crate::{code, lockctl, text, LOCKCTL, LOCKD, PROMPT};
+use crate::{code, lockctl, text, LOCKD, PROMPT};
 
 /// Tests that need a second uid run only as root with setpriv; otherwise they say so.
 fn can_switch_uid() -> bool {
@@ -34,7 +34,7 @@ async fn lockctl_as(d: &TestDaemon, uid: u32, gid: u32, groups: &[u32], args: &[
         cmd.arg(format!("--groups={}", list.join(",")));
     }
     let run = cmd
-        .arg(LOCKCTL)
+        .arg(crate::lockctl_for_others(d.dir()))
         .arg("--socket")
         .arg(&d.socket)
         .args(args)
