@@ -133,6 +133,10 @@ impl Shared {
     }
 }
 
+/// How far a connection's holds or waits may drift from what its uid's shared counts say
+/// before they are synced: per-uid limits may overshoot by this much per connection.
+const USAGE_SLACK: usize = 8;
+
 /// Timed waits longer than this (a year, in milliseconds) are treated as waiting forever.
 pub const MAX_TIMED_WAIT_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Read buffer growth step, bytes.
@@ -448,12 +452,25 @@ impl Session {
         }
     }
 
-    /// Brings this uid's hold and wait counts up to date with this connection's.
-    fn sync_usage(&mut self) {
+    /// Brings this uid's hold and wait counts up to date with this connection's once they
+    /// drift by [`USAGE_SLACK`] (so a lock/unlock loop touches no shared counter), and always
+    /// when `exact`.
+    fn sync_usage_with(&mut self, exact: bool) {
         let now = (self.holds.len(), self.waits.len());
+        let drift = now
+            .0
+            .abs_diff(self.counted.0)
+            .max(now.1.abs_diff(self.counted.1));
+        if drift == 0 || (!exact && drift < USAGE_SLACK) {
+            return;
+        }
         UidUsage::adjust(&self.usage.holds, self.counted.0, now.0);
         UidUsage::adjust(&self.usage.waits, self.counted.1, now.1);
         self.counted = now;
+    }
+
+    fn sync_usage(&mut self) {
+        self.sync_usage_with(false);
     }
 
     /// PermissionDenied unless this peer may use `namespace`.
@@ -1023,7 +1040,7 @@ impl Session {
                 ended += 1;
             }
         }
-        self.sync_usage();
+        self.sync_usage_with(true);
         self.usage.connections.fetch_sub(1, Ordering::Relaxed);
         Global::dec(&self.shared.global.connections);
         self.shared.unregister(self.owner.id);
