@@ -60,6 +60,40 @@ impl Authz {
     }
 }
 
+/// The primary gid plus the supplementary groups of the peer of `stream`, as the kernel
+/// recorded them when it connected (`SO_PEERGROUPS`). Falls back to the primary gid alone.
+pub fn socket_peer_groups(stream: &impl std::os::fd::AsRawFd, gid: u32) -> Vec<u32> {
+    let fd = stream.as_raw_fd();
+    let mut buf = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = (buf.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `buf` is valid for `len` bytes; the kernel writes at most that many and
+        // reports the size it needs in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            buf.truncate(needed);
+            let mut groups = vec![gid];
+            groups.extend(buf.into_iter().filter(|g| *g != gid));
+            return groups;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ERANGE) && needed > buf.len() && needed <= 65536 {
+            buf.resize(needed, 0);
+            continue;
+        }
+        return vec![gid];
+    }
+}
+
 /// The primary gid plus the supplementary groups of process `pid`, read from
 /// `/proc/PID/status` (the `Groups:` line). Falls back to the primary gid alone.
 pub fn peer_groups(pid: Option<i32>, gid: u32) -> Vec<u32> {
@@ -109,6 +143,15 @@ mod tests {
         assert!(!a.may_use("ops", 2000, &[2000]));
         assert!(a.may_use("ops", 7, &[7]), "admins may use every namespace");
         assert!(a.may_use("ops", 0, &[0]), "root too");
+    }
+
+    #[test]
+    fn peer_groups_come_from_the_socket() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let groups = socket_peer_groups(&a, gid);
+        assert_eq!(groups[0], gid);
     }
 
     #[test]

@@ -84,6 +84,13 @@ impl Leases {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The namespace of the lease with this ticket, if any.
+    pub fn namespace_of(&self, ticket: &Ticket) -> Option<String> {
+        self.shard(ticket)
+            .get(ticket)
+            .map(|l| l.record.key.namespace.clone())
+    }
+
     /// Whether a live lease has this ticket.
     pub fn contains(&self, ticket: &Ticket) -> bool {
         self.shard(ticket).contains_key(ticket)

@@ -68,9 +68,8 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
     let first_fences = fence::Fences::reserve_first(&mut store)?;
     let started = std::time::Instant::now();
     let records = store.load_leases()?;
-    let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
-    let fences = fence::Fences::new(first_fences, writer.clone());
-    // A socket passed by systemd is used as it is and never unlinked; otherwise bind our own.
+    // A socket passed by systemd is used as it is and never unlinked; otherwise bind our own,
+    // before any thread starts (binding sets the process-wide umask for a moment).
     let (std_listener, bound) = match systemd::activated_listener().map_err(RunError::Runtime)? {
         Some(l) => (l, None),
         None => {
@@ -79,6 +78,8 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             (l, Some(bound))
         }
     };
+    let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
+    let fences = fence::Fences::new(first_fences, writer.clone());
     let signals = signals::Signals::install().map_err(RunError::Runtime)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

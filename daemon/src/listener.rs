@@ -51,7 +51,13 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, L
     }
     check_directory(path)?;
     remove_if_stale(path)?;
-    let mask = !mode & 0o777;
+    // With a group to set, the socket is born with no permissions at all, gets its group,
+    // then its mode: at no instant can anyone outside the intended group connect.
+    let mask = if group.is_some() {
+        0o777
+    } else {
+        !mode & 0o777
+    };
     // SAFETY: umask has no memory-safety preconditions.
     let old = unsafe { libc::umask(mask as libc::mode_t) };
     let bound = UnixListener::bind(path);
@@ -59,9 +65,9 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, L
     unsafe { libc::umask(old) };
     let listener = bound.map_err(io_err)?;
     if let Some(gid) = group {
-        // The socket exists with the final mode and our group first: the change only narrows
-        // or moves group access, never widens it for others.
+        use std::os::unix::fs::PermissionsExt;
         std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
     }
     let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
     Ok(BoundSocket {

@@ -34,7 +34,7 @@ struct Args {
     /// A uid (besides root) allowed to force-release; repeat for several
     #[arg(long = "admin-uid", value_name = "UID")]
     admin_uids: Vec<u32>,
-    /// Peers with this primary gid may force-release too; repeat for several
+    /// Members of this group (primary or supplementary) are admins too; repeat for several
     #[arg(long = "admin-gid", value_name = "GID")]
     admin_gids: Vec<u32>,
     /// Log filter in RUST_LOG syntax (overrides $RUST_LOG), e.g. `info` or `lockd=debug`

@@ -141,6 +141,8 @@ const USAGE_SLACK: usize = 8;
 pub const MAX_TIMED_WAIT_MS: u64 = 365 * 24 * 3600 * 1000;
 /// Read buffer growth step, bytes.
 const READ_CHUNK: usize = 8 * 1024;
+/// Stop handling requests while this many bytes of answers wait to be written.
+const OUT_CAP: usize = 256 * 1024;
 /// Output buffers larger than this are freed after a flush, bytes.
 const OUT_KEEP: usize = 64 * 1024;
 
@@ -154,7 +156,12 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         }
     };
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    // Generation first: a reload after this read is picked up at the first wake-up.
+    let generation = shared.config.generation();
     let config = shared.config.get();
+    // Groups from the kernel at connect time (SO_PEERGROUPS), not from /proc later, when the
+    // pid may already belong to another process.
+    let groups = auth::socket_peer_groups(&stream, cred.gid());
     let max_frame = config.limits.max_frame;
     let mut conn = Wire {
         stream,
@@ -171,7 +178,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         Ok(hello) => hello,
         Err(why) => {
             Global::inc(&shared.global.protocol_errors);
-            tracing::debug!(conn = id, "handshake with {who} failed: {why}");
+            tracing::warn!(conn = id, "handshake with {who} failed: {why}");
             return;
         }
     };
@@ -189,8 +196,9 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     }
     let usage = shared.usage.of(cred.uid());
     let max_per_uid = config.limits.max_connections_per_uid;
-    if usage.connections.fetch_add(1, Ordering::Relaxed) >= max_per_uid {
-        usage.connections.fetch_sub(1, Ordering::Relaxed);
+    // Counted from here; the guard gives the slot back on every exit path.
+    let slot = ConnectionSlot::take(Arc::clone(&usage));
+    if slot.others >= max_per_uid {
         tracing::warn!(
             "refusing a connection of {who}: {max_per_uid} connections of its uid are open"
         );
@@ -216,7 +224,6 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     }
     let mut name = hello.client_name;
     truncate_utf8(&mut name, 256);
-    let groups = auth::peer_groups(cred.pid(), cred.gid());
     let admin = config.authz.is_admin(cred.uid(), &groups);
     let (owner, push_rx) =
         Peer::open_with(id, cred.pid(), cred.uid(), cred.gid(), name, groups, admin);
@@ -232,8 +239,9 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         watching: std::collections::HashSet::new(),
         unanswered_grants: HashMap::new(),
         usage,
+        _slot: slot,
         counted: (0, 0),
-        generation: shared.config.generation(),
+        generation,
         config,
         shared,
     };
@@ -242,6 +250,26 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     Global::inc(&session.shared.global.connections_total);
     session.run().await;
     // `Session`'s Drop releases everything the connection held, even if a bug panicked above.
+}
+
+/// One connection counted against its uid; given back when dropped.
+struct ConnectionSlot {
+    usage: Arc<UidUsage>,
+    /// Connections of the uid before this one.
+    others: usize,
+}
+
+impl ConnectionSlot {
+    fn take(usage: Arc<UidUsage>) -> ConnectionSlot {
+        let others = usage.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot { usage, others }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.usage.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The socket with its buffers and codec.
@@ -359,11 +387,23 @@ struct Session {
     generation: u64,
     /// This uid's usage, and the (holds, waits) this connection last added to it.
     usage: Arc<UidUsage>,
+    /// This connection's place in its uid's connection count (returned when dropped).
+    _slot: ConnectionSlot,
     counted: (usize, usize),
     /// Detached grants whose answer waits for a commit: if the connection closes first,
     /// nobody will ever learn their tickets, so they are taken back.
     unanswered_grants: HashMap<RequestId, (Key, Ticket, u64)>,
     shared: Arc<Shared>,
+}
+
+/// What [`Session::handle_frames`] stopped at.
+enum Frames {
+    /// Every complete frame was handled.
+    Drained,
+    /// The output buffer is full: write it, then handle the rest.
+    Paused,
+    /// A protocol error: close the connection.
+    Close,
 }
 
 /// Why a session's loop ended.
@@ -414,9 +454,23 @@ impl Session {
                         return End::Closed;
                     }
                     Ok(_) => {
-                        if !self.handle_frames() {
-                            let _ = self.wire.flush().await;
-                            return End::Closed;
+                        self.refresh_config();
+                        loop {
+                            match self.handle_frames() {
+                                Frames::Drained => break,
+                                Frames::Close => {
+                                    let _ = self.wire.flush().await;
+                                    return End::Closed;
+                                }
+                                // Many answers are waiting: write them before reading on, so a
+                                // client that never reads cannot make the daemon buffer more.
+                                Frames::Paused => {
+                                    let limit = self.config.limits.write_timeout;
+                                    if self.wire.flush_within(limit).await.is_err() {
+                                        return End::Closed;
+                                    }
+                                }
+                            }
                         }
                     }
                     Err(_) => return End::Closed,
@@ -487,18 +541,21 @@ impl Session {
     }
 
     /// Handles every complete frame in the read buffer. False if the connection must close.
-    fn handle_frames(&mut self) -> bool {
+    fn handle_frames(&mut self) -> Frames {
         loop {
+            if self.wire.out.len() >= OUT_CAP {
+                return Frames::Paused;
+            }
             match self.wire.codec.decode(&mut self.wire.inbuf) {
                 Ok(Some(ClientMessage::Request(req))) => self.handle(req),
                 Ok(Some(ClientMessage::Hello(_))) => {
                     self.protocol_error("Hello sent twice");
-                    return false;
+                    return Frames::Close;
                 }
-                Ok(None) => return true,
+                Ok(None) => return Frames::Drained,
                 Err(e) => {
                     self.protocol_error(&e.to_string());
-                    return false;
+                    return Frames::Close;
                 }
             }
         }
@@ -518,8 +575,16 @@ impl Session {
     }
 
     fn respond(&mut self, id: RequestId, result: Result<Reply, WireError>) {
-        self.wire
-            .send(ServerMessage::Response(Response { id, result }));
+        let msg = ServerMessage::Response(Response { id, result });
+        if let Err(e) = self.wire.codec.encode(msg, &mut self.wire.out) {
+            // E.g. a describe larger than a frame: answer, never leave the request hanging.
+            let result = Err(WireError::new(
+                ErrorCode::LimitExceeded,
+                format!("the answer does not fit in a frame ({e}); ask for less"),
+            ));
+            self.wire
+                .send(ServerMessage::Response(Response { id, result }));
+        }
     }
 
     fn handle(&mut self, req: Request) {
@@ -800,6 +865,11 @@ impl Session {
             );
         }
         // A lease: detached, or bound to another connection of the same uid.
+        if let Some(ns) = self.shared.leases.namespace_of(ticket) {
+            if let Err(e) = self.authorize(&ns) {
+                return Some(Err(e));
+            }
+        }
         match self.shared.leases.release(ticket, self.owner.acting_uid()) {
             Err(TicketError::NotHolder) => Some(Err(not_holder())),
             Ok(Release::Pending(done)) => {
@@ -831,6 +901,11 @@ impl Session {
             Ok(l) => l,
             Err(e) => return Some(Err(e)),
         };
+        if let Some(ns) = self.shared.leases.namespace_of(ticket) {
+            if let Err(e) = self.authorize(&ns) {
+                return Some(Err(e));
+            }
+        }
         let renewed = self.shared.leases.renew(
             ticket,
             self.owner.acting_uid(),
@@ -1041,7 +1116,6 @@ impl Session {
             }
         }
         self.sync_usage_with(true);
-        self.usage.connections.fetch_sub(1, Ordering::Relaxed);
         Global::dec(&self.shared.global.connections);
         self.shared.unregister(self.owner.id);
         tracing::debug!(

@@ -328,3 +328,34 @@ async fn a_client_that_never_reads_is_disconnected_and_memory_stays_bounded() {
     eprintln!("daemon peak RSS: {} KiB", rss);
     assert!(rss < 200 * 1024, "peak RSS {rss} KiB");
 }
+
+#[tokio::test]
+async fn clients_that_vanish_during_the_handshake_do_not_use_up_their_uids_slots() {
+    let d = daemon_with_config("[limits]\nmax_connections_per_uid = 2\n", &[]).await;
+    for _ in 0..10 {
+        let mut raw = RawConn::connect(&d.socket).await;
+        raw.send(lockd_protocol::ClientMessage::Hello(
+            lockd_protocol::Hello {
+                protocol_version: lockd_protocol::PROTOCOL_VERSION,
+                client_name: "gone".into(),
+            },
+        ))
+        .await;
+        drop(raw); // before reading Welcome
+    }
+    // Both slots come back (the daemon notices the closes asynchronously: bounded wait).
+    let (a, b) = within(PROMPT, "two connections fit again", async {
+        loop {
+            if let (Ok(a), Ok(b)) = (
+                Client::connect(&d.socket).await,
+                Client::connect(&d.socket).await,
+            ) {
+                break (a, b);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    a.ping().await.unwrap();
+    b.ping().await.unwrap();
+}
