@@ -1,7 +1,7 @@
 //! Authorization by peer credentials: which namespaces a peer may use, and who is an admin.
 //!
-//! Identity is the peer's uid, primary gid and supplementary groups as the kernel reports them
-//! (SO_PEERCRED and /proc), never a claim in a message. A namespace listed in the configuration
+//! Identity is the peer's uid, primary gid and supplementary groups as the kernel recorded them
+//! when it connected (SO_PEERCRED, SO_PEERGROUPS), never a claim in a message. A namespace listed in the configuration
 //! is open only to its users and groups (and admins); every other namespace, `default`
 //! included, is open to every peer that can connect.
 
@@ -94,24 +94,6 @@ pub fn socket_peer_groups(stream: &impl std::os::fd::AsRawFd, gid: u32) -> Vec<u
     }
 }
 
-/// The primary gid plus the supplementary groups of process `pid`, read from
-/// `/proc/PID/status` (the `Groups:` line). Falls back to the primary gid alone.
-pub fn peer_groups(pid: Option<i32>, gid: u32) -> Vec<u32> {
-    let mut groups = vec![gid];
-    let Some(pid) = pid else { return groups };
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-            groups.extend(
-                line["Groups:".len()..]
-                    .split_whitespace()
-                    .filter_map(|g| g.parse::<u32>().ok())
-                    .filter(|g| *g != gid),
-            );
-        }
-    }
-    groups
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,13 +133,6 @@ mod tests {
         // SAFETY: getegid has no preconditions.
         let gid = unsafe { libc::getegid() };
         let groups = socket_peer_groups(&a, gid);
-        assert_eq!(groups[0], gid);
-    }
-
-    #[test]
-    fn own_groups_are_read_from_proc() {
-        let gid = unsafe { libc::getegid() };
-        let groups = peer_groups(Some(std::process::id() as i32), gid);
         assert_eq!(groups[0], gid);
     }
 }
