@@ -331,12 +331,28 @@ impl Wire {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = match tokio::time::timeout(limit, self.stream.write_all(&self.out)).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client does not read its responses",
-            )),
+        // Fast path: the socket takes everything now, and no timer is armed.
+        let mut written = 0;
+        while written < self.out.len() {
+            match self.stream.try_write(&self.out[written..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let r = if written == self.out.len() {
+            Ok(())
+        } else {
+            let rest = &self.out[written..];
+            match tokio::time::timeout(limit, self.stream.write_all(rest)).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client does not read its responses",
+                )),
+            }
         };
         if self.out.capacity() > OUT_KEEP {
             self.out = BytesMut::with_capacity(READ_CHUNK);
