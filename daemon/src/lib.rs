@@ -113,7 +113,7 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             started.elapsed()
         );
         tokio::spawn(Arc::clone(&leases).expire_loop(arm, Arc::clone(&locks)));
-        tokio::spawn(watch_long_holds(Arc::clone(&locks), config.long_hold));
+
         let where_ = bound.as_ref().map_or_else(
             || "a socket passed by systemd".to_string(),
             |b| b.path.display().to_string(),
@@ -121,6 +121,7 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
         let data_dir = config.data_dir.display().to_string();
         let shared = session::Shared::new(locks, leases, usage, config, shutdown.clone());
         tokio::spawn(signals.handle(Arc::clone(&shared), reload));
+        tokio::spawn(watch_long_holds(Arc::clone(&shared)));
         if let Some(every) = systemd::watchdog_interval() {
             tokio::spawn(watchdog(Arc::clone(&shared), every));
         }
@@ -166,14 +167,14 @@ async fn watchdog(shared: Arc<session::Shared>, every: std::time::Duration) {
     }
 }
 
-/// Logs holds older than `threshold` once each, checking a few times per threshold.
-async fn watch_long_holds(locks: Arc<lockspace::LockSpace>, threshold: std::time::Duration) {
+/// Logs holds older than the configured threshold once each, checking a few times per
+/// threshold (the threshold follows configuration reloads).
+async fn watch_long_holds(shared: Arc<session::Shared>) {
     use std::time::Duration;
-    let every = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        locks.warn_long_holds(threshold.as_millis() as u64);
+        let threshold = shared.config.get().long_hold;
+        let every = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        tokio::time::sleep(every).await;
+        shared.locks.warn_long_holds(threshold.as_millis() as u64);
     }
 }

@@ -174,6 +174,27 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
         cred.uid()
     );
+    let usage = shared.usage.of(cred.uid());
+    let max_per_uid = config.limits.max_connections_per_uid;
+    // Counted from accept on (the uid is known from the kernel before any Hello), so a uid
+    // cannot fill the daemon with connections that never say Hello; the guard gives the slot
+    // back on every exit path.
+    let slot = ConnectionSlot::take(Arc::clone(&usage));
+    if slot.others >= max_per_uid {
+        tracing::warn!(
+            "refusing a connection of {who}: {max_per_uid} connections of its uid are open"
+        );
+        let msg = format!(
+            "uid {} already has {max_per_uid} connections, the limit",
+            cred.uid()
+        );
+        conn.send(ServerMessage::Rejected(WireError::new(
+            ErrorCode::LimitExceeded,
+            msg,
+        )));
+        let _ = conn.flush().await;
+        return;
+    }
     let hello = match conn.handshake(config.limits.handshake_timeout).await {
         Ok(hello) => hello,
         Err(why) => {
@@ -189,25 +210,6 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         );
         conn.send(ServerMessage::Rejected(WireError::new(
             ErrorCode::VersionMismatch,
-            msg,
-        )));
-        let _ = conn.flush().await;
-        return;
-    }
-    let usage = shared.usage.of(cred.uid());
-    let max_per_uid = config.limits.max_connections_per_uid;
-    // Counted from here; the guard gives the slot back on every exit path.
-    let slot = ConnectionSlot::take(Arc::clone(&usage));
-    if slot.others >= max_per_uid {
-        tracing::warn!(
-            "refusing a connection of {who}: {max_per_uid} connections of its uid are open"
-        );
-        let msg = format!(
-            "uid {} already has {max_per_uid} connections, the limit",
-            cred.uid()
-        );
-        conn.send(ServerMessage::Rejected(WireError::new(
-            ErrorCode::LimitExceeded,
             msg,
         )));
         let _ = conn.flush().await;
