@@ -18,12 +18,45 @@ pub fn activated_listener() -> std::io::Result<Option<UnixListener>> {
     let Some(fd) = fds.next() else {
         return Ok(None);
     };
+    for (what, opt, want) in [
+        ("a Unix socket", libc::SO_DOMAIN, libc::AF_UNIX),
+        ("a stream socket", libc::SO_TYPE, libc::SOCK_STREAM),
+        ("listening", libc::SO_ACCEPTCONN, 1),
+    ] {
+        if sockopt(fd, opt)? != want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the socket systemd passed (fd {fd}) is not {what}; use ListenStream= with a path"),
+            ));
+        }
+    }
     // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and nothing else in the
     // process owns it; from here on the listener does.
     let listener = unsafe { UnixListener::from_raw_fd(fd) };
     // systemd hands over blocking sockets; tokio needs non-blocking ones.
     listener.set_nonblocking(true)?;
     Ok(Some(listener))
+}
+
+/// An integer socket option of `fd`.
+fn sockopt(fd: std::os::fd::RawFd, opt: libc::c_int) -> std::io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for the kernel to write an int into.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn send(states: &[NotifyState]) {
