@@ -101,3 +101,55 @@ fn random_requests_never_hurt_the_daemon() {
     }
     eprintln!("{cases} random request sequences handled");
 }
+
+/// Raw bytes after a good handshake (garbage, truncated and oversized frames, a second Hello,
+/// valid frames mixed in): the offender is answered or closed, never anyone else.
+#[test]
+fn random_bytes_close_only_their_connection() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = rt.block_on(TestDaemon::start(LOCKD));
+    let bystander = rt.block_on(d.client());
+    let held = rt.block_on(bystander.try_lock("bystander-lock")).unwrap();
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let chunk = prop_oneof![
+        // A plausible frame: length prefix and arbitrary payload (maybe shorter than claimed).
+        (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(len, body)| {
+            let mut v = (len % 200).to_be_bytes().to_vec();
+            v.extend(body);
+            v
+        }),
+        // An oversized length prefix.
+        any::<u32>().prop_map(|len| (len | 0x0100_0000).to_be_bytes().to_vec()),
+        // Pure noise.
+        proptest::collection::vec(any::<u8>(), 0..64),
+    ];
+    let result = runner.run(&proptest::collection::vec(chunk, 1..6), |chunks| {
+        rt.block_on(async {
+            let mut raw = RawConn::connect_hello(&d.socket).await;
+            for c in &chunks {
+                raw.send_bytes(c).await;
+            }
+            // Whatever it says, the connection ends or idles; it never takes others down.
+            let _ = raw.recv(Duration::from_millis(50)).await;
+            drop(raw);
+            prop_assert!(
+                bystander.ping().await.is_ok(),
+                "the daemon stopped serving others"
+            );
+            prop_assert!(!held.is_lost(), "another client's lock was lost");
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}\n{}", d.log_tail());
+    }
+    eprintln!("{cases} random byte sequences survived");
+}
