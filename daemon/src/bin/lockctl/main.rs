@@ -17,7 +17,8 @@ Exit codes:
    1  lock not acquired: conflict or timeout (`run -E` changes it)
    2  usage error
    3  not holder: the ticket's hold has ended or never existed
-  69  lockd unavailable (not running, socket unreachable, shutting down)
+  69  lockd unavailable (not running, unreachable, shutting down, storage failing)
+      or a limit reached
   70  internal or protocol error
   75  the hold was lost while the command ran
   77  permission denied
