@@ -626,7 +626,7 @@ impl Session {
 
     /// Answers at once, or returns `None` when the answer comes later (queued, or waiting for
     /// a store commit).
-    fn acquire(&mut self, id: RequestId, a: Acquire) -> Option<Result<Reply, WireError>> {
+    fn acquire(&mut self, id: RequestId, mut a: Acquire) -> Option<Result<Reply, WireError>> {
         let lease = match self.check_acquire(id, &a) {
             Ok(lease) => lease,
             Err(e) => return Some(Err(e)),
@@ -654,7 +654,8 @@ impl Session {
             shown_expiry: lease.as_ref().map(|_| Arc::new(AtomicU64::new(0))),
         };
         let meta = HoldMeta {
-            data: a.data.clone(),
+            // Moved, not cloned: the request needs it no more (a lease keeps its own copy).
+            data: std::mem::take(&mut a.data),
             ticket,
             expires_at_ms: minted.shown_expiry.clone(),
             warned: false,

@@ -53,20 +53,26 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A runner with `PROPTEST_CASES` cases (default 64) and no failure files.
+fn runner() -> (u32, proptest::test_runner::TestRunner) {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
+    let config = ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    (cases, proptest::test_runner::TestRunner::new(config))
+}
+
 #[test]
 fn random_requests_never_hurt_the_daemon() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let d = rt.block_on(TestDaemon::start(LOCKD));
     let bystander = rt.block_on(d.client());
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let (cases, mut runner) = runner();
     let result = runner.run(&proptest::collection::vec(op(), 1..8), |ops| {
         rt.block_on(async {
             let mut raw = RawConn::connect_hello(&d.socket).await;
@@ -110,15 +116,7 @@ fn random_bytes_close_only_their_connection() {
     let d = rt.block_on(TestDaemon::start(LOCKD));
     let bystander = rt.block_on(d.client());
     let held = rt.block_on(bystander.try_lock("bystander-lock")).unwrap();
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    });
+    let (cases, mut runner) = runner();
     let chunk = prop_oneof![
         // A plausible frame: length prefix and arbitrary payload (maybe shorter than claimed).
         (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(len, body)| {

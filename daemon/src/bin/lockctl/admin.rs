@@ -50,14 +50,8 @@ pub struct ListArgs {
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  lockctl force-release stuck-job")]
 pub struct ForceArgs {
-    /// Lock name
-    pub name: String,
-    /// Lock namespace
-    #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
-    pub namespace: String,
-    /// Print JSON
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 /// Print one line per event on a lock until interrupted.
@@ -235,7 +229,7 @@ pub async fn list(socket: &Path, args: ListArgs) -> u8 {
 }
 
 pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
-    let k = match key(&args.name, &args.namespace) {
+    let k = match key(&args.key.name, &args.key.namespace) {
         Ok(k) => k,
         Err(c) => return c,
     };
@@ -244,7 +238,7 @@ pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
         Err(c) => return c,
     };
     match client.force_release(&k).await {
-        Ok(n) if args.json => {
+        Ok(n) if args.key.json => {
             println!(
                 "{}",
                 json!({ "namespace": k.namespace, "name": k.name, "ended": n })
