@@ -8,16 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures_util::SinkExt;
 use lockd_protocol::{
     Acquire, Change, ClientCodec, ClientMessage, Description, Hello, Key, KeySummary, Limits,
     ListPage, ListQuery, Mode, Op, Reply, ServerMessage, Stats, Ticket, Wait, DEFAULT_NAMESPACE,
     PROTOCOL_VERSION,
 };
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{Decoder, FramedWrite};
+use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{Answer, Command, Task};
@@ -409,13 +408,16 @@ async fn handshake(
         protocol_version: PROTOCOL_VERSION,
         client_name,
     });
-    let mut framed = FramedWrite::new(stream, ClientCodec::default());
-    framed
-        .send(hello)
-        .await
-        .map_err(|e| Error::Protocol(e.to_string()))?;
-    let mut stream = framed.into_inner();
     let mut codec = ClientCodec::default();
+    let mut out = BytesMut::new();
+    codec
+        .encode(hello, &mut out)
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+    let mut stream = stream;
+    // A daemon that refuses the connection (a limit) sends `Rejected` and closes without
+    // reading, so writing the Hello can fail with EPIPE while the reason already waits in
+    // our receive queue: read it before reporting the write error.
+    let write_failed = stream.write_all(&out).await.err();
     let mut inbuf = BytesMut::with_capacity(8 * 1024);
     loop {
         match codec.decode(&mut inbuf) {
@@ -431,8 +433,14 @@ async fn handshake(
             Err(e) => return Err(Error::Protocol(e.to_string())),
         }
         inbuf.reserve(8 * 1024);
-        if stream.read_buf(&mut inbuf).await.map_err(connect_err)? == 0 {
-            return Err(Error::Disconnected);
+        let read = stream.read_buf(&mut inbuf).await;
+        if let (Ok(0) | Err(_), Some(e)) = (&read, &write_failed) {
+            return Err(Error::Protocol(format!("socket error: {e}")));
+        }
+        match read {
+            Ok(0) => return Err(Error::Disconnected),
+            Ok(_) => {}
+            Err(e) => return Err(connect_err(e)),
         }
     }
 }
