@@ -18,11 +18,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::{Buf, BufMut, BytesMut};
 use clap::Parser;
-use lockd_protocol::{Acquire, Key, Mode, Op, Reply, Response, ServerMessage, Wait};
+use lockd_protocol::{
+    Acquire, ClientCodec, ClientMessage, Key, Mode, Op, Reply, Request, Response, ServerMessage,
+    Wait,
+};
 use lockd_tests::raw::RawConn;
 use lockd_tests::TestDaemon;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{Decoder, Encoder};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -194,7 +198,12 @@ async fn drive_detached(socket: &Path, n: usize, secs: Duration) -> Result<f64> 
     }
     let rate = measure(&count, &stop, secs).await;
     for t in tasks {
-        let _ = t.await;
+        if tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .is_err()
+        {
+            bail!("a worker made no progress for 30 s after the stop: lockd stopped answering");
+        }
     }
     Ok(rate)
 }
@@ -348,27 +357,44 @@ async fn drive_lockd(
     }
     let rate = measure(&count, &stop, secs).await;
     for t in tasks {
-        let _ = t.await;
+        if tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .is_err()
+        {
+            bail!("a worker made no progress for 30 s after the stop: lockd stopped answering");
+        }
     }
     Ok(rate)
 }
 
 /// Lock + release pairs over a raw connection, one request in flight at a time.
-async fn raw_pairs(mut conn: RawConn, name: String, count: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+///
+/// As lean as the echo client, so the comparison measures the daemon: the acquire frame is
+/// encoded once (ids may repeat once answered), buffers are reused, and no timer is armed per
+/// request (a daemon that stops answering stalls the run, which `drive_lockd` bounds).
+async fn raw_pairs(conn: RawConn, name: String, count: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    let mut stream = conn.stream;
+    let mut codec = ClientCodec::default();
     let key = Key::in_default(name).expect("valid key");
-    let mut id = 0;
-    while !stop.load(Ordering::Relaxed) {
-        id += 1;
-        let acquire = Op::Acquire(Acquire {
-            key: key.clone(),
+    let acquire = ClientMessage::Request(Request {
+        id: 1,
+        op: Op::Acquire(Acquire {
+            key,
             mode: Mode::Exclusive,
             wait: Wait::Millis(10_000),
             lease_ms: None,
             detach: false,
             data: Vec::new(),
-        });
-        conn.request(id, acquire).await;
-        let ticket = match conn.recv(Duration::from_secs(30)).await {
+        }),
+    });
+    let mut acquire_frame = BytesMut::new();
+    codec.encode(&acquire, &mut acquire_frame).expect("encode");
+    let (mut out, mut inbuf) = (BytesMut::new(), BytesMut::with_capacity(4096));
+    while !stop.load(Ordering::Relaxed) {
+        if stream.write_all(&acquire_frame).await.is_err() {
+            return;
+        }
+        let ticket = match next_message(&mut stream, &mut codec, &mut inbuf).await {
             Some(ServerMessage::Response(Response {
                 result: Ok(Reply::Granted(g)),
                 ..
@@ -378,12 +404,36 @@ async fn raw_pairs(mut conn: RawConn, name: String, count: Arc<AtomicU64>, stop:
                 return;
             }
         };
-        id += 1;
-        conn.request(id, Op::Release { ticket }).await;
-        if conn.recv(Duration::from_secs(30)).await.is_none() {
+        let release = ClientMessage::Request(Request {
+            id: 2,
+            op: Op::Release { ticket },
+        });
+        out.clear();
+        codec.encode(&release, &mut out).expect("encode");
+        if stream.write_all(&out).await.is_err()
+            || next_message(&mut stream, &mut codec, &mut inbuf)
+                .await
+                .is_none()
+        {
             return;
         }
         count.fetch_add(2, Ordering::Relaxed);
+    }
+}
+
+async fn next_message(
+    stream: &mut UnixStream,
+    codec: &mut ClientCodec,
+    inbuf: &mut BytesMut,
+) -> Option<ServerMessage> {
+    loop {
+        if let Some(m) = codec.decode(inbuf).ok()? {
+            return Some(m);
+        }
+        match stream.read_buf(inbuf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
     }
 }
 
