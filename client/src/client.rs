@@ -3,7 +3,6 @@
 use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +14,10 @@ use lockd_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder, Encoder};
-use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Answer, Command, Task};
+use crate::connection::{Answer, Conn};
 use crate::guard::LockGuard;
 use crate::Error;
 
@@ -60,11 +58,16 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    tx: mpsc::UnboundedSender<Command>,
-    next_id: Arc<AtomicU64>,
-    closed: CancellationToken,
+    conn: Arc<Conn>,
     limits: Limits,
     server_version: String,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: close the connection, which ends every hold taken through it.
+    fn drop(&mut self) {
+        self.conn.close();
+    }
 }
 
 impl Client {
@@ -106,24 +109,11 @@ impl Client {
                     "no answer to the handshake",
                 ))
             })??;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let next_id = Arc::new(AtomicU64::new(1));
-        let closed = CancellationToken::new();
-        let task = Task::new(
-            stream,
-            codec,
-            inbuf,
-            rx,
-            tx.downgrade(),
-            Arc::clone(&next_id),
-            closed.clone(),
-        );
+        let (conn, task) = Conn::start(stream, codec, inbuf);
         tokio::spawn(task.run());
         Ok(Client {
             inner: Arc::new(Inner {
-                tx,
-                next_id,
-                closed,
+                conn,
                 limits: welcome.limits,
                 server_version: welcome.server_version,
             }),
@@ -165,7 +155,7 @@ impl Client {
             ticket: *ticket,
             lease_ms: lease.map(duration_ms),
         };
-        match self.call(op).await?.reply {
+        match self.call(&op).await?.reply {
             Reply::Renewed { expires_at_ms } => Ok(expires_at_ms),
             other => Err(Error::Protocol(format!("expected Renewed, got {other:?}"))),
         }
@@ -177,7 +167,7 @@ impl Client {
     /// # Errors
     /// [`Error::Lock`] with `NotHolder` if it has ended.
     pub async fn release(&self, ticket: &Ticket) -> Result<(), Error> {
-        match self.call(Op::Release { ticket: *ticket }).await?.reply {
+        match self.call(&Op::Release { ticket: *ticket }).await?.reply {
             Reply::Released => Ok(()),
             other => Err(Error::Protocol(format!("expected Released, got {other:?}"))),
         }
@@ -204,7 +194,7 @@ impl Client {
     /// # Errors
     /// [`Error::Disconnected`] if the connection is gone.
     pub async fn ping(&self) -> Result<(), Error> {
-        self.call(Op::Ping).await.map(|_| ())
+        self.call(&Op::Ping).await.map(|_| ())
     }
 
     /// Who holds and who waits for `key` (never tickets).
@@ -212,7 +202,7 @@ impl Client {
     /// # Errors
     /// `PermissionDenied` if the namespace is not yours; [`Error::Disconnected`].
     pub async fn describe(&self, key: &Key) -> Result<Description, Error> {
-        match self.call(Op::Describe { key: key.clone() }).await?.reply {
+        match self.call(&Op::Describe { key: key.clone() }).await?.reply {
             Reply::Described(d) => Ok(d),
             other => Err(Error::Protocol(format!(
                 "expected Described, got {other:?}"
@@ -254,7 +244,7 @@ impl Client {
     /// # Errors
     /// [`Error::Disconnected`] and the like.
     pub async fn list_page(&self, query: ListQuery) -> Result<ListPage, Error> {
-        match self.call(Op::List(query)).await?.reply {
+        match self.call(&Op::List(query)).await?.reply {
             Reply::Listed(page) => Ok(page),
             other => Err(Error::Protocol(format!("expected Listed, got {other:?}"))),
         }
@@ -266,7 +256,7 @@ impl Client {
     /// `PermissionDenied` for other users.
     pub async fn force_release(&self, key: &Key) -> Result<u32, Error> {
         match self
-            .call(Op::ForceRelease { key: key.clone() })
+            .call(&Op::ForceRelease { key: key.clone() })
             .await?
             .reply
         {
@@ -284,14 +274,8 @@ impl Client {
     /// `PermissionDenied` if the namespace is not yours.
     pub async fn watch(&self, key: &Key) -> Result<Watch, Error> {
         let (events, rx) = mpsc::unbounded_channel();
-        self.inner
-            .tx
-            .send(Command::Watch {
-                key: key.clone(),
-                events,
-            })
-            .map_err(|_| Error::Disconnected)?;
-        match self.call(Op::Watch { key: key.clone() }).await?.reply {
+        self.inner.conn.add_watch(key.clone(), events);
+        match self.call(&Op::Watch { key: key.clone() }).await?.reply {
             Reply::Watching => Ok(Watch { rx }),
             other => Err(Error::Protocol(format!("expected Watching, got {other:?}"))),
         }
@@ -302,7 +286,7 @@ impl Client {
     /// # Errors
     /// [`Error::Disconnected`] and the like.
     pub async fn stats(&self) -> Result<Stats, Error> {
-        match self.call(Op::Stats).await?.reply {
+        match self.call(&Op::Stats).await?.reply {
             Reply::Stats(s) => Ok(s),
             other => Err(Error::Protocol(format!("expected Stats, got {other:?}"))),
         }
@@ -310,38 +294,29 @@ impl Client {
 
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.is_cancelled()
+        self.inner.conn.closed.is_cancelled()
     }
 
     /// Resolves when the connection ends.
     pub async fn closed(&self) {
-        self.inner.closed.cancelled().await
+        self.inner.conn.closed.cancelled().await
     }
 
     /// Sends `op` and waits for its answer. Dropping the future withdraws a queued acquire.
-    pub(crate) async fn call(&self, op: Op) -> Result<Answer, Error> {
+    pub(crate) async fn call(&self, op: &Op) -> Result<Answer, Error> {
         self.call_forgetting(op, None).await
     }
 
     /// As [`Client::call`], and stops tracking the hold with fence `forget` first.
     pub(crate) async fn call_forgetting(
         &self,
-        op: Op,
+        op: &Op,
         forget: Option<u64>,
     ) -> Result<Answer, Error> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Command::Call {
-                id,
-                op,
-                reply,
-                forget,
-            })
-            .map_err(|_| Error::Disconnected)?;
+        let conn = &self.inner.conn;
+        let (id, rx) = conn.call(op, forget).await?;
         let mut abandon = AbandonOnDrop {
-            tx: &self.inner.tx,
+            conn,
             id,
             armed: true,
         };
@@ -351,8 +326,8 @@ impl Client {
     }
 
     /// Sends `op` without waiting for its answer.
-    pub(crate) fn fire(&self, op: Op, forget: Option<u64>) {
-        let _ = self.inner.tx.send(Command::Fire { op, forget });
+    pub(crate) fn fire(&self, op: &Op, forget: Option<u64>) {
+        self.inner.conn.fire(op, forget);
     }
 }
 
@@ -380,9 +355,9 @@ impl futures_util::Stream for Watch {
     }
 }
 
-/// Tells the connection task that a caller stopped waiting.
+/// Tells the connection that a caller stopped waiting.
 struct AbandonOnDrop<'a> {
-    tx: &'a mpsc::UnboundedSender<Command>,
+    conn: &'a Conn,
     id: u64,
     armed: bool,
 }
@@ -390,7 +365,7 @@ struct AbandonOnDrop<'a> {
 impl Drop for AbandonOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.tx.send(Command::Abandon { id: self.id });
+            self.conn.abandon(self.id);
         }
     }
 }
@@ -558,16 +533,18 @@ impl AcquireBuilder {
     }
 
     async fn send_op(self, detach: bool) -> Result<(Key, Answer), Error> {
-        let key = Key::new(self.namespace, self.name)?;
         let op = Op::Acquire(Acquire {
-            key: key.clone(),
+            key: Key::new(self.namespace, self.name)?,
             mode: self.mode,
             wait: self.wait,
             lease_ms: self.lease.map(duration_ms),
             detach,
             data: self.data,
         });
-        let answer = self.client.call(op).await?;
+        let answer = self.client.call(&op).await?;
+        let Op::Acquire(Acquire { key, .. }) = op else {
+            unreachable!("built as an acquire above")
+        };
         Ok((key, answer))
     }
 

@@ -1,56 +1,47 @@
-//! The task that owns the socket: it writes requests, routes responses to their callers by
-//! request id, and turns pushed events and EOF into lost-hold signals.
+//! One connection to the daemon, shared by every clone of a [`crate::Client`].
+//!
+//! Callers encode their requests and write them to the socket themselves (no task hop on the
+//! way out). One task reads: it routes responses to their callers by request id, turns pushed
+//! events and EOF into lost-hold signals, and writes what the socket did not take at once.
 //!
 //! Invariants:
-//! - only this task touches the socket; callers talk to it over an unbounded command channel;
+//! - bytes are appended to [`Writer::out`] and written only under the writer lock, so frames
+//!   never interleave; while `out` is not empty, new frames queue behind it;
+//! - a call is registered in [`Routes::pending`] before its frame is written, so its answer
+//!   always finds it; once the connection has ended nothing is registered (calls fail with
+//!   `Disconnected`);
+//! - lock order: routes, then writer; no lock is held across an `.await`;
 //! - a grant whose caller has gone away (the acquire future was dropped) is released at once,
 //!   so an abandoned acquire never leaves a hold behind;
-//! - when the connection ends, every registered hold is marked lost and its token cancelled.
+//! - when the connection ends, every registered hold is marked lost;
+//! - the connection closes when the last handle is gone ([`Conn::close`]) or the daemon
+//!   closes it; [`Conn`] itself may live on (in a pending grant) without keeping it open.
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
+use futures_util::task::AtomicWaker;
 use lockd_protocol::{
-    Change, ClientCodec, ClientMessage, Event, Key, LostReason, Op, Reply, Request, RequestId,
-    ServerMessage, Ticket, WireError,
+    Change, ClientCodec, Event, Key, LostReason, Op, Reply, RequestId, ServerMessage, Ticket,
+    WireError,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::guard::Lost;
 use crate::Error;
 
-/// Stop taking new commands while this many bytes wait to be written.
+/// Callers wait before adding frames while this many bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
-
-/// A request from a caller to the connection task.
-pub(crate) enum Command {
-    /// Send `op` as request `id` and answer on `reply`; forget the hold with fence `forget`
-    /// first (a guard releasing it).
-    Call {
-        id: RequestId,
-        op: Op,
-        reply: oneshot::Sender<Result<Answer, Error>>,
-        forget: Option<u64>,
-    },
-    /// Send `op` and ignore its answer; forget the hold with fence `forget` first.
-    Fire { op: Op, forget: Option<u64> },
-    /// The caller of request `id` stopped waiting: withdraw it if it is a queued acquire.
-    Abandon { id: RequestId },
-    /// Route watch events for `key` to `events` (sent before the `Watch` request).
-    Watch {
-        key: Key,
-        events: mpsc::UnboundedSender<Change>,
-    },
-}
 
 /// A successful answer; `hold` is set for grants.
 pub(crate) struct Answer {
@@ -64,7 +55,7 @@ pub(crate) struct PendingHold {
     state: Arc<HoldState>,
     ticket: Ticket,
     fence: u64,
-    tx: mpsc::WeakUnboundedSender<Command>,
+    conn: Arc<Conn>,
     armed: bool,
 }
 
@@ -79,19 +70,15 @@ impl PendingHold {
 impl Drop for PendingHold {
     fn drop(&mut self) {
         if self.armed {
-            if let Some(tx) = self.tx.upgrade() {
-                let _ = tx.send(Command::Fire {
-                    op: Op::Release {
-                        ticket: self.ticket,
-                    },
-                    forget: Some(self.fence),
-                });
-            }
+            let release = Op::Release {
+                ticket: self.ticket,
+            };
+            self.conn.fire(&release, Some(self.fence));
         }
     }
 }
 
-/// Shared between a guard and the task: set when the hold ends other than by release.
+/// Shared between a guard and the connection: set when the hold ends other than by release.
 #[derive(Debug, Default)]
 pub(crate) struct HoldState {
     reason: OnceLock<Lost>,
@@ -131,153 +118,339 @@ struct PendingCall {
     detached: bool,
 }
 
-pub(crate) struct Task {
-    /// Read through `AsyncRead`, which skips the would-block `recv` after a short read.
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
-    codec: ClientCodec,
-    inbuf: BytesMut,
-    out: BytesMut,
-    rx: mpsc::UnboundedReceiver<Command>,
-    /// For grants' release-on-drop; weak, so it never keeps the connection open.
-    tx: mpsc::WeakUnboundedSender<Command>,
-    next_id: Arc<AtomicU64>,
-    /// Cancelled when the connection ends.
-    closed: CancellationToken,
+/// Who waits for what on this connection.
+#[derive(Default)]
+struct Routes {
     pending: HashMap<RequestId, PendingCall>,
     holds: HashMap<u64, Arc<HoldState>>,
     /// Watch streams by key; several streams may watch one key.
     watches: HashMap<Key, Vec<mpsc::UnboundedSender<Change>>>,
+    /// The connection is over: nothing more is registered.
+    ended: bool,
+    /// The daemon said it is shutting down (holds end with `DaemonShutdown`).
     shutting_down: bool,
 }
 
-impl Task {
-    pub(crate) fn new(
+/// The sending side of the socket.
+struct Writer {
+    /// `None` once the connection has ended (dropping it closes our side). Shared with the
+    /// task only while it waits for the socket to become writable.
+    wr: Option<Arc<OwnedWriteHalf>>,
+    codec: ClientCodec,
+    /// Encoded frames the socket has not taken yet.
+    out: BytesMut,
+    /// A write failed: the connection is broken, the task ends it.
+    failed: bool,
+}
+
+/// What one attempt to write `out` achieved.
+enum Flushed {
+    All,
+    Partly,
+    Failed,
+}
+
+impl Writer {
+    /// Writes what the socket takes now, without waiting.
+    fn flush(&mut self) -> Flushed {
+        let Some(wr) = &self.wr else {
+            return Flushed::Failed;
+        };
+        while !self.out.is_empty() {
+            match wr.try_write(&self.out) {
+                Ok(0) => return self.fail(),
+                Ok(n) => self.out.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Partly,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.fail(),
+            }
+        }
+        Flushed::All
+    }
+
+    fn fail(&mut self) -> Flushed {
+        self.failed = true;
+        self.out.clear();
+        Flushed::Failed
+    }
+}
+
+/// The state every handle of one connection shares.
+pub(crate) struct Conn {
+    routes: Mutex<Routes>,
+    writer: Mutex<Writer>,
+    /// Wakes the task: queued bytes, a failed write, or the last handle gone.
+    signals: Signals,
+    /// Wakes callers waiting for `out` to drop below [`OUT_HIGH_WATER`] (or the end).
+    drained: Notify,
+    next_id: AtomicU64,
+    /// Cancelled when the connection has ended.
+    pub(crate) closed: CancellationToken,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("closed", &self.closed.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks `m`; a panic while it was held cannot leave these maps and buffers half-updated in a
+/// way that matters more than losing the connection, so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Conn {
+    /// Sets up the shared state and the task that reads `stream` (it must be spawned).
+    pub(crate) fn start(
         stream: UnixStream,
         codec: ClientCodec,
         inbuf: BytesMut,
-        rx: mpsc::UnboundedReceiver<Command>,
-        tx: mpsc::WeakUnboundedSender<Command>,
-        next_id: Arc<AtomicU64>,
-        closed: CancellationToken,
-    ) -> Task {
+    ) -> (Arc<Conn>, Task) {
         let (rd, wr) = stream.into_split();
-        Task {
+        let conn = Arc::new(Conn {
+            routes: Mutex::new(Routes::default()),
+            writer: Mutex::new(Writer {
+                wr: Some(Arc::new(wr)),
+                codec: codec.clone(),
+                out: BytesMut::with_capacity(READ_CHUNK),
+                failed: false,
+            }),
+            signals: Signals::default(),
+            drained: Notify::new(),
+            next_id: AtomicU64::new(1),
+            closed: CancellationToken::new(),
+        });
+        let task = Task {
+            conn: Arc::clone(&conn),
             rd,
-            wr,
             codec,
             inbuf,
-            out: BytesMut::with_capacity(READ_CHUNK),
-            rx,
-            tx,
-            next_id,
-            closed,
-            pending: HashMap::new(),
-            holds: HashMap::new(),
-            watches: HashMap::new(),
-            shutting_down: false,
+        };
+        (conn, task)
+    }
+
+    fn next_id(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the task to close the connection (the last handle is gone).
+    pub(crate) fn close(&self) {
+        self.signals.raise(&self.signals.stop);
+    }
+
+    /// Sends `op` and returns its request id and where its answer will arrive; stops tracking
+    /// the hold with fence `forget` first (a guard releasing it). Waits while too much is
+    /// unwritten (the daemon is not reading).
+    pub(crate) async fn call(
+        &self,
+        op: &Op,
+        forget: Option<u64>,
+    ) -> Result<(RequestId, oneshot::Receiver<Result<Answer, Error>>), Error> {
+        self.wait_for_room().await;
+        let id = self.next_id();
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut routes = lock(&self.routes);
+            if routes.ended {
+                return Err(Error::Disconnected);
+            }
+            if let Some(fence) = forget {
+                routes.holds.remove(&fence);
+            }
+            let call = PendingCall {
+                reply,
+                may_wait: matches!(op, Op::Acquire(a) if a.wait != lockd_protocol::Wait::No),
+                detached: matches!(op, Op::Acquire(a) if a.detach),
+            };
+            routes.pending.insert(id, call);
+        }
+        if let Err(e) = self.send(id, op) {
+            lock(&self.routes).pending.remove(&id);
+            return Err(e);
+        }
+        Ok((id, rx))
+    }
+
+    /// Sends `op` and ignores its answer; stops tracking the hold with fence `forget` first.
+    /// Never waits (it runs in `Drop`).
+    pub(crate) fn fire(&self, op: &Op, forget: Option<u64>) {
+        if let Some(fence) = forget {
+            lock(&self.routes).holds.remove(&fence);
+        }
+        let _ = self.send(self.next_id(), op);
+    }
+
+    /// The caller of request `id` stopped waiting: withdraw it if it is a queued acquire.
+    pub(crate) fn abandon(&self, id: RequestId) {
+        let call = lock(&self.routes).pending.remove(&id);
+        if call.is_some_and(|c| c.may_wait) {
+            let _ = self.send(self.next_id(), &Op::Cancel { request: id });
         }
     }
 
-    pub(crate) async fn run(mut self) {
-        // Frames that arrived together with the handshake answer.
-        let _ = self.route_frames();
+    /// Routes watch events for `key` to `events` (before the `Watch` request is sent).
+    pub(crate) fn add_watch(&self, key: Key, events: mpsc::UnboundedSender<Change>) {
+        let mut routes = lock(&self.routes);
+        if !routes.ended {
+            routes.watches.entry(key).or_default().push(events);
+        }
+    }
+
+    async fn wait_for_room(&self) {
+        if lock(&self.writer).out.len() < OUT_HIGH_WATER {
+            return;
+        }
         loop {
-            let keep_going = tokio::select! {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let w = lock(&self.writer);
+                if w.out.len() < OUT_HIGH_WATER || w.wr.is_none() {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+
+    /// Appends the frame of request `id` and writes it at once if nothing waits before it;
+    /// what the socket does not take is left to the task.
+    fn send(&self, id: RequestId, op: &Op) -> Result<(), Error> {
+        let mut w = lock(&self.writer);
+        if w.wr.is_none() || w.failed {
+            return Err(Error::Disconnected);
+        }
+        let was_empty = w.out.is_empty();
+        let Writer { codec, out, .. } = &mut *w;
+        codec
+            .encode_request(id, op, out)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        if was_empty && !matches!(w.flush(), Flushed::All) {
+            drop(w);
+            self.signals.raise(&self.signals.write);
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued (the task, once the socket is writable); true when all is out.
+    fn flush_queued(&self) -> Result<bool, ()> {
+        let mut w = lock(&self.writer);
+        if w.failed {
+            return Err(());
+        }
+        let was_full = w.out.len() >= OUT_HIGH_WATER;
+        let flushed = w.flush();
+        let below = w.out.len() < OUT_HIGH_WATER;
+        drop(w);
+        if was_full && below {
+            self.drained.notify_waiters();
+        }
+        match flushed {
+            Flushed::All => Ok(true),
+            Flushed::Partly => Ok(false),
+            Flushed::Failed => Err(()),
+        }
+    }
+}
+
+/// Why the task was woken other than by the socket.
+enum Signal {
+    /// The last handle is gone: close the connection.
+    Stop,
+    /// Bytes wait in `out` that the socket did not take, or a write failed.
+    Write,
+}
+
+/// The task's wake-ups, as flags and one waker: polling them takes no lock (the task polls
+/// them on every wake-up).
+#[derive(Default)]
+struct Signals {
+    waker: AtomicWaker,
+    stop: AtomicBool,
+    write: AtomicBool,
+}
+
+impl Signals {
+    fn raise(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Signal> {
+        if let Some(signal) = self.take() {
+            return Poll::Ready(signal);
+        }
+        self.waker.register(cx.waker());
+        // Raised between the check and the registration: seen now, or woken later.
+        match self.take() {
+            Some(signal) => Poll::Ready(signal),
+            None => Poll::Pending,
+        }
+    }
+
+    fn take(&self) -> Option<Signal> {
+        if self.stop.load(Ordering::Acquire) {
+            Some(Signal::Stop)
+        } else if self.write.swap(false, Ordering::AcqRel) {
+            Some(Signal::Write)
+        } else {
+            None
+        }
+    }
+}
+
+/// The task that reads the socket. It ends when the daemon closes the connection, on a
+/// protocol error, on a failed write, or when the last handle is gone.
+pub(crate) struct Task {
+    conn: Arc<Conn>,
+    /// Read through `AsyncRead`, which skips the would-block `recv` after a short read.
+    rd: OwnedReadHalf,
+    codec: ClientCodec,
+    inbuf: BytesMut,
+}
+
+impl Task {
+    pub(crate) async fn run(mut self) {
+        let conn = Arc::clone(&self.conn);
+        // Set while queued bytes wait for the socket to become writable.
+        let mut writing: Option<Arc<OwnedWriteHalf>> = None;
+        // Frames that arrived together with the handshake answer.
+        let mut alive = self.route_frames();
+        while alive {
+            alive = tokio::select! {
                 biased;
                 read = read_some(&mut self.rd, &mut self.inbuf) => match read {
                     Ok(0) | Err(_) => false,
                     Ok(_) => self.route_frames(),
                 },
-                ready = self.wr.writable(), if !self.out.is_empty() => {
-                    ready.is_ok() && self.write_ready()
-                }
-                cmd = self.rx.recv(), if self.out.len() < OUT_HIGH_WATER => match cmd {
-                    Some(cmd) => {
-                        self.command(cmd);
-                        while self.out.len() < OUT_HIGH_WATER {
-                            match self.rx.try_recv() {
-                                Ok(cmd) => self.command(cmd),
-                                Err(_) => break,
-                            }
-                        }
-                        true
+                signal = std::future::poll_fn(|cx| conn.signals.poll(cx)) => match signal {
+                    Signal::Stop => false,
+                    Signal::Write => {
+                        let w = lock(&conn.writer);
+                        writing = w.wr.clone();
+                        !w.failed && writing.is_some()
                     }
-                    None => false, // every Client handle and guard is gone
+                },
+                ready = writable(writing.as_deref()), if writing.is_some() => match ready {
+                    Err(_) => false,
+                    Ok(()) => match conn.flush_queued() {
+                        Ok(done) => {
+                            if done {
+                                writing = None;
+                            }
+                            true
+                        }
+                        Err(()) => false,
+                    },
                 },
             };
-            if !keep_going || (!self.out.is_empty() && !self.write_ready()) {
-                break;
-            }
         }
+        drop(writing);
         self.finish();
-    }
-
-    fn command(&mut self, cmd: Command) {
-        match cmd {
-            Command::Call {
-                id,
-                op,
-                reply,
-                forget,
-            } => {
-                if let Some(fence) = forget {
-                    self.holds.remove(&fence);
-                }
-                let may_wait = matches!(&op, Op::Acquire(a) if a.wait != lockd_protocol::Wait::No);
-                let detached = matches!(&op, Op::Acquire(a) if a.detach);
-                self.pending.insert(
-                    id,
-                    PendingCall {
-                        reply,
-                        may_wait,
-                        detached,
-                    },
-                );
-                self.send(id, op);
-            }
-            Command::Fire { op, forget } => {
-                if let Some(fence) = forget {
-                    self.holds.remove(&fence);
-                }
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                self.send(id, op);
-            }
-            Command::Watch { key, events } => {
-                self.watches.entry(key).or_default().push(events);
-            }
-            Command::Abandon { id } => {
-                if let Some(call) = self.pending.remove(&id) {
-                    if call.may_wait {
-                        let cancel_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                        self.send(cancel_id, Op::Cancel { request: id });
-                    }
-                }
-            }
-        }
-    }
-
-    fn send(&mut self, id: RequestId, op: Op) {
-        let msg = ClientMessage::Request(Request { id, op });
-        if let Err(e) = self.codec.encode(msg, &mut self.out) {
-            if let Some(call) = self.pending.remove(&id) {
-                let _ = call.reply.send(Err(Error::Protocol(e.to_string())));
-            }
-        }
-    }
-
-    /// Writes what the socket takes; false when the connection is over.
-    fn write_ready(&mut self) -> bool {
-        while !self.out.is_empty() {
-            match self.wr.try_write(&self.out) {
-                Ok(0) => return false,
-                Ok(n) => self.out.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-        }
-        true
     }
 
     /// Routes every complete frame; false on a protocol error.
@@ -302,7 +475,8 @@ impl Task {
                 true
             }
             ServerMessage::Event(Event::HoldLost { fence, reason, .. }) => {
-                if let Some(hold) = self.holds.remove(&fence) {
+                let hold = lock(&self.conn.routes).holds.remove(&fence);
+                if let Some(hold) = hold {
                     hold.lose(match reason {
                         LostReason::Expired => Lost::Expired,
                         LostReason::ForceReleased => Lost::ForceReleased,
@@ -312,58 +486,76 @@ impl Task {
                 true
             }
             ServerMessage::Event(Event::Watch { key, change }) => {
-                let gone = match self.watches.get_mut(&key) {
-                    Some(streams) => {
-                        streams.retain(|events| events.send(change.clone()).is_ok());
-                        streams.is_empty()
-                    }
-                    None => false,
-                };
-                if gone {
-                    // Every stream was dropped: stop the daemon's events too.
-                    self.watches.remove(&key);
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    self.send(id, Op::Unwatch { key });
-                }
+                self.watch_event(key, change);
                 true
             }
             ServerMessage::Event(Event::ShuttingDown) => {
-                self.shutting_down = true;
+                lock(&self.conn.routes).shutting_down = true;
                 true
             }
             ServerMessage::Welcome(_) | ServerMessage::Rejected(_) => false,
         }
     }
 
+    fn watch_event(&mut self, key: Key, change: Change) {
+        let gone = {
+            let mut routes = lock(&self.conn.routes);
+            let gone = match routes.watches.get_mut(&key) {
+                Some(streams) => {
+                    streams.retain(|events| events.send(change.clone()).is_ok());
+                    streams.is_empty()
+                }
+                None => false,
+            };
+            if gone {
+                routes.watches.remove(&key);
+            }
+            gone
+        };
+        if gone {
+            // Every stream was dropped: stop the daemon's events too.
+            let _ = self.conn.send(self.conn.next_id(), &Op::Unwatch { key });
+        }
+    }
+
     fn response(&mut self, id: RequestId, result: Result<Reply, WireError>) {
-        let call = self.pending.remove(&id);
         let granted = match &result {
             Ok(Reply::Granted(g)) => Some((g.fence, g.ticket)),
             _ => None,
         };
+        let (call, state) = {
+            let mut routes = lock(&self.conn.routes);
+            let call = routes.pending.remove(&id);
+            let state = match (&call, granted) {
+                (Some(call), Some((fence, _))) => {
+                    let state = Arc::new(HoldState::default());
+                    if !call.detached {
+                        routes.holds.insert(fence, Arc::clone(&state));
+                    }
+                    Some(state)
+                }
+                _ => None,
+            };
+            (call, state)
+        };
         let Some(call) = call else {
             // A fire-and-forget request, or an abandoned acquire that was granted anyway.
             if let Some((_, ticket)) = granted {
-                let release_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                self.send(release_id, Op::Release { ticket });
+                let _ = self.conn.send(self.conn.next_id(), &Op::Release { ticket });
             }
             return;
         };
         let answer = match result {
             Ok(reply) => {
-                let hold = granted.map(|(fence, ticket)| {
-                    let state = Arc::new(HoldState::default());
-                    if !call.detached {
-                        self.holds.insert(fence, Arc::clone(&state));
-                    }
-                    PendingHold {
+                let hold = granted
+                    .zip(state)
+                    .map(|((fence, ticket), state)| PendingHold {
                         state,
                         ticket,
                         fence,
-                        tx: self.tx.clone(),
+                        conn: Arc::clone(&self.conn),
                         armed: true,
-                    }
-                });
+                    });
                 Ok(Answer { reply, hold })
             }
             Err(e) => Err(Error::Lock(e)),
@@ -372,19 +564,45 @@ impl Task {
         let _ = call.reply.send(answer);
     }
 
-    fn finish(mut self) {
-        let why = if self.shutting_down {
-            Lost::DaemonShutdown
-        } else {
-            Lost::Disconnected
+    fn finish(self) {
+        let (holds, pending, watches, why) = {
+            let mut routes = lock(&self.conn.routes);
+            routes.ended = true;
+            let why = if routes.shutting_down {
+                Lost::DaemonShutdown
+            } else {
+                Lost::Disconnected
+            };
+            (
+                std::mem::take(&mut routes.holds),
+                std::mem::take(&mut routes.pending),
+                std::mem::take(&mut routes.watches),
+                why,
+            )
         };
-        for (_, hold) in self.holds.drain() {
+        {
+            // Dropping the write half (with `self.rd` below) closes the socket.
+            let mut w = lock(&self.conn.writer);
+            w.wr = None;
+            w.out.clear();
+        }
+        drop(watches); // the watch streams end
+        for (_, hold) in holds {
             hold.lose(why);
         }
-        for (_, call) in self.pending.drain() {
+        for (_, call) in pending {
             let _ = call.reply.send(Err(Error::Disconnected));
         }
-        self.closed.cancel();
+        self.conn.drained.notify_waiters();
+        self.conn.closed.cancel();
+    }
+}
+
+/// Resolves when the socket takes more bytes.
+async fn writable(wr: Option<&OwnedWriteHalf>) -> io::Result<()> {
+    match wr {
+        Some(wr) => wr.writable().await,
+        None => std::future::pending().await,
     }
 }
 

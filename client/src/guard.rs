@@ -117,7 +117,7 @@ impl LockGuard {
         };
         let answer = self
             .client
-            .call_forgetting(release, Some(self.fence))
+            .call_forgetting(&release, Some(self.fence))
             .await?;
         match answer.reply {
             Reply::Released => Ok(()),
@@ -151,7 +151,7 @@ impl Drop for LockGuard {
         }
         if !self.released {
             self.client.fire(
-                Op::Release {
+                &Op::Release {
                     ticket: self.ticket,
                 },
                 Some(self.fence),

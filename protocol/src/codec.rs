@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedCodecError};
 
-use crate::{ClientMessage, ServerMessage};
+use crate::{ClientMessage, Op, RequestId, ServerMessage};
 
 /// Default largest frame payload, in bytes (64 KiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
@@ -52,7 +52,7 @@ impl CodecError {
 }
 
 /// Decodes `In` frames and encodes `Out` frames.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FrameCodec<In, Out> {
     framing: LengthDelimitedCodec,
     max_frame: usize,
@@ -197,6 +197,41 @@ pub fn encode_frame<T: Serialize>(
     Ok(())
 }
 
+impl<In> FrameCodec<In, ClientMessage> {
+    /// Appends the frame of `ClientMessage::Request(Request { id, op })` without taking `op`,
+    /// so a caller keeps its request (and its key) after sending it.
+    ///
+    /// # Errors
+    /// As [`encode_frame`].
+    pub fn encode_request(
+        &self,
+        id: RequestId,
+        op: &Op,
+        dst: &mut BytesMut,
+    ) -> Result<(), CodecError> {
+        encode_frame(
+            &ClientMessageRef::Request(RequestRef { id, op }),
+            dst,
+            self.max_frame,
+        )
+    }
+}
+
+/// [`ClientMessage`] by reference: serializes to the same bytes (same variants, same order).
+#[derive(Serialize)]
+enum ClientMessageRef<'a> {
+    #[allow(dead_code)] // only here to keep the variant index of `Request`
+    Hello(&'a crate::Hello),
+    Request(RequestRef<'a>),
+}
+
+/// [`Request`] by reference (same fields, same order).
+#[derive(Serialize)]
+struct RequestRef<'a> {
+    id: RequestId,
+    op: &'a Op,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +240,22 @@ mod tests {
 
     fn key() -> Key {
         Key::new("default", "job").unwrap()
+    }
+
+    #[test]
+    fn a_request_by_reference_encodes_to_the_same_bytes() {
+        let codec = ClientCodec::default();
+        for msg in client_messages() {
+            let ClientMessage::Request(req) = &msg else {
+                continue;
+            };
+            let (mut owned, mut borrowed) = (BytesMut::new(), BytesMut::new());
+            ClientCodec::default().encode(&msg, &mut owned).unwrap();
+            codec
+                .encode_request(req.id, &req.op, &mut borrowed)
+                .unwrap();
+            assert_eq!(owned, borrowed, "{msg:?}");
+        }
     }
 
     fn client_messages() -> Vec<ClientMessage> {

@@ -84,7 +84,7 @@ async fn bench(args: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => exe.with_file_name("lockd"),
     };
-    if !lockd.exists() {
+    if args.socket.is_none() && !lockd.exists() {
         bail!(
             "{} not found: build it (cargo build --release -p lockd) or pass --lockd",
             lockd.display()
