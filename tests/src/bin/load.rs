@@ -196,16 +196,7 @@ async fn drive_detached(socket: &Path, n: usize, secs: Duration) -> Result<f64> 
             }
         }));
     }
-    let rate = measure(&count, &stop, secs).await;
-    for t in tasks {
-        if tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .is_err()
-        {
-            bail!("a worker made no progress for 30 s after the stop: lockd stopped answering");
-        }
-    }
-    Ok(rate)
+    measure_and_join(&count, &stop, secs, tasks).await
 }
 
 /// Stores `n` detached leases, SIGKILLs lockd, and times the restart until it serves.
@@ -291,13 +282,10 @@ async fn run_echo(exe: &Path, n: usize, secs: Duration) -> Result<f64> {
             }
         }));
     }
-    let rate = measure(&count, &stop, secs).await;
-    for t in tasks {
-        let _ = t.await;
-    }
+    let rate = measure_and_join(&count, &stop, secs, tasks).await;
     let _ = server.kill();
     let _ = server.wait();
-    Ok(rate)
+    rate
 }
 
 /// Round trips per second against lockd with `n` clients doing try-lock + release.
@@ -355,16 +343,7 @@ async fn drive_lockd(
             }
         }));
     }
-    let rate = measure(&count, &stop, secs).await;
-    for t in tasks {
-        if tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .is_err()
-        {
-            bail!("a worker made no progress for 30 s after the stop: lockd stopped answering");
-        }
-    }
-    Ok(rate)
+    measure_and_join(&count, &stop, secs, tasks).await
 }
 
 /// Lock + release pairs over a raw connection, one request in flight at a time.
@@ -435,6 +414,28 @@ async fn next_message(
             Ok(_) => {}
         }
     }
+}
+
+/// Measures, stops the workers and waits for them: a worker that does not stop within 30 s
+/// means the server stopped answering.
+async fn measure_and_join(
+    count: &AtomicU64,
+    stop: &AtomicBool,
+    secs: Duration,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> Result<f64> {
+    let rate = measure(count, stop, secs).await;
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .is_err()
+        {
+            bail!(
+                "a worker made no progress for 30 s after the stop: the server stopped answering"
+            );
+        }
+    }
+    Ok(rate)
 }
 
 /// Lets the workers warm up for a fifth of the time, then counts for `secs`.
