@@ -19,6 +19,20 @@ async fn open_connections(observer: &Client) -> u64 {
         .expect("a connections gauge")
 }
 
+/// True once every thread of `pid` is in the stopped state (`T` in /proc).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        })
+    })
+}
+
 /// 1,500 acquires of ~1 KiB each (1.5 MB: more than the socket buffer and the client's
 /// high-water mark) sent while the daemon is stopped: callers queue behind bytes the socket has
 /// not taken, and every request is answered, intact and once, when the daemon resumes.
@@ -28,6 +42,12 @@ async fn requests_written_while_the_daemon_is_stopped_are_all_answered_when_it_r
     let d = daemon().await;
     let client = d.client().await;
     signal(d.pid(), libc::SIGSTOP);
+    within(PROMPT, "every thread of lockd stops", async {
+        while !all_threads_stopped(d.pid()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     let tasks: Vec<_> = (0..N)
         .map(|i| {
             let client = client.clone();
