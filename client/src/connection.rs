@@ -428,7 +428,11 @@ impl Task {
                     Ok(_) => self.route_frames(),
                 },
                 signal = std::future::poll_fn(|cx| conn.signals.poll(cx)) => match signal {
-                    Signal::Stop => false,
+                    Signal::Stop => {
+                        // A release fired just before the last handle went: try to send it.
+                        let _ = conn.flush_queued();
+                        false
+                    }
                     Signal::Write => {
                         let w = lock(&conn.writer);
                         writing = w.wr.clone();
@@ -450,7 +454,8 @@ impl Task {
             };
         }
         drop(writing);
-        self.finish();
+        // Dropping `self` ends the connection (`Drop for Task`), as it does when this future is
+        // dropped unfinished (its runtime shut down).
     }
 
     /// Routes every complete frame; false on a protocol error.
@@ -498,22 +503,16 @@ impl Task {
     }
 
     fn watch_event(&mut self, key: Key, change: Change) {
-        let gone = {
-            let mut routes = lock(&self.conn.routes);
-            let gone = match routes.watches.get_mut(&key) {
-                Some(streams) => {
-                    streams.retain(|events| events.send(change.clone()).is_ok());
-                    streams.is_empty()
-                }
-                None => false,
-            };
-            if gone {
-                routes.watches.remove(&key);
-            }
-            gone
+        let mut routes = lock(&self.conn.routes);
+        let Some(streams) = routes.watches.get_mut(&key) else {
+            return;
         };
-        if gone {
-            // Every stream was dropped: stop the daemon's events too.
+        streams.retain(|events| events.send(change.clone()).is_ok());
+        if streams.is_empty() {
+            routes.watches.remove(&key);
+            // Every stream was dropped: stop the daemon's events too. Sent under the routes
+            // lock (routes, then writer), so a `watch()` of this key either registers first
+            // (and nothing is unwatched) or its `Watch` frame follows this `Unwatch`.
             let _ = self.conn.send(self.conn.next_id(), &Op::Unwatch { key });
         }
     }
@@ -564,7 +563,9 @@ impl Task {
         let _ = call.reply.send(answer);
     }
 
-    fn finish(self) {
+    /// Ends the connection: fails pending calls, marks holds lost, ends watch streams and
+    /// closes the socket. Runs once, when the task is dropped.
+    fn finish(&mut self) {
         let (holds, pending, watches, why) = {
             let mut routes = lock(&self.conn.routes);
             routes.ended = true;
@@ -581,7 +582,7 @@ impl Task {
             )
         };
         {
-            // Dropping the write half (with `self.rd` below) closes the socket.
+            // Dropping the write half (and `self.rd`, dropped with the task) closes the socket.
             let mut w = lock(&self.conn.writer);
             w.wr = None;
             w.out.clear();
@@ -595,6 +596,12 @@ impl Task {
         }
         self.conn.drained.notify_waiters();
         self.conn.closed.cancel();
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

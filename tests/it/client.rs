@@ -118,3 +118,46 @@ async fn the_connection_lives_while_a_handle_does_and_closes_with_the_last() {
         .await
         .unwrap();
 }
+
+/// A client whose runtime is gone (its reader task dropped unfinished) fails its calls with
+/// `Disconnected` at once instead of waiting forever, and its connection is closed.
+#[test]
+fn calls_fail_at_once_when_the_runtime_that_ran_the_connection_is_gone() {
+    let main = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let d = main.block_on(daemon());
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = first.block_on(async { d.client().await });
+    let guard = first.block_on(client.lock("orphaned")).unwrap();
+    drop(first);
+    main.block_on(async {
+        let err = within(
+            PROMPT,
+            "a call on a client whose runtime is gone",
+            client.ping(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, lockd_client::Error::Disconnected), "{err}");
+        assert!(client.is_closed());
+        within(PROMPT, "the hold is lost", guard.lost()).await;
+        // The daemon saw the connection close: the key is free.
+        let other = d.client().await;
+        within(PROMPT, "the key is released", async {
+            loop {
+                match other.try_lock("orphaned").await {
+                    Ok(g) => break g.release().await.unwrap(),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await;
+    });
+    drop(guard);
+    drop(client);
+}
