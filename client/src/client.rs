@@ -275,10 +275,18 @@ impl Client {
     pub async fn watch(&self, key: &Key) -> Result<Watch, Error> {
         let (events, rx) = mpsc::unbounded_channel();
         self.inner.conn.add_watch(key.clone(), events);
-        match self.call(&Op::Watch { key: key.clone() }).await?.reply {
-            Reply::Watching => Ok(Watch { rx }),
-            other => Err(Error::Protocol(format!("expected Watching, got {other:?}"))),
-        }
+        let refused = match self.call(&Op::Watch { key: key.clone() }).await {
+            Ok(Answer {
+                reply: Reply::Watching,
+                ..
+            }) => return Ok(Watch { rx }),
+            Ok(other) => Error::Protocol(format!("expected Watching, got {:?}", other.reply)),
+            Err(e) => e,
+        };
+        // Refused (e.g. `PermissionDenied`): no events will come, so drop the route now.
+        drop(rx);
+        self.inner.conn.prune_watches(key);
+        Err(refused)
     }
 
     /// The daemon's counters, gauges and latency distributions.

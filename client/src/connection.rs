@@ -299,6 +299,17 @@ impl Conn {
         }
     }
 
+    /// Forgets the watch streams of `key` that were dropped.
+    pub(crate) fn prune_watches(&self, key: &Key) {
+        let mut routes = lock(&self.routes);
+        if let Some(streams) = routes.watches.get_mut(key) {
+            streams.retain(|events| !events.is_closed());
+            if streams.is_empty() {
+                routes.watches.remove(key);
+            }
+        }
+    }
+
     async fn wait_for_room(&self) {
         if lock(&self.writer).out.len() < OUT_HIGH_WATER {
             return;
@@ -617,4 +628,26 @@ async fn writable(wr: Option<&OwnedWriteHalf>) -> io::Result<()> {
 async fn read_some(rd: &mut OwnedReadHalf, inbuf: &mut BytesMut) -> io::Result<usize> {
     inbuf.reserve(READ_CHUNK);
     rd.read_buf(inbuf).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_watch_leaves_no_route_behind() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (conn, _task) = Conn::start(ours, ClientCodec::default(), BytesMut::new());
+        let key = Key::new("default", "watched").unwrap();
+        let (kept_tx, kept_rx) = mpsc::unbounded_channel();
+        let (dropped_tx, dropped_rx) = mpsc::unbounded_channel();
+        conn.add_watch(key.clone(), kept_tx);
+        conn.add_watch(key.clone(), dropped_tx);
+        drop(dropped_rx);
+        conn.prune_watches(&key);
+        assert_eq!(lock(&conn.routes).watches[&key].len(), 1);
+        drop(kept_rx);
+        conn.prune_watches(&key);
+        assert!(lock(&conn.routes).watches.is_empty());
+    }
 }
