@@ -183,6 +183,9 @@ pub(crate) struct Conn {
     signals: Signals,
     /// Wakes callers waiting for `out` to drop below [`OUT_HIGH_WATER`] (or the end).
     drained: Notify,
+    /// `out` is at or above [`OUT_HIGH_WATER`]: written under the writer lock, read without it
+    /// (a hint that spares callers a second lock per request while the socket keeps up).
+    backlogged: AtomicBool,
     next_id: AtomicU64,
     /// Cancelled when the connection has ended.
     pub(crate) closed: CancellationToken,
@@ -220,6 +223,7 @@ impl Conn {
             }),
             signals: Signals::default(),
             drained: Notify::new(),
+            backlogged: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             closed: CancellationToken::new(),
         });
@@ -311,7 +315,7 @@ impl Conn {
     }
 
     async fn wait_for_room(&self) {
-        if lock(&self.writer).out.len() < OUT_HIGH_WATER {
+        if !self.backlogged.load(Ordering::Acquire) {
             return;
         }
         loop {
@@ -340,8 +344,12 @@ impl Conn {
         codec
             .encode_request(id, op, out)
             .map_err(|e| Error::Protocol(e.to_string()))?;
-        if was_empty && !matches!(w.flush(), Flushed::All) {
-            drop(w);
+        let left_over = was_empty && !matches!(w.flush(), Flushed::All);
+        if w.out.len() >= OUT_HIGH_WATER {
+            self.backlogged.store(true, Ordering::Release);
+        }
+        drop(w);
+        if left_over {
             self.signals.raise(&self.signals.write);
         }
         Ok(())
@@ -356,6 +364,9 @@ impl Conn {
         let was_full = w.out.len() >= OUT_HIGH_WATER;
         let flushed = w.flush();
         let below = w.out.len() < OUT_HIGH_WATER;
+        if below {
+            self.backlogged.store(false, Ordering::Release);
+        }
         drop(w);
         if was_full && below {
             self.drained.notify_waiters();
@@ -632,7 +643,42 @@ async fn read_some(rd: &mut OwnedReadHalf, inbuf: &mut BytesMut) -> io::Result<u
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// A peer that never reads: callers stop adding once `out` reaches the high-water mark.
+    #[tokio::test]
+    async fn callers_wait_while_the_unwritten_backlog_is_at_the_high_water_mark() {
+        let (ours, _never_reads) = UnixStream::pair().unwrap();
+        let (conn, _task) = Conn::start(ours, ClientCodec::default(), BytesMut::new());
+        let op = Op::Acquire(lockd_protocol::Acquire {
+            key: Key::new("default", "backlog").unwrap(),
+            mode: lockd_protocol::Mode::Exclusive,
+            wait: lockd_protocol::Wait::No,
+            lease_ms: None,
+            detach: false,
+            data: vec![b'x'; 1000],
+        });
+        let mut answers = Vec::new();
+        for _ in 0..2_000 {
+            // A call that does not return in 200 ms is blocked: nothing will drain the
+            // backlog while the peer does not read.
+            match tokio::time::timeout(Duration::from_millis(200), conn.call(&op, None)).await {
+                Ok(sent) => answers.push(sent.unwrap()),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            answers.len() < 2_000,
+            "2 MB accepted while nothing was read"
+        );
+        let queued = lock(&conn.writer).out.len();
+        assert!(
+            (OUT_HIGH_WATER..OUT_HIGH_WATER + 2048).contains(&queued),
+            "{queued} bytes queued"
+        );
+    }
 
     #[tokio::test]
     async fn a_refused_watch_leaves_no_route_behind() {
