@@ -355,6 +355,8 @@ impl LockSpace {
             key: key.clone(),
             holders,
             waiters,
+            omitted_holders: 0,
+            omitted_waiters: 0,
         }
     }
 

@@ -28,4 +28,4 @@ pub use message::*;
 pub use ticket::{Ticket, TicketParseError};
 
 /// Version of the protocol spoken by this crate. Bumped on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -182,9 +182,14 @@ pub enum Reply {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Description {
     pub key: Key,
+    /// The first holders, as many as fit in one frame.
     pub holders: Vec<HolderInfo>,
-    /// In queue order.
+    /// The first waiters in queue order, as many as fit in one frame after the holders.
     pub waiters: Vec<WaiterInfo>,
+    /// Holders left out of `holders` so the answer fits in one frame.
+    pub omitted_holders: u32,
+    /// Waiters left out of `waiters` (the last ones in the queue) so the answer fits.
+    pub omitted_waiters: u32,
 }
 
 /// Identity of a connection, from the kernel (SO_PEERCRED) plus its handshake name.
