@@ -7,14 +7,14 @@ pub mod clock;
 pub mod config;
 pub mod config_file;
 pub mod duration;
+pub mod engine;
+pub mod error;
 pub mod fence;
-pub mod lease;
 pub mod listener;
-pub mod lockspace;
 pub mod peer;
-pub mod recovery;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod signals;
 pub mod stats;
 pub mod store;
@@ -38,6 +38,8 @@ pub enum RunError {
     Listen(#[from] listener::ListenError),
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}; lockd stopped so that its supervisor restarts it")]
+    Fatal(String),
 }
 
 /// Socket permission bits: group access for a system daemon run as root, owner only otherwise.
@@ -93,18 +95,8 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
         let listener =
             tokio::net::UnixListener::from_std(std_listener).map_err(RunError::Runtime)?;
         let shutdown = CancellationToken::new();
-        let locks = Arc::new(lockspace::LockSpace::new(fences));
-        let (leases, arm) = lease::Leases::new(writer.clone());
-        let usage = Arc::new(usage::Registry::default());
-        let recovered = recovery::restore(
-            records,
-            &locks,
-            &leases,
-            &usage,
-            &writer,
-            clock::now_ms(),
-            tokio::time::Instant::now(),
-        );
+        let (engine, arming) = engine::Engine::new(fences, writer.clone());
+        let recovered = engine.recover(records, clock::now_ms(), tokio::time::Instant::now());
         tracing::info!(
             restored = recovered.restored,
             expired = recovered.expired,
@@ -112,14 +104,16 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             "recovered detached leases in {:?}",
             started.elapsed()
         );
-        tokio::spawn(Arc::clone(&leases).expire_loop(arm, Arc::clone(&locks)));
+        let expiry = tokio::spawn(engine::expiry::run(Arc::clone(&engine), arming));
+        let fatal = Arc::new(std::sync::Mutex::new(None));
+        tokio::spawn(stop_if_ended(expiry, shutdown.clone(), Arc::clone(&fatal)));
 
         let where_ = bound.as_ref().map_or_else(
             || "a socket passed by systemd".to_string(),
             |b| b.path.display().to_string(),
         );
         let data_dir = config.data_dir.display().to_string();
-        let shared = session::Shared::new(locks, leases, usage, config, shutdown.clone());
+        let shared = shared::Shared::new(Arc::clone(&engine), config, shutdown.clone());
         tokio::spawn(signals.handle(Arc::clone(&shared), reload));
         tokio::spawn(watch_long_holds(Arc::clone(&shared)));
         if let Some(every) = systemd::watchdog_interval() {
@@ -134,7 +128,18 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             recovered.restored
         ));
         server::run(listener, shared).await;
-        Ok(())
+        // Everything the engine decided before the last connection closed reaches the disk
+        // (e.g. detached grants taken back from connections that closed unanswered).
+        match tokio::time::timeout(SYNC_AT_EXIT, engine.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("could not store the last changes: {e}"),
+            Err(_) => tracing::error!("the store did not finish within {SYNC_AT_EXIT:?}"),
+        }
+        let why = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match why {
+            Some(why) => Err(RunError::Fatal(why)),
+            None => Ok(()),
+        }
     });
     if let Some(bound) = bound {
         bound.remove();
@@ -143,9 +148,29 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
     result
 }
 
+/// Longest the exit waits for the store writer to commit what is pending.
+const SYNC_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Stops the daemon if the lease-expiry task ends (it never should): leases that never expire
+/// are worse than a restart by the supervisor.
+async fn stop_if_ended(
+    task: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let why = match task.await {
+        Ok(()) => "the lease-expiry task ended".to_string(),
+        Err(e) if e.is_panic() => "the lease-expiry task panicked".to_string(),
+        Err(_) => return, // cancelled: the runtime is shutting down
+    };
+    tracing::error!("{why}; stopping");
+    *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    shutdown.cancel();
+}
+
 /// Pings the systemd watchdog only after proving the daemon works: every shard lock can be
 /// taken (no stuck lock table) and this task got scheduled (the runtime is alive).
-async fn watchdog(shared: Arc<session::Shared>, every: std::time::Duration) {
+async fn watchdog(shared: Arc<shared::Shared>, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -153,7 +178,7 @@ async fn watchdog(shared: Arc<session::Shared>, every: std::time::Duration) {
         if shared.shutdown.is_cancelled() {
             return;
         }
-        shared.locks.probe();
+        shared.engine.locks().probe();
         systemd::watchdog();
         let s = shared.snapshot();
         let gauge = |name: &str| s.gauges.iter().find(|(n, _)| n == name).map_or(0, |g| g.1);
@@ -169,12 +194,15 @@ async fn watchdog(shared: Arc<session::Shared>, every: std::time::Duration) {
 
 /// Logs holds older than the configured threshold once each, checking a few times per
 /// threshold (the threshold follows configuration reloads).
-async fn watch_long_holds(shared: Arc<session::Shared>) {
+async fn watch_long_holds(shared: Arc<shared::Shared>) {
     use std::time::Duration;
     loop {
         let threshold = shared.config.get().long_hold;
         let every = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
         tokio::time::sleep(every).await;
-        shared.locks.warn_long_holds(threshold.as_millis() as u64);
+        shared
+            .engine
+            .locks()
+            .warn_long_holds(threshold.as_millis() as u64);
     }
 }

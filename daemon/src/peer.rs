@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use lockd_protocol::{Change, Grant, Key, LostReason, Mode, RequestId, Ticket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use lockd_protocol::{Change, Key, LostReason, Mode, RequestId};
 use tokio::sync::mpsc;
 
 /// What other tasks tell a connection's task.
@@ -27,28 +29,7 @@ pub enum Push {
     /// The answer to `request`, computed elsewhere (after a store commit).
     Reply {
         request: RequestId,
-        result: Result<lockd_protocol::Reply, lockd_protocol::WireError>,
-    },
-}
-
-/// What a connection answers once a store commit succeeded (or undoes if it failed).
-#[derive(Debug)]
-pub enum AfterCommit {
-    /// A detached lease was granted; on failure, it is taken back.
-    Granted {
-        key: Key,
-        grant: Grant,
-    },
-    Renewed {
-        expires_at_ms: u64,
-    },
-    /// A force-release whose detached leases' deletions were stored.
-    ForceReleased {
-        holds: u32,
-    },
-    /// A detached lease's release; on success its hold ends, on failure it stays.
-    Released {
-        ticket: Ticket,
+        result: Result<lockd_protocol::Reply, crate::error::Error>,
     },
 }
 
@@ -66,9 +47,21 @@ pub struct Peer {
     /// Primary gid and supplementary groups, from the kernel.
     pub groups: Vec<u32>,
     /// Root or a configured admin (decided at connect, updated on config reload).
-    pub admin: std::sync::atomic::AtomicBool,
+    pub admin: AtomicBool,
     push: mpsc::UnboundedSender<Push>,
+    /// Watch events in the mailbox, not yet taken by the connection's task.
+    events_queued: AtomicUsize,
+    /// A watch event was dropped because [`MAX_QUEUED_EVENTS`] were queued: the connection
+    /// fell behind and must be closed.
+    fell_behind: AtomicBool,
 }
+
+/// Watch events that may wait in one connection's mailbox. Past this the connection is not
+/// reading fast enough for the keys it watches: further events are dropped and the connection
+/// is closed (its task checks [`Peer::fell_behind`]), so a slow watcher cannot make the daemon
+/// buffer without bound. Grants, lost holds and replies are never dropped: they are bounded by
+/// the connection's own waits and holds.
+pub const MAX_QUEUED_EVENTS: usize = 4096;
 
 impl Peer {
     /// Registers a new connection: its owner identity and the receiving end of its mailbox.
@@ -100,8 +93,10 @@ impl Peer {
             gid,
             name,
             groups,
-            admin: std::sync::atomic::AtomicBool::new(admin),
+            admin: AtomicBool::new(admin),
             push,
+            events_queued: AtomicUsize::new(0),
+            fell_behind: AtomicBool::new(false),
         };
         (Owner(Arc::new(peer)), rx)
     }
@@ -109,12 +104,29 @@ impl Peer {
     /// Delivers `msg` to the connection's task. Dropped silently if the connection is gone:
     /// its cleanup removes whatever the message was about.
     pub fn push(&self, msg: Push) {
+        if matches!(msg, Push::Watch { .. })
+            && self.events_queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_EVENTS
+        {
+            self.events_queued.fetch_sub(1, Ordering::Relaxed);
+            self.fell_behind.store(true, Ordering::Relaxed);
+            return;
+        }
         let _ = self.push.send(msg);
+    }
+
+    /// Called by the connection's task for each watch event it takes from the mailbox.
+    pub fn event_taken(&self) {
+        self.events_queued.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// True once a watch event had to be dropped: the connection must close.
+    pub fn fell_behind(&self) -> bool {
+        self.fell_behind.load(Ordering::Relaxed)
     }
 
     /// Root or a configured admin?
     pub fn is_admin(&self) -> bool {
-        self.admin.load(std::sync::atomic::Ordering::Relaxed)
+        self.admin.load(Ordering::Relaxed)
     }
 
     /// The uid for ticket checks: 0 (acts for anyone) for admins.

@@ -9,7 +9,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::Encoder;
 use tokio_util::task::TaskTracker;
 
-use crate::session::{self, Shared};
+use crate::session;
+use crate::shared::Shared;
 
 /// Pause after an accept error such as EMFILE, so a full fd table does not spin the loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

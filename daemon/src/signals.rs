@@ -6,7 +6,7 @@ use std::sync::Arc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::mpsc;
 
-use crate::session::Shared;
+use crate::shared::Shared;
 use crate::{systemd, Reload};
 
 /// Signals caught by a dedicated thread and forwarded to the runtime.

@@ -356,6 +356,8 @@ pub enum Change {
     Put(LeaseRecord),
     Delete(Ticket),
     FenceCeiling(u64),
+    /// Changes nothing; answered once everything submitted before it is durable (or failed).
+    Sync,
 }
 
 impl Batch {
@@ -370,6 +372,7 @@ impl Batch {
             Change::FenceCeiling(c) => {
                 self.fence_ceiling = Some(self.fence_ceiling.map_or(c, |old| old.max(c)));
             }
+            Change::Sync => {}
         }
     }
 
@@ -389,9 +392,10 @@ impl Batch {
 /// Answer to a change: `Ok` once it (and everything queued before it) is durable.
 pub type Done = oneshot::Receiver<Result<(), StoreError>>;
 
-struct Job {
-    change: Change,
-    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+/// One change for the writer, with whom to tell when it is durable.
+pub(crate) struct Job {
+    pub(crate) change: Change,
+    pub(crate) done: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
 
 /// Handle to the writer thread. Cloning is cheap; the thread stops when every handle is gone.
@@ -425,6 +429,19 @@ impl Writer {
             done: Some(done),
         });
         rx
+    }
+
+    /// A writer without a thread: the caller takes the jobs and answers them as it likes
+    /// (the engine's tests use it to delay, fail and reorder commits).
+    #[cfg(test)]
+    pub(crate) fn manual() -> (Writer, std_mpsc::Receiver<Job>) {
+        let (tx, rx) = std_mpsc::channel();
+        (Writer { tx }, rx)
+    }
+
+    /// Answers once every change submitted before this call is durable (or failed).
+    pub fn sync(&self) -> Done {
+        self.submit(Change::Sync)
     }
 
     /// Queues `change` without waiting for it (it still converges to disk in order).
@@ -466,6 +483,11 @@ fn writer_loop(mut store: Store, rx: std_mpsc::Receiver<Job>) {
             waiters.extend(job.done);
         }
         if batch.is_empty() {
+            // Only syncs: everything before them was already committed (jobs are handled in
+            // order, one batch at a time).
+            for w in waiters.drain(..) {
+                let _ = w.send(Ok(()));
+            }
             continue;
         }
         match store.apply(&batch) {

@@ -3,7 +3,8 @@
 //! Frames are a 4-byte big-endian length and a bincode 2 payload. Decoding goes through
 //! tokio-util's `LengthDelimitedCodec` (which refuses oversized length prefixes before
 //! buffering them); encoding writes the same framing in place, so sending a message costs no
-//! intermediate buffer.
+//! intermediate buffer. A payload is decoded under a bincode limit sized to that payload, so a
+//! claimed length can never make the decoder allocate much more than the bytes received.
 
 use std::io;
 use std::marker::PhantomData;
@@ -23,12 +24,16 @@ pub const MAX_FRAME_CEILING: usize = 1024 * 1024;
 
 const LEN_BYTES: usize = 4;
 
-type Config = Configuration<BigEndian, Varint, Limit<MAX_FRAME_CEILING>>;
+/// Most bytes bincode counts against its limit per payload byte of a valid message: it counts
+/// a varint at its in-memory size, so a `u64` (or a length) sent as one byte counts as eight.
+const LIMIT_PER_PAYLOAD_BYTE: usize = 8;
 
-fn config() -> Config {
+type Config<const LIMIT: usize> = Configuration<BigEndian, Varint, Limit<LIMIT>>;
+
+fn config<const LIMIT: usize>() -> Config<LIMIT> {
     bincode::config::standard()
         .with_big_endian()
-        .with_limit::<MAX_FRAME_CEILING>()
+        .with_limit::<LIMIT>()
 }
 
 /// Why a frame could not be read or written.
@@ -135,10 +140,36 @@ impl<In, Out> FrameCodec<In, Out> {
     }
 }
 
+/// Decodes `payload` under the first listed limit that is at least `need`, else under
+/// [`MAX_FRAME_CEILING`]. bincode's limit is a const generic, hence one branch per tier.
+macro_rules! decode_under_smallest_limit {
+    ($payload:expr, $need:expr; $($tier:expr),+ $(,)?) => {{
+        let (payload, need): (&[u8], usize) = ($payload, $need);
+        $(
+            if need <= $tier {
+                bincode::serde::decode_from_slice(payload, config::<{ $tier }>())
+            } else
+        )+ {
+            bincode::serde::decode_from_slice(payload, config::<MAX_FRAME_CEILING>())
+        }
+    }};
+}
+
 /// Decodes one payload, refusing trailing bytes.
+///
+/// bincode checks every claimed length against its limit before allocating for it, so the
+/// limit is sized to this payload: the smallest power of two (at least 256 bytes) holding
+/// [`LIMIT_PER_PAYLOAD_BYTE`] times its length, which every valid payload fits, capped at
+/// [`MAX_FRAME_CEILING`]. A string claiming more than about 16 times the bytes received is
+/// therefore refused before anything is allocated for it.
 fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let need = payload.len().saturating_mul(LIMIT_PER_PAYLOAD_BYTE);
+    let (value, used) = decode_under_smallest_limit!(
+        payload, need;
+        1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13,
+        1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18, 1 << 19,
+    )
+    .map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != payload.len() {
         return Err(CodecError::Decode(format!(
             "{} trailing bytes after the message",
@@ -176,7 +207,8 @@ pub fn encode_frame<T: Serialize>(
     let start = dst.len();
     dst.put_u32(0);
     let mut writer = dst.writer();
-    let written = bincode::serde::encode_into_std_write(item, &mut writer, config());
+    let written =
+        bincode::serde::encode_into_std_write(item, &mut writer, config::<MAX_FRAME_CEILING>());
     let dst = writer.into_inner();
     let len = match written {
         Ok(len) => len,
@@ -483,6 +515,80 @@ mod tests {
         buf.put_u32(payload.len() as u32);
         buf.extend_from_slice(&payload);
         assert!(server.decode(&mut buf).unwrap_err().is_protocol());
+    }
+
+    /// A `Hello` payload whose name claims `claimed` bytes but carries only `carried`.
+    fn hello_claiming_a_name_of(claimed: u32, carried: usize) -> BytesMut {
+        let mut payload = vec![0u8, 1]; // variant `Hello`, protocol_version 1
+        payload.push(252); // varint marker: a big-endian u32 follows
+        payload.extend_from_slice(&claimed.to_be_bytes());
+        payload.resize(payload.len() + carried, b'a');
+        let mut buf = BytesMut::new();
+        buf.put_u32(payload.len() as u32);
+        buf.extend_from_slice(&payload);
+        buf
+    }
+
+    #[test]
+    fn a_claimed_length_is_checked_against_the_frame_before_allocating() {
+        // bincode claims a string's length against the limit before allocating it, and only
+        // then finds the bytes missing (`UnexpectedEnd`). `LimitExceeded` therefore proves that
+        // the limit follows the frame's size, not the 1 MiB ceiling.
+        let ceiling = MAX_FRAME_CEILING as u32;
+        for (claimed, carried) in [
+            (4 * 1024, 2),
+            (100 * 1024, 2),
+            (ceiling - 64, 2),
+            (64 * 1024, 1000),
+            (ceiling / 2, 30_000),
+        ] {
+            let mut buf = hello_claiming_a_name_of(claimed, carried);
+            let err = ServerCodec::new(MAX_FRAME_CEILING)
+                .decode(&mut buf)
+                .unwrap_err();
+            assert!(
+                matches!(&err, CodecError::Decode(m) if m.contains("LimitExceeded")),
+                "a name claiming {claimed} bytes with {carried} sent: \
+                 expected LimitExceeded, got: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn integer_heavy_messages_decode_at_every_size() {
+        // bincode counts a varint integer at its in-memory size (8 bytes for a u64 sent as one
+        // byte), so a valid message can claim 8 times its payload against the limit.
+        let mut client = ClientCodec::new(MAX_FRAME_CEILING);
+        let mut server = ServerCodec::new(MAX_FRAME_CEILING);
+        let lens = [
+            0, 1, 30, 31, 32, 33, 120, 127, 128, 129, 250, 255, 256, 257, 500, 1000,
+        ];
+        let lens = lens
+            .into_iter()
+            .chain([
+                1020, 1023, 1024, 1025, 2047, 2048, 4090, 4096, 8191, 16_000, 16_384,
+            ])
+            .chain([65_000, 65_536, 100_000, 131_000]);
+        for len in lens {
+            let msg = ServerMessage::Response(Response {
+                id: 0,
+                result: Ok(Reply::Stats(Stats {
+                    wait_ms: Histogram {
+                        bounds_ms: vec![0; len],
+                        counts: vec![],
+                        sum_ms: 0,
+                    },
+                    ..Stats::default()
+                })),
+            });
+            let mut buf = BytesMut::new();
+            server.encode(&msg, &mut buf).unwrap();
+            let payload = buf.len() - LEN_BYTES;
+            match client.decode(&mut buf) {
+                Ok(Some(got)) => assert_eq!(got, msg, "{len} zeros"),
+                other => panic!("{len} zeros in a {payload}-byte payload: {other:?}"),
+            }
+        }
     }
 
     proptest! {

@@ -97,7 +97,7 @@ async fn protocol_error_releases_the_offenders_own_holds() {
 }
 
 #[tokio::test]
-async fn invalid_names_and_oversized_data_get_invalid_argument() {
+async fn invalid_names_get_invalid_argument_and_oversized_data_limit_exceeded() {
     let d = daemon().await;
     let mut raw = RawConn::connect_hello(&d.socket).await;
     let bad = [
@@ -141,7 +141,7 @@ async fn invalid_names_and_oversized_data_get_invalid_argument() {
         .data(vec![0u8; 2048])
         .await
         .expect_err("data over 1 KiB");
-    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    assert_eq!(err.code(), Some(ErrorCode::LimitExceeded), "{err}");
     client
         .ping()
         .await

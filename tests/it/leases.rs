@@ -62,12 +62,13 @@ async fn detached_lease_from_lockctl_outlives_it_and_is_managed_by_ticket() {
 async fn lease_arguments_are_checked() {
     let d = daemon().await;
     let mut raw = RawConn::connect_hello(&d.socket).await;
+    use lockd_protocol::ErrorCode::{InvalidArgument, LimitExceeded};
     let cases = [
-        (Some(0), false),                // zero lease
-        (Some(25 * 3600 * 1000), false), // above the 24 h default maximum
-        (None, true),                    // detached without a lease
+        (Some(0), false, InvalidArgument),              // zero lease
+        (Some(25 * 3600 * 1000), false, LimitExceeded), // above the 24 h default maximum
+        (None, true, InvalidArgument),                  // detached without a lease
     ];
-    for (i, (lease_ms, detach)) in cases.into_iter().enumerate() {
+    for (i, (lease_ms, detach, expected)) in cases.into_iter().enumerate() {
         raw.request(
             i as u64,
             Op::Acquire(Acquire {
@@ -82,10 +83,7 @@ async fn lease_arguments_are_checked() {
         .await;
         match raw.recv(PROMPT).await {
             Some(ServerMessage::Response(r)) => {
-                assert_eq!(
-                    r.result.unwrap_err().code,
-                    lockd_protocol::ErrorCode::InvalidArgument
-                )
+                assert_eq!(r.result.unwrap_err().code, expected)
             }
             other => panic!("{other:?}"),
         }

@@ -124,11 +124,21 @@ fn describe_json(d: &Description) -> serde_json::Value {
             "client": w.owner.client_name,
             "since_ms": w.since_ms,
         })).collect::<Vec<_>>(),
+        "omitted_holders": d.omitted_holders,
+        "omitted_waiters": d.omitted_waiters,
     })
 }
 
 fn pid(p: Option<i32>) -> String {
     p.map_or_else(|| "-".into(), |p| p.to_string())
+}
+
+/// `... and 12 more holders (...)` when the daemon left `n` of them out, else nothing.
+fn print_omitted(n: u32, singular: &str, plural: &str) {
+    if n > 0 {
+        let what = if n == 1 { singular } else { plural };
+        println!("... and {n} more {what} (not shown: the answer must fit one frame)");
+    }
 }
 
 fn print_description(d: &Description) {
@@ -163,6 +173,7 @@ fn print_description(d: &Description) {
             &rows,
         );
     }
+    print_omitted(d.omitted_holders, "holder", "holders");
     if !d.waiters.is_empty() {
         let rows: Vec<Vec<String>> = d
             .waiters
@@ -185,6 +196,7 @@ fn print_description(d: &Description) {
             &rows,
         );
     }
+    print_omitted(d.omitted_waiters, "waiter", "waiters");
 }
 
 pub async fn list(socket: &Path, args: ListArgs) -> u8 {
@@ -439,4 +451,32 @@ pub fn prometheus(s: &Stats) -> String {
         let _ = writeln!(out, "lockd_{name}_seconds_count {total}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_json_always_says_how_many_were_omitted() {
+        let mut d = Description {
+            key: Key::new("default", "job").unwrap(),
+            holders: vec![],
+            waiters: vec![],
+            omitted_holders: 0,
+            omitted_waiters: 0,
+        };
+        let v = describe_json(&d);
+        assert_eq!(
+            (&v["omitted_holders"], &v["omitted_waiters"]),
+            (&json!(0), &json!(0))
+        );
+        d.omitted_holders = 12;
+        d.omitted_waiters = 3;
+        let v = describe_json(&d);
+        assert_eq!(
+            (&v["omitted_holders"], &v["omitted_waiters"]),
+            (&json!(12), &json!(3))
+        );
+    }
 }

@@ -14,11 +14,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::lease::{Lease, Leases};
-use crate::lockspace::{HoldMeta, LockSpace};
+use super::leases::{Lease, Leases};
+use super::lockspace::{HoldMeta, LockSpace};
 use crate::peer::Peer;
 use crate::store::{Change, LeaseRecord, Writer};
 use crate::usage::{HoldShare, Registry};
+
+/// Longest remaining lease time recovery restores (a century).
+const MAX_REMAINING: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// What recovery did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -76,10 +79,14 @@ pub fn restore(
             out.superseded += 1;
             continue;
         }
-        let remaining = Duration::from_millis(record.expires_at_ms - now_ms);
+        // Clamped, so no stored expiry (however far, however corrupt) can overflow the clock;
+        // the expiry task arms long deadlines in steps.
+        let remaining = Duration::from_millis(record.expires_at_ms - now_ms).min(MAX_REMAINING);
         leases.restore(Lease {
             length: Duration::from_millis(record.lease_ms.max(1)),
             deadline: now + remaining,
+            renewals: 0,
+            applied: 0,
             detached: true,
             releasing: false,
             shown_expiry,

@@ -27,6 +27,10 @@ use crate::peer::{Owner, Push};
 use crate::stats::ShardStats;
 use crate::table::{Acquired, Entry, Granted, Holder, Table, Want};
 
+/// Bytes kept free in a frame for everything around a list page or a description (the response
+/// header, the key, the counts).
+const FRAME_MARGIN: usize = 1024;
+
 /// Number of shards; a power of two well above the core count so connections rarely meet.
 pub const SHARDS: usize = 64;
 /// Largest page [`LockSpace::list`] returns.
@@ -334,37 +338,90 @@ impl LockSpace {
         self.shard(key).table.restore(key, holder)
     }
 
-    /// Holders and waiters of `key` (empty lists if it has none).
-    pub fn describe(&self, key: &Key) -> Description {
-        let shard = self.shard(key);
-        let (holders, waiters) = match shard.table.get(key) {
-            Some(e) => (
-                e.holders.iter().map(holder_info).collect(),
-                e.queue
-                    .iter()
-                    .map(|w| WaiterInfo {
-                        mode: w.mode,
-                        owner: owner_info(&w.owner),
-                        since_ms: w.since,
-                    })
-                    .collect(),
-            ),
-            None => (Vec::new(), Vec::new()),
+    /// Holders and waiters of `key` (empty lists if it has none), as many as fit in a frame of
+    /// `max_frame` bytes: holders first, then waiters in queue order; the rest are counted in
+    /// `omitted_holders` and `omitted_waiters`.
+    pub fn describe(&self, key: &Key, max_frame: usize) -> Description {
+        let mut budget = max_frame.saturating_sub(FRAME_MARGIN);
+        let mut fits = |size: usize| {
+            let ok = size <= budget;
+            if ok {
+                budget -= size;
+            }
+            ok
         };
-        Description {
+        let shard = self.shard(key);
+        let mut d = Description {
             key: key.clone(),
-            holders,
-            waiters,
+            holders: Vec::new(),
+            waiters: Vec::new(),
             omitted_holders: 0,
             omitted_waiters: 0,
+        };
+        let Some(e) = shard.table.get(key) else {
+            return d;
+        };
+        for h in &e.holders {
+            if d.omitted_holders == 0 && fits(holder_size(h)) {
+                d.holders.push(holder_info(h));
+            } else {
+                d.omitted_holders += 1;
+            }
         }
+        for w in &e.queue {
+            if d.omitted_waiters == 0 && fits(OWNER_SIZE + w.owner.name.len() + 16) {
+                d.waiters.push(WaiterInfo {
+                    mode: w.mode,
+                    owner: owner_info(&w.owner),
+                    since_ms: w.since,
+                });
+            } else {
+                d.omitted_waiters += 1;
+            }
+        }
+        d
+    }
+
+    /// Every hold as (key, fence, ticket, detached, owner id), for tests.
+    #[cfg(test)]
+    pub fn snapshot(&self) -> Vec<(Key, u64, Ticket, bool, u64)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (key, e) in shard.table.iter() {
+                for h in &e.holders {
+                    all.push((
+                        key.clone(),
+                        h.fence,
+                        h.payload.ticket,
+                        h.detached,
+                        h.owner.id,
+                    ));
+                }
+            }
+        }
+        all
+    }
+
+    /// Whether the hold `fence` on `key` is in the table.
+    pub fn holds(&self, key: &Key, fence: u64) -> bool {
+        self.inspect(key, |e| {
+            e.is_some_and(|e| e.holders.iter().any(|h| h.fence == fence))
+        })
     }
 
     /// One page of keys matching `query` that `visible` allows, sorted by (namespace, name).
     ///
     /// Keeps only the `limit + 1` smallest candidates while scanning (a bounded max-heap), so a
-    /// page costs one pass and `O(limit)` memory however many keys exist.
-    pub fn list(&self, query: &ListQuery, visible: impl Fn(&str) -> bool) -> ListPage {
+    /// page costs one pass and `O(limit)` memory however many keys exist. The page is cut
+    /// shorter when its keys would not fit in a frame of `max_frame` bytes (`next` says where
+    /// to go on).
+    pub fn list(
+        &self,
+        query: &ListQuery,
+        visible: impl Fn(&str) -> bool,
+        max_frame: usize,
+    ) -> ListPage {
         use std::collections::BinaryHeap;
         let limit = (query.limit as usize).clamp(1, MAX_LIST_PAGE);
         let mut best: BinaryHeap<(Key, u32, u32, Option<Mode>)> =
@@ -409,8 +466,20 @@ impl LockSpace {
                 mode,
             })
             .collect();
-        let next = (keys.len() > limit).then(|| keys[limit - 1].key.clone());
-        keys.truncate(limit);
+        let mut budget = max_frame.saturating_sub(FRAME_MARGIN);
+        let fitting = keys
+            .iter()
+            .take(limit)
+            .take_while(|k| {
+                let size = SUMMARY_SIZE + k.key.namespace.len() + k.key.name.len();
+                let ok = size <= budget;
+                budget = budget.saturating_sub(size);
+                ok
+            })
+            .count()
+            .max(1);
+        let next = (keys.len() > fitting).then(|| keys[fitting - 1].key.clone());
+        keys.truncate(fitting);
         ListPage { keys, next }
     }
 
@@ -585,6 +654,17 @@ fn owner_info(o: &Owner) -> OwnerInfo {
         gid: o.gid,
         client_name: o.name.clone(),
     }
+}
+
+/// Upper bound of an encoded [`OwnerInfo`] without its name (varints at their widest, the
+/// name's length prefix included), bytes.
+const OWNER_SIZE: usize = 6 + 5 + 5 + 9;
+/// Upper bound of an encoded [`KeySummary`] without its key's strings, bytes.
+const SUMMARY_SIZE: usize = 9 + 9 + 5 + 5 + 2;
+
+/// Upper bound of the encoded size of a holder's [`HolderInfo`], bytes.
+fn holder_size(h: &Holder<Owner, HoldMeta>) -> usize {
+    OWNER_SIZE + h.owner.name.len() + 1 + 9 + 9 + 10 + 1 + 9 + h.payload.data.len()
 }
 
 fn holder_info(h: &Holder<Owner, HoldMeta>) -> HolderInfo {

@@ -1,8 +1,8 @@
 //! Leases: holds that end when their time runs out unless renewed by ticket.
 //!
 //! Every leased hold (session-bound or detached) has an entry here, keyed by ticket, so it can be
-//! renewed or released from any connection of its uid. One expiry task drives the deadlines with
-//! a `DelayQueue` (no scanning, no polling); a renewal re-arms the timer.
+//! renewed or released from any connection of its uid. Deadlines are sent to the expiry task
+//! (`engine::expiry`) over [`Arming`]; a renewal re-arms the timer.
 //!
 //! Invariants:
 //! - deadlines use tokio's monotonic clock; the wall-clock `expires_at_ms` is kept for display and
@@ -16,14 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use foldhash::HashMap;
-use futures_util::StreamExt;
-use lockd_protocol::{Key, LostReason, Mode, Ticket};
+use lockd_protocol::{Key, Mode, Ticket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::time::{delay_queue, DelayQueue};
 
-use crate::lockspace::{Ended, LockSpace};
-use crate::peer::{Owner, Push};
+use crate::peer::Owner;
 use crate::store::{Change, Done, LeaseRecord, Writer};
 use crate::usage::HoldShare;
 
@@ -45,6 +42,39 @@ pub struct Lease {
     pub shown_expiry: Arc<AtomicU64>,
     /// A detached lease counts toward its uid's holds until it ends (dropped).
     pub share: Option<HoldShare>,
+    /// Renewals started (sequence number of the latest).
+    pub renewals: u64,
+    /// Sequence number of the latest renewal applied to `deadline` and `record`.
+    pub applied: u64,
+}
+
+impl Lease {
+    fn extend(&mut self, next: &Extension) {
+        self.deadline = next.deadline;
+        self.record.expires_at_ms = next.expires_at_ms;
+        self.record.lease_ms = next.lease_ms;
+        self.applied = next.seq;
+        self.shown_expiry
+            .store(self.record.expires_at_ms, Ordering::Relaxed);
+    }
+}
+
+/// A renewal's new end, applied when (and if) it may be.
+#[derive(Debug, Clone, Copy)]
+pub struct Extension {
+    pub deadline: Instant,
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+    pub lease_ms: u64,
+    seq: u64,
+}
+
+/// Outcome of [`Leases::renew`].
+pub enum Renewal {
+    /// Extended; the lease now ends at this wall-clock time.
+    Done(u64),
+    /// A detached lease: apply `Extension` with [`Leases::finish_renewal`] after this commit.
+    Pending(Done, Extension),
 }
 
 /// The expiry task's inbox: `(ticket, Some(deadline))` arms or re-arms, `None` disarms.
@@ -66,7 +96,7 @@ pub struct Leases {
 
 impl Leases {
     /// Creates the registry and its expiry task's inbox; run [`Leases::expire_loop`] with it.
-    pub fn new(writer: Writer) -> (Arc<Leases>, Arming) {
+    pub fn new(writer: Writer) -> (Leases, Arming) {
         let (arm, rx) = mpsc::unbounded_channel();
         let leases = Leases {
             shards: (0..SHARDS)
@@ -75,7 +105,7 @@ impl Leases {
             arm,
             writer,
         };
-        (Arc::new(leases), rx)
+        (leases, rx)
     }
 
     fn shard(&self, ticket: &Ticket) -> MutexGuard<'_, HashMap<Ticket, Lease>> {
@@ -108,6 +138,20 @@ impl Leases {
         self.len() == 0
     }
 
+    /// Every live lease as (ticket, key, fence, detached), for tests that check the table,
+    /// the leases and the store agree.
+    #[cfg(test)]
+    pub fn snapshot(&self) -> Vec<(Ticket, Key, u64, bool)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (t, l) in shard.iter() {
+                all.push((*t, l.record.key.clone(), l.record.fence, l.detached));
+            }
+        }
+        all
+    }
+
     /// Registers a granted lease and arms its timer. For a detached lease, returns the store
     /// commit to wait for before acknowledging the grant.
     pub fn insert(&self, lease: Lease) -> Option<Done> {
@@ -134,7 +178,10 @@ impl Leases {
 
     /// Extends the lease to `length` (default: its original length) from `now`.
     ///
-    /// Returns the new wall-clock end and, for a detached lease, the commit to wait for.
+    /// A session-bound lease is extended at once: [`Renewal::Done`]. A detached one is not
+    /// touched in memory yet: the new expiry is submitted to the store and
+    /// [`Leases::finish_renewal`] applies it once the commit succeeded ([`Renewal::Pending`]),
+    /// so a failed commit leaves the lease exactly as it was.
     ///
     /// # Errors
     /// [`TicketError::NotHolder`] if the ticket names no live lease of `uid` (root may renew
@@ -146,26 +193,56 @@ impl Leases {
         length: Option<Duration>,
         now: Instant,
         now_ms: u64,
-    ) -> Result<(u64, Option<Done>), TicketError> {
+    ) -> Result<Renewal, TicketError> {
         let mut shard = self.shard(ticket);
         let lease = shard.get_mut(ticket).ok_or(TicketError::NotHolder)?;
         if !may_act(uid, lease.record.uid) || lease.deadline <= now || lease.releasing {
             return Err(TicketError::NotHolder);
         }
         let length = length.unwrap_or(lease.length);
-        lease.deadline = now + length;
-        lease.record.expires_at_ms = now_ms.saturating_add(length.as_millis() as u64);
-        lease.record.lease_ms = length.as_millis() as u64;
-        lease
-            .shown_expiry
-            .store(lease.record.expires_at_ms, Ordering::Relaxed);
-        let done = lease
-            .detached
-            .then(|| self.writer.submit(Change::Put(lease.record.clone())));
-        let (expires, deadline) = (lease.record.expires_at_ms, lease.deadline);
-        let _ = self.arm.send((*ticket, Some(deadline)));
-        drop(shard);
-        Ok((expires, done))
+        let next = Extension {
+            deadline: now + length,
+            expires_at_ms: now_ms.saturating_add(length.as_millis() as u64),
+            lease_ms: length.as_millis() as u64,
+            seq: lease.renewals + 1,
+        };
+        lease.renewals = next.seq;
+        if lease.detached {
+            let mut record = lease.record.clone();
+            record.expires_at_ms = next.expires_at_ms;
+            record.lease_ms = next.lease_ms;
+            return Ok(Renewal::Pending(
+                self.writer.submit(Change::Put(record)),
+                next,
+            ));
+        }
+        lease.extend(&next);
+        let _ = self.arm.send((*ticket, Some(next.deadline)));
+        Ok(Renewal::Done(next.expires_at_ms))
+    }
+
+    /// Applies a detached renewal whose commit succeeded. Returns the new wall-clock end, or
+    /// `None` if the lease ended meanwhile (expired, released, force-released).
+    ///
+    /// Renewals committed out of order are applied in the order they were made: an older one
+    /// arriving after a newer one changes nothing.
+    pub fn finish_renewal(&self, ticket: &Ticket, next: &Extension) -> Option<u64> {
+        let mut shard = self.shard(ticket);
+        let lease = shard.get_mut(ticket)?;
+        if next.seq > lease.applied {
+            lease.extend(next);
+            let _ = self.arm.send((*ticket, Some(next.deadline)));
+        }
+        Some(next.expires_at_ms)
+    }
+
+    /// After a failed renewal commit: memory was never changed; tell the store to keep what
+    /// memory has (the failed put is not retried, this makes sure of it).
+    pub fn abort_renewal(&self, ticket: &Ticket) {
+        let shard = self.shard(ticket);
+        if let Some(lease) = shard.get(ticket) {
+            self.writer.submit_quiet(Change::Put(lease.record.clone()));
+        }
     }
 
     /// Releases a session-bound lease by ticket at once, or starts the release of a detached
@@ -241,7 +318,7 @@ impl Leases {
     }
 
     /// Removes the lease if its deadline has passed (a renewal may have moved it).
-    fn take_expired(&self, ticket: &Ticket, now: Instant) -> Option<Lease> {
+    pub fn take_expired(&self, ticket: &Ticket, now: Instant) -> Option<Lease> {
         let mut shard = self.shard(ticket);
         let deadline = shard.get(ticket)?.deadline;
         if deadline > now {
@@ -256,51 +333,6 @@ impl Leases {
             self.writer.submit_quiet(Change::Delete(*ticket));
         }
         Some(lease)
-    }
-
-    /// The expiry task: fires deadlines, ends expired holds, hands their keys on.
-    pub async fn expire_loop(self: Arc<Self>, mut arm: Arming, locks: Arc<LockSpace>) {
-        let mut timers: DelayQueue<Ticket> = DelayQueue::new();
-        let mut keys: HashMap<Ticket, delay_queue::Key> = HashMap::default();
-        loop {
-            tokio::select! {
-                armed = arm.recv() => {
-                    let Some((ticket, deadline)) = armed else { return };
-                    match (keys.get(&ticket), deadline) {
-                        (Some(k), Some(deadline)) => timers.reset_at(k, deadline),
-                        (None, Some(deadline)) => {
-                            keys.insert(ticket, timers.insert_at(ticket, deadline));
-                        }
-                        (Some(_), None) => {
-                            if let Some(k) = keys.remove(&ticket) {
-                                timers.remove(&k);
-                            }
-                        }
-                        (None, None) => {}
-                    }
-                }
-                Some(fired) = timers.next(), if !timers.is_empty() => {
-                    let ticket = fired.into_inner();
-                    keys.remove(&ticket);
-                    if let Some(lease) = self.take_expired(&ticket, Instant::now()) {
-                        end_expired(&locks, lease);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Ends an expired lease's hold: the key goes to the next waiter, the owner hears `HoldLost`.
-fn end_expired(locks: &LockSpace, lease: Lease) {
-    let key = &lease.record.key;
-    if locks.release(key, lease.record.fence, Ended::Expired) {
-        tracing::info!(key = %key, fence = lease.record.fence, "lease expired");
-        lease.owner.push(Push::Lost {
-            key: key.clone(),
-            fence: lease.record.fence,
-            reason: LostReason::Expired,
-        });
     }
 }
 
