@@ -555,6 +555,42 @@ mod tests {
     }
 
     #[test]
+    fn claimed_data_is_checked_before_allocating() {
+        // An Acquire whose `data` claims ~1 MiB but carries nothing: a sequence of u8 would be
+        // reserved up front (serde's cautious size hint), a byte string is claimed against the
+        // limit first.
+        let acquire = ClientMessage::Request(crate::Request {
+            id: 1,
+            op: Op::Acquire(crate::Acquire {
+                key: crate::Key::in_default("k").unwrap(),
+                mode: crate::Mode::Exclusive,
+                wait: crate::Wait::No,
+                lease_ms: None,
+                detach: false,
+                data: vec![7; 3],
+            }),
+        });
+        let mut buf = BytesMut::new();
+        ClientCodec::new(MAX_FRAME_CEILING)
+            .encode(&acquire, &mut buf)
+            .unwrap();
+        // The payload ends with the data: varint length 3, then the 3 bytes. Claim 1,000,000
+        // (varint 0xfc + u32 big-endian) and drop the bytes.
+        let payload_end = buf.len() - 4;
+        buf.truncate(payload_end);
+        buf.extend_from_slice(&[0xfc, 0x00, 0x0f, 0x42, 0x40]);
+        let len = (buf.len() - LEN_BYTES) as u32;
+        buf[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
+        let err = ServerCodec::new(MAX_FRAME_CEILING)
+            .decode(&mut buf)
+            .unwrap_err();
+        assert!(
+            matches!(&err, CodecError::Decode(m) if m.contains("LimitExceeded")),
+            "expected LimitExceeded, got: {err}"
+        );
+    }
+
+    #[test]
     fn integer_heavy_messages_decode_at_every_size() {
         // bincode counts a varint integer at its in-memory size (8 bytes for a u64 sent as one
         // byte), so a valid message can claim 8 times its payload against the limit.

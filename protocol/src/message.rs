@@ -119,7 +119,9 @@ pub struct Acquire {
     pub lease_ms: Option<u64>,
     /// Keep the hold after the connection closes (requires a lease).
     pub detach: bool,
-    /// Opaque bytes shown by describe, at most [`Limits::max_data`].
+    /// Opaque bytes shown by describe, at most [`Limits::max_data`]. Encoded as a byte string
+    /// (the same bytes as a sequence of u8), so decoding checks its length before allocating.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -211,6 +213,8 @@ pub struct HolderInfo {
     /// Lease end, milliseconds since the Unix epoch; `None` without a lease.
     pub expires_at_ms: Option<u64>,
     pub detached: bool,
+    /// Encoded as a byte string, as [`Acquire::data`].
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

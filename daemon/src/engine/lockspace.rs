@@ -29,7 +29,7 @@ use crate::table::{Acquired, Entry, Granted, Holder, Table, Want};
 
 /// Bytes kept free in a frame for everything around a list page or a description (the response
 /// header, the key, the counts).
-const FRAME_MARGIN: usize = 1024;
+const FRAME_MARGIN: usize = 400;
 
 /// Number of shards; a power of two well above the core count so connections rarely meet.
 pub const SHARDS: usize = 64;

@@ -145,8 +145,8 @@ fn print_description(d: &Description) {
     println!(
         "{}: {} holder(s), {} waiter(s)",
         d.key,
-        d.holders.len(),
-        d.waiters.len()
+        d.holders.len() + d.omitted_holders as usize,
+        d.waiters.len() + d.omitted_waiters as usize
     );
     if !d.holders.is_empty() {
         let rows: Vec<Vec<String>> = d
