@@ -11,15 +11,12 @@
 //!   anyway: statistics add no shared atomic to the hot path.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use foldhash::fast::RandomState;
 use foldhash::HashMap;
-use lockd_protocol::{
-    Change, Description, HolderInfo, Key, KeySummary, ListPage, ListQuery, LostReason, Mode,
-    OwnerInfo, RequestId, Ticket, WaiterInfo,
-};
+use lockd_protocol::{Change, Key, LostReason, Mode, OwnerInfo, RequestId, Ticket};
 
 use crate::clock;
 use crate::fence::Fences;
@@ -27,14 +24,12 @@ use crate::peer::{Owner, Push};
 use crate::stats::ShardStats;
 use crate::table::{Acquired, Entry, Granted, Holder, Table, Want};
 
-/// Bytes kept free in a frame for everything around a list page or a description (the response
-/// header, the key, the counts).
-const FRAME_MARGIN: usize = 400;
+mod view;
+
+pub use view::{Totals, MAX_LIST_PAGE};
 
 /// Number of shards; a power of two well above the core count so connections rarely meet.
 pub const SHARDS: usize = 64;
-/// Largest page [`LockSpace::list`] returns.
-pub const MAX_LIST_PAGE: usize = 1000;
 
 /// What a hold carries besides what the table tracks. Never shown with its ticket.
 #[derive(Debug, Clone)]
@@ -338,149 +333,11 @@ impl LockSpace {
         self.shard(key).table.restore(key, holder)
     }
 
-    /// Holders and waiters of `key` (empty lists if it has none), as many as fit in a frame of
-    /// `max_frame` bytes: holders first, then waiters in queue order; the rest are counted in
-    /// `omitted_holders` and `omitted_waiters`.
-    pub fn describe(&self, key: &Key, max_frame: usize) -> Description {
-        let mut budget = max_frame.saturating_sub(FRAME_MARGIN);
-        let mut fits = |size: usize| {
-            let ok = size <= budget;
-            if ok {
-                budget -= size;
-            }
-            ok
-        };
-        let shard = self.shard(key);
-        let mut d = Description {
-            key: key.clone(),
-            holders: Vec::new(),
-            waiters: Vec::new(),
-            omitted_holders: 0,
-            omitted_waiters: 0,
-        };
-        let Some(e) = shard.table.get(key) else {
-            return d;
-        };
-        for h in &e.holders {
-            if d.omitted_holders == 0 && fits(holder_size(h)) {
-                d.holders.push(holder_info(h));
-            } else {
-                d.omitted_holders += 1;
-            }
-        }
-        for w in &e.queue {
-            if d.omitted_waiters == 0 && fits(OWNER_SIZE + w.owner.name.len() + 16) {
-                d.waiters.push(WaiterInfo {
-                    mode: w.mode,
-                    owner: owner_info(&w.owner),
-                    since_ms: w.since,
-                });
-            } else {
-                d.omitted_waiters += 1;
-            }
-        }
-        d
-    }
-
-    /// Every hold as (key, fence, ticket, detached, owner id), for tests.
-    #[cfg(test)]
-    pub fn snapshot(&self) -> Vec<(Key, u64, Ticket, bool, u64)> {
-        let mut all = Vec::new();
-        for shard in self.shards.iter() {
-            let shard = lock(shard);
-            for (key, e) in shard.table.iter() {
-                for h in &e.holders {
-                    all.push((
-                        key.clone(),
-                        h.fence,
-                        h.payload.ticket,
-                        h.detached,
-                        h.owner.id,
-                    ));
-                }
-            }
-        }
-        all
-    }
-
     /// Whether the hold `fence` on `key` is in the table.
     pub fn holds(&self, key: &Key, fence: u64) -> bool {
         self.inspect(key, |e| {
             e.is_some_and(|e| e.holders.iter().any(|h| h.fence == fence))
         })
-    }
-
-    /// One page of keys matching `query` that `visible` allows, sorted by (namespace, name).
-    ///
-    /// Keeps only the `limit + 1` smallest candidates while scanning (a bounded max-heap), so a
-    /// page costs one pass and `O(limit)` memory however many keys exist. The page is cut
-    /// shorter when its keys would not fit in a frame of `max_frame` bytes (`next` says where
-    /// to go on).
-    pub fn list(
-        &self,
-        query: &ListQuery,
-        visible: impl Fn(&str) -> bool,
-        max_frame: usize,
-    ) -> ListPage {
-        use std::collections::BinaryHeap;
-        let limit = (query.limit as usize).clamp(1, MAX_LIST_PAGE);
-        let mut best: BinaryHeap<(Key, u32, u32, Option<Mode>)> =
-            BinaryHeap::with_capacity(limit + 1);
-        for shard in self.shards.iter() {
-            let shard = lock(shard);
-            for (key, entry) in shard.table.iter() {
-                let wanted = query
-                    .namespace
-                    .as_ref()
-                    .is_none_or(|ns| *ns == key.namespace)
-                    && key.name.starts_with(&query.prefix)
-                    && query.after.as_ref().is_none_or(|after| key > after)
-                    && visible(&key.namespace);
-                if !wanted {
-                    continue;
-                }
-                if best.len() > limit {
-                    match best.peek() {
-                        Some(top) if *key < top.0 => {
-                            best.pop();
-                        }
-                        _ => continue,
-                    }
-                }
-                let mode = entry.holders.first().map(|h| h.mode);
-                best.push((
-                    key.clone(),
-                    entry.holders.len() as u32,
-                    entry.queue.len() as u32,
-                    mode,
-                ));
-            }
-        }
-        let mut keys: Vec<KeySummary> = best
-            .into_sorted_vec()
-            .into_iter()
-            .map(|(key, holders, waiters, mode)| KeySummary {
-                key,
-                holders,
-                waiters,
-                mode,
-            })
-            .collect();
-        let mut budget = max_frame.saturating_sub(FRAME_MARGIN);
-        let fitting = keys
-            .iter()
-            .take(limit)
-            .take_while(|k| {
-                let size = SUMMARY_SIZE + k.key.namespace.len() + k.key.name.len();
-                let ok = size <= budget;
-                budget = budget.saturating_sub(size);
-                ok
-            })
-            .count()
-            .max(1);
-        let next = (keys.len() > fitting).then(|| keys[fitting - 1].key.clone());
-        keys.truncate(fitting);
-        ListPage { keys, next }
     }
 
     /// Sends `owner` every change on `key` from now on.
@@ -512,78 +369,10 @@ impl LockSpace {
         self.shard(key).stats.timeouts += 1;
     }
 
-    /// Sums the shards: (counters, holds, waiters, keys, long holds, wait histogram, hold
-    /// histogram). `long_after_ms` is the long-hold threshold.
-    pub fn totals(&self, long_after_ms: u64) -> Totals {
-        let now = clock::now_ms();
-        let mut t = Totals::default();
-        for shard in self.shards.iter() {
-            let shard = lock(shard);
-            t.stats.add(&shard.stats);
-            t.watches += shard.watches.values().map(|w| w.len() as u64).sum::<u64>();
-            for (_, e) in shard.table.iter() {
-                t.keys += 1;
-                t.holds += e.holders.len() as u64;
-                t.waiters += e.queue.len() as u64;
-                t.long_holds += e
-                    .holders
-                    .iter()
-                    .filter(|h| now.saturating_sub(h.granted_at) >= long_after_ms)
-                    .count() as u64;
-            }
-        }
-        t
-    }
-
-    /// Takes and releases every shard lock: returns only if no shard is stuck (watchdog).
-    pub fn probe(&self) {
-        for shard in self.shards.iter() {
-            drop(lock(shard));
-        }
-    }
-
-    /// Logs (once per hold) every hold older than `threshold_ms`; returns how many were new.
-    pub fn warn_long_holds(&self, threshold_ms: u64) -> u64 {
-        let now = clock::now_ms();
-        let mut warned = 0;
-        for shard in self.shards.iter() {
-            let mut shard = lock(shard);
-            let mut here = 0;
-            for (key, holder) in shard.table.holders_mut() {
-                let age = now.saturating_sub(holder.granted_at);
-                if age >= threshold_ms && !holder.payload.warned {
-                    holder.payload.warned = true;
-                    here += 1;
-                    tracing::warn!(
-                        key = %key,
-                        fence = holder.fence,
-                        age_s = age / 1000,
-                        "long hold by {}",
-                        holder.owner.describe()
-                    );
-                }
-            }
-            shard.stats.long_holds_warned += here;
-            warned += here;
-        }
-        warned
-    }
-
     /// Runs `f` on the entry of `key` (None if it has no holders or waiters).
     pub fn inspect<R>(&self, key: &Key, f: impl FnOnce(Option<&Entry<Owner, HoldMeta>>) -> R) -> R {
         f(self.shard(key).table.get(key))
     }
-}
-
-/// Everything [`LockSpace::totals`] adds up.
-#[derive(Default, Debug)]
-pub struct Totals {
-    pub stats: ShardStats,
-    pub keys: u64,
-    pub holds: u64,
-    pub waiters: u64,
-    pub long_holds: u64,
-    pub watches: u64,
 }
 
 impl Shard {
@@ -653,33 +442,6 @@ fn owner_info(o: &Owner) -> OwnerInfo {
         uid: o.uid,
         gid: o.gid,
         client_name: o.name.clone(),
-    }
-}
-
-/// Upper bound of an encoded [`OwnerInfo`] without its name (varints at their widest, the
-/// name's length prefix included), bytes.
-const OWNER_SIZE: usize = 6 + 5 + 5 + 9;
-/// Upper bound of an encoded [`KeySummary`] without its key's strings, bytes.
-const SUMMARY_SIZE: usize = 9 + 9 + 5 + 5 + 2;
-
-/// Upper bound of the encoded size of a holder's [`HolderInfo`], bytes.
-fn holder_size(h: &Holder<Owner, HoldMeta>) -> usize {
-    OWNER_SIZE + h.owner.name.len() + 1 + 9 + 9 + 10 + 1 + 9 + h.payload.data.len()
-}
-
-fn holder_info(h: &Holder<Owner, HoldMeta>) -> HolderInfo {
-    HolderInfo {
-        mode: h.mode,
-        fence: h.fence,
-        owner: owner_info(&h.owner),
-        acquired_at_ms: h.granted_at,
-        expires_at_ms: h
-            .payload
-            .expires_at_ms
-            .as_ref()
-            .map(|e| e.load(Ordering::Relaxed)),
-        detached: h.detached,
-        data: h.payload.data.clone(),
     }
 }
 

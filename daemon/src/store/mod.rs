@@ -16,7 +16,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use lockd_protocol::ticket::TICKET_LEN;
-use lockd_protocol::{Key, Mode, Ticket};
+use lockd_protocol::Ticket;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
@@ -59,131 +59,13 @@ pub enum StoreError {
     WriterGone,
 }
 
+mod fault;
+mod record;
+
+pub use record::LeaseRecord;
+
 fn storage(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Storage(e.into())
-}
-
-/// A detached lease as stored. Never logged: it holds the ticket.
-#[derive(Clone, PartialEq, Eq)]
-pub struct LeaseRecord {
-    pub ticket: Ticket,
-    pub key: Key,
-    pub mode: Mode,
-    pub fence: u64,
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-    pub client_name: String,
-    /// Wall-clock milliseconds since the Unix epoch.
-    pub acquired_at_ms: u64,
-    /// Wall-clock milliseconds since the Unix epoch.
-    pub expires_at_ms: u64,
-    pub lease_ms: u64,
-    pub data: Vec<u8>,
-}
-
-impl std::fmt::Debug for LeaseRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseRecord")
-            .field("key", &self.key)
-            .field("fence", &self.fence)
-            .field("expires_at_ms", &self.expires_at_ms)
-            .finish_non_exhaustive()
-    }
-}
-
-const RECORD_VERSION: u8 = 1;
-
-impl LeaseRecord {
-    /// A versioned, self-describing byte layout (little-endian, length-prefixed strings).
-    fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(96 + self.key.name.len() + self.data.len());
-        b.push(RECORD_VERSION);
-        put_bytes(&mut b, self.key.namespace.as_bytes());
-        put_bytes(&mut b, self.key.name.as_bytes());
-        b.push(match self.mode {
-            Mode::Exclusive => 0,
-            Mode::Shared => 1,
-        });
-        for v in [
-            self.fence,
-            self.acquired_at_ms,
-            self.expires_at_ms,
-            self.lease_ms,
-        ] {
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        b.extend_from_slice(&self.uid.to_le_bytes());
-        b.extend_from_slice(&self.gid.to_le_bytes());
-        b.extend_from_slice(&self.pid.unwrap_or(-1).to_le_bytes());
-        put_bytes(&mut b, self.client_name.as_bytes());
-        put_bytes(&mut b, &self.data);
-        b
-    }
-
-    fn decode(ticket: Ticket, mut b: &[u8]) -> Result<LeaseRecord, StoreError> {
-        let bad = |what: &str| StoreError::Corrupt(what.to_string());
-        if take(&mut b, 1).ok_or_else(|| bad("empty"))?[0] != RECORD_VERSION {
-            return Err(bad("unknown record version"));
-        }
-        let namespace = take_string(&mut b).ok_or_else(|| bad("namespace"))?;
-        let name = take_string(&mut b).ok_or_else(|| bad("name"))?;
-        let mode = match take(&mut b, 1).ok_or_else(|| bad("mode"))?[0] {
-            0 => Mode::Exclusive,
-            1 => Mode::Shared,
-            _ => return Err(bad("mode")),
-        };
-        let mut u64s = [0u64; 4];
-        for v in &mut u64s {
-            *v = u64::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("times"))?);
-        }
-        let uid = u32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("uid"))?);
-        let gid = u32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("gid"))?);
-        let pid = i32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("pid"))?);
-        let client_name = take_string(&mut b).ok_or_else(|| bad("client name"))?;
-        let data = take_bytes(&mut b).ok_or_else(|| bad("data"))?.to_vec();
-        Ok(LeaseRecord {
-            ticket,
-            key: Key { namespace, name },
-            mode,
-            fence: u64s[0],
-            uid,
-            gid,
-            pid: (pid >= 0).then_some(pid),
-            client_name,
-            acquired_at_ms: u64s[1],
-            expires_at_ms: u64s[2],
-            lease_ms: u64s[3],
-            data,
-        })
-    }
-}
-
-fn put_bytes(b: &mut Vec<u8>, v: &[u8]) {
-    b.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    b.extend_from_slice(v);
-}
-
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if b.len() < n {
-        return None;
-    }
-    let (head, tail) = b.split_at(n);
-    *b = tail;
-    Some(head)
-}
-
-fn take_array<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
-    take(b, N)?.try_into().ok()
-}
-
-fn take_bytes<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = u32::from_le_bytes(take_array(b)?) as usize;
-    take(b, len)
-}
-
-fn take_string(b: &mut &[u8]) -> Option<String> {
-    String::from_utf8(take_bytes(b)?.to_vec()).ok()
 }
 
 /// The database, used synchronously at start-up and then by the writer thread alone.
@@ -518,90 +400,10 @@ fn writer_loop(mut store: Store, rx: std_mpsc::Receiver<Job>) {
     }
 }
 
-mod fault {
-    //! A file backend that fails writes and syncs while a trigger file exists (test hook).
-
-    use std::fs::File;
-    use std::io;
-    use std::ops::Bound;
-    use std::path::PathBuf;
-
-    use redb::backends::FileBackend;
-    use redb::{BackendError, StorageBackend};
-
-    #[derive(Debug)]
-    pub struct FaultyBackend {
-        inner: FileBackend,
-        trigger: PathBuf,
-    }
-
-    impl FaultyBackend {
-        pub fn new(file: File, trigger: PathBuf) -> Result<Self, redb::DatabaseError> {
-            Ok(FaultyBackend {
-                inner: FileBackend::new(file)?,
-                trigger,
-            })
-        }
-
-        fn check(&self) -> io::Result<()> {
-            if self.trigger.exists() {
-                Err(io::Error::other("injected storage fault"))
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    impl StorageBackend for FaultyBackend {
-        fn len(&self) -> io::Result<u64> {
-            self.inner.len()
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-            self.inner.read(offset, out)
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.check()?;
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> io::Result<()> {
-            self.check()?;
-            self.inner.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-            self.check()?;
-            self.inner.write(offset, data)
-        }
-        fn close(&self) -> io::Result<()> {
-            self.inner.close()
-        }
-        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-            self.inner.try_lock_range(s, e)
-        }
-        fn try_lock_shared_range(
-            &self,
-            s: Bound<u64>,
-            e: Bound<u64>,
-        ) -> Result<bool, BackendError> {
-            self.inner.try_lock_shared_range(s, e)
-        }
-        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.lock_range(s, e)
-        }
-        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.lock_shared_range(s, e)
-        }
-        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.unlock_range(s, e)
-        }
-        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-            self.inner.query_lock_range(s, e)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lockd_protocol::{Key, Mode};
 
     fn record(n: u64) -> LeaseRecord {
         LeaseRecord {
