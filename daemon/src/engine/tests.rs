@@ -562,3 +562,48 @@ async fn describe_and_list_fit_one_frame() {
     let msg = lockd_protocol::Reply::Described(d);
     lockd_protocol::codec::encode_frame(&msg, &mut buf, max_frame).expect("fits a frame");
 }
+
+#[tokio::test]
+async fn a_renewal_being_stored_when_the_key_is_force_released_is_not_acknowledged() {
+    let (mut s, _arming) = setup();
+    let ((mut b, _), (mut admin, _)) = (s.conn(2, 10), s.conn(3, 0));
+    let grant = later(b.handle(1, acquire("k", Wait::No, Some(60_000), true)));
+    s.disk.commit();
+    let g = granted(grant.finish().await);
+    let renewal = later(b.handle(
+        2,
+        Op::Renew {
+            ticket: g.ticket,
+            lease_ms: None,
+        },
+    ));
+    let forced = later(admin.handle(1, Op::ForceRelease { key: k("k") }));
+    s.disk.commit();
+    assert_eq!(code(renewal.finish().await), ErrorCode::NotHolder);
+    assert_eq!(forced.finish().await, Ok(Reply::ForceReleased { holds: 1 }));
+    assert!(s.holds_on("k").is_empty());
+    s.assert_agree();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_expires_while_its_renewal_is_stored_stays_expired() {
+    let (mut s, arming) = setup();
+    tokio::spawn(expiry::run(Arc::clone(&s.engine), arming));
+    let (mut b, _) = s.conn(2, 10);
+    let grant = later(b.handle(1, acquire("k", Wait::No, Some(1_000), true)));
+    s.disk.commit();
+    let g = granted(grant.finish().await);
+    let renewal = later(b.handle(
+        2,
+        Op::Renew {
+            ticket: g.ticket,
+            lease_ms: Some(60_000),
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    settle().await;
+    s.disk.commit();
+    assert_eq!(code(renewal.finish().await), ErrorCode::NotHolder);
+    assert!(s.holds_on("k").is_empty());
+    s.assert_agree();
+}
