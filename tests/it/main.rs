@@ -14,6 +14,7 @@ mod hostile;
 mod leases;
 mod lockctl;
 mod queue;
+mod regressions;
 mod security;
 mod systemd;
 

@@ -52,15 +52,23 @@ impl Deferred {
         }
     }
 
-    /// Waits for the commits, then makes the state change that depends on them and returns
-    /// the request's answer.
-    pub async fn finish(self) -> Result<Reply, Error> {
+    /// Waits for the commits, then makes the state change that depends on them and hands the
+    /// request's answer to `deliver` (for a detached grant, while the key's shard is locked, so
+    /// the answer is ordered with the key's events: a `HoldLost` never overtakes a `Granted`).
+    pub async fn finish_with(self, deliver: impl FnOnce(Result<Reply, Error>)) {
         let mut outcome = Ok(());
         for done in self.commits {
             if let Err(e) = store::outcome(done.await) {
                 outcome = Err(e.to_string());
             }
         }
-        self.engine.finish(outcome, self.then)
+        self.engine.finish(outcome, self.then, deliver);
+    }
+
+    /// As [`Deferred::finish_with`], returning the answer.
+    pub async fn finish(self) -> Result<Reply, Error> {
+        let mut answer = None;
+        self.finish_with(|r| answer = Some(r)).await;
+        answer.unwrap_or_else(|| Err(Error::Internal("the answer was not delivered".into())))
     }
 }

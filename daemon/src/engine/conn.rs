@@ -60,6 +60,10 @@ pub(super) struct Unanswered {
 pub enum Outgoing {
     /// Answer request `.0`.
     Answer(RequestId, Answer),
+    /// The answer of request `.0`, computed after its commit: once it is written to the socket,
+    /// say so with [`Conn::written`] (until then a detached grant is taken back if the
+    /// connection ends).
+    Committed(RequestId, Result<Reply, Error>),
     /// Send this event.
     Event(Event),
     /// Nothing to send.
@@ -204,12 +208,15 @@ impl Conn {
                 });
                 Outgoing::Event(Event::HoldLost { key, fence, reason })
             }
-            Push::Reply { request, result } => {
-                self.in_flight.remove(&request);
-                Outgoing::Answer(request, Answer::Now(result))
-            }
+            Push::Reply { request, result } => Outgoing::Committed(request, result),
             Push::Shutdown => Outgoing::Nothing,
         }
+    }
+
+    /// The answer to `request` (an [`Outgoing::Committed`]) reached the socket: its id is free
+    /// again, and a detached grant it announced is the client's.
+    pub fn written(&mut self, request: RequestId) {
+        self.in_flight.remove(&request);
     }
 
     /// Brings this uid's hold and wait counts up to date with this connection's once they

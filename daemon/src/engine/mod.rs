@@ -183,18 +183,40 @@ impl Engine {
         store::outcome(self.writer.sync().await)
     }
 
-    /// Completes a change whose commits finished with `outcome` (invariant 2).
-    fn finish(&self, outcome: Result<(), String>, then: Then) -> Result<Reply, Error> {
-        match (outcome, then) {
-            (Ok(()), Then::Granted { grant, .. }) => {
-                if self.leases.contains(&grant.ticket) {
-                    Ok(Reply::Granted(grant))
-                } else {
-                    Err(Error::NotHolder(
-                        "the lease was granted but ended (force-released or expired) before it was stored".into(),
-                    ))
+    /// Completes a change whose commits finished with `outcome` (invariant 2) and hands its
+    /// answer to `deliver`.
+    fn finish(
+        &self,
+        outcome: Result<(), String>,
+        then: Then,
+        deliver: impl FnOnce(Result<Reply, Error>),
+    ) {
+        if let (Ok(()), Then::Granted { key, grant }) = (&outcome, &then) {
+            // Acknowledged only while the hold is still in the table, under its shard lock.
+            let mut deliver = Some(deliver);
+            let granted = Ok(Reply::Granted(grant.clone()));
+            self.locks.with_hold(key, grant.fence, || {
+                if let Some(d) = deliver.take() {
+                    d(granted);
                 }
+            });
+            if let Some(d) = deliver {
+                d(Err(Error::NotHolder(
+                    "the lease was granted but ended (force-released or expired) before it was stored".into(),
+                )));
             }
+            return;
+        }
+        deliver(self.complete(outcome, then));
+    }
+
+    /// The state change and answer of [`Engine::finish`] for everything but an acknowledged
+    /// detached grant.
+    fn complete(&self, outcome: Result<(), String>, then: Then) -> Result<Reply, Error> {
+        match (outcome, then) {
+            (Ok(()), Then::Granted { .. }) => Err(Error::Internal(
+                "a stored grant is answered by Engine::finish".into(),
+            )),
             (Err(why), Then::Granted { key, grant }) => {
                 // Take the grant back: nothing unacknowledged may hold the key.
                 if self.leases.revoke(&grant.ticket).is_some() {

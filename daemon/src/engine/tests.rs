@@ -517,8 +517,61 @@ async fn a_request_id_still_in_use_is_refused_and_corrupts_nothing() {
     assert_eq!(code(now(b.handle(6, Op::Ping))), ErrorCode::InvalidArgument);
     s.disk.commit();
     let result = pending.finish().await;
-    b.on_push(Push::Reply { request: 6, result });
+    assert!(matches!(
+        b.on_push(Push::Reply { request: 6, result }),
+        Outgoing::Committed(6, Ok(Reply::Granted(_)))
+    ));
+    assert_eq!(
+        code(now(b.handle(6, Op::Ping))),
+        ErrorCode::InvalidArgument,
+        "in use until the answer is written"
+    );
+    b.written(6);
     assert_eq!(now(b.handle(6, Op::Ping)), Ok(Reply::Pong));
+    s.assert_agree();
+}
+
+#[tokio::test]
+async fn a_stored_grant_whose_answer_was_never_written_is_taken_back() {
+    let (mut s, _arming) = setup();
+    let (mut b, mut bmail) = s.conn(2, 10);
+    let owner = b.owner().clone();
+    let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
+    s.disk.commit();
+    grant
+        .finish_with(|result| owner.push(Push::Reply { request: 7, result }))
+        .await;
+    assert!(matches!(
+        next_push(&mut b, &mut bmail),
+        Outgoing::Committed(7, Ok(_))
+    ));
+    drop(b); // the connection ends before the answer reached its socket
+    assert!(s.holds_on("k").is_empty(), "the grant was taken back");
+    s.assert_agree();
+}
+
+#[tokio::test]
+async fn a_force_release_after_the_grant_is_stored_is_heard_after_the_granted() {
+    let (mut s, _arming) = setup();
+    let ((mut b, mut bmail), (mut admin, _)) = (s.conn(2, 10), s.conn(3, 0));
+    let owner = b.owner().clone();
+    let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
+    s.disk.commit();
+    grant
+        .finish_with(|result| owner.push(Push::Reply { request: 7, result }))
+        .await;
+    let _forced = admin.handle(1, Op::ForceRelease { key: k("k") });
+    assert!(matches!(
+        next_push(&mut b, &mut bmail),
+        Outgoing::Committed(7, Ok(_))
+    ));
+    assert!(matches!(
+        next_push(&mut b, &mut bmail),
+        Outgoing::Event(Event::HoldLost {
+            reason: LostReason::ForceReleased,
+            ..
+        })
+    ));
     s.assert_agree();
 }
 

@@ -91,6 +91,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         wire,
         conn,
         mailbox,
+        unwritten: Vec::new(),
         _slot: slot,
         generation,
         shared,

@@ -39,6 +39,9 @@ struct Session {
     mailbox: mpsc::UnboundedReceiver<Push>,
     /// This connection's place in its uid's connection count (returned when dropped).
     _slot: ConnectionSlot,
+    /// Answers computed after a commit, queued but not yet written: (request, where its bytes
+    /// end in the output stream). Each is reported to `conn` once written.
+    unwritten: Vec<(RequestId, u64)>,
     /// The configuration generation `conn` applies (checked once per wake-up: one relaxed
     /// load of a rarely written word).
     generation: u64,
@@ -66,7 +69,7 @@ impl Session {
         let end = self.serve_until_end().await;
         if matches!(end, End::Shutdown) {
             self.wire.send(ServerMessage::Event(Event::ShuttingDown));
-            let _ = self.wire.flush().await;
+            let _ = self.flush().await;
         }
     }
 
@@ -100,7 +103,7 @@ impl Session {
                     Ok(0) => {
                         if !self.wire.inbuf.is_empty() {
                             self.protocol_error("connection closed inside a frame");
-                            let _ = self.wire.flush().await;
+                            let _ = self.flush().await;
                         }
                         return End::Closed;
                     }
@@ -120,7 +123,21 @@ impl Session {
     async fn flush(&mut self) -> Result<(), End> {
         self.refresh_config();
         let limit = self.conn.config().limits.write_timeout;
-        match self.wire.flush_within(limit).await {
+        let flushed = self.wire.flush_within(limit).await;
+        if !self.unwritten.is_empty() {
+            // Also after a failed write: what reached the socket was delivered; the rest is
+            // taken back when the connection ends.
+            let written = self.wire.written();
+            let conn = &mut self.conn;
+            self.unwritten.retain(|&(id, end)| {
+                let done = end <= written;
+                if done {
+                    conn.written(id);
+                }
+                !done
+            });
+        }
+        match flushed {
             Ok(()) => Ok(()),
             Err(e) => {
                 if e.kind() == std::io::ErrorKind::TimedOut {
@@ -184,7 +201,7 @@ impl Session {
             match self.handle_frames() {
                 Frames::Drained => return None,
                 Frames::Close => {
-                    let _ = self.wire.flush().await;
+                    let _ = self.flush().await;
                     return Some(End::Closed);
                 }
                 // Many answers are waiting: write them before reading on, so a client that
@@ -243,6 +260,10 @@ impl Session {
     fn deliver(&mut self, out: Outgoing) {
         match out {
             Outgoing::Answer(id, answer) => self.answer(id, answer),
+            Outgoing::Committed(id, result) => {
+                self.respond(id, result);
+                self.unwritten.push((id, self.wire.queued_end()));
+            }
             Outgoing::Event(event) => self.wire.send(ServerMessage::Event(event)),
             Outgoing::Nothing => {}
         }
@@ -257,13 +278,12 @@ impl Session {
                 // A task of its own, so the state change completes even if this connection
                 // closes first; only the answer goes through the mailbox.
                 let owner = self.conn.owner().clone();
-                tokio::spawn(async move {
-                    let result = deferred.finish().await;
+                tokio::spawn(deferred.finish_with(move |result| {
                     owner.push(Push::Reply {
                         request: id,
                         result,
-                    });
-                });
+                    })
+                }));
             }
         }
     }

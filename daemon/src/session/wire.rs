@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use lockd_protocol::{ClientMessage, ErrorCode, Hello, ServerCodec, ServerMessage, WireError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -25,6 +25,8 @@ pub struct Wire {
     pub codec: ServerCodec,
     pub inbuf: BytesMut,
     pub out: BytesMut,
+    /// Bytes written to the socket since the connection began.
+    written: u64,
 }
 
 impl Wire {
@@ -34,7 +36,19 @@ impl Wire {
             codec: ServerCodec::new(max_frame),
             inbuf: BytesMut::with_capacity(READ_CHUNK),
             out: BytesMut::with_capacity(READ_CHUNK),
+            written: 0,
         }
+    }
+
+    /// Bytes written to the socket since the connection began.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Where the output queued so far ends, counted as [`Wire::written`] counts: a message
+    /// queued before this call has reached the socket once `written()` is at least this.
+    pub fn queued_end(&self) -> u64 {
+        self.written + self.out.len() as u64
     }
 
     /// Reads the first message, which must be `Hello`, within `limit`. Bytes after it (frames
@@ -93,39 +107,48 @@ impl Wire {
     }
 
     /// Writes the output buffer; fails with `TimedOut` if the peer does not take it within
-    /// `limit` (it is not reading its responses).
+    /// `limit` (it is not reading its responses). Whatever was written counts in
+    /// [`Wire::written`], also on failure.
     pub async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
         // Fast path: the socket takes everything now, and no timer is armed.
-        let mut written = 0;
-        while written < self.out.len() {
-            match self.stream.try_write(&self.out[written..]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        let mut done = 0;
+        let mut r = self.write_ready(&mut done);
+        if r.is_ok() && done < self.out.len() {
+            let deadline = tokio::time::Instant::now() + limit;
+            while r.is_ok() && done < self.out.len() {
+                r = match tokio::time::timeout_at(deadline, self.stream.writable()).await {
+                    Ok(Ok(())) => self.write_ready(&mut done),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client does not read its responses",
+                    )),
+                };
             }
         }
-        let r = if written == self.out.len() {
-            Ok(())
-        } else {
-            let rest = &self.out[written..];
-            match tokio::time::timeout(limit, self.stream.write_all(rest)).await {
-                Ok(r) => r,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the client does not read its responses",
-                )),
-            }
-        };
+        self.written += done as u64;
         if self.out.capacity() > OUT_KEEP {
             self.out = BytesMut::with_capacity(READ_CHUNK);
         } else {
             self.out.clear();
         }
         r
+    }
+
+    /// Writes from `out[*done..]` while the socket takes bytes without blocking.
+    fn write_ready(&mut self, done: &mut usize) -> std::io::Result<()> {
+        while *done < self.out.len() {
+            match self.stream.try_write(&self.out[*done..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => *done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }

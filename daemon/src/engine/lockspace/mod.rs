@@ -340,6 +340,22 @@ impl LockSpace {
         })
     }
 
+    /// Runs `f` while the shard of `key` is locked, if the hold `fence` is in the table;
+    /// returns whether it was. A message `f` pushes is ordered with every event of the key
+    /// (a later force-release's `HoldLost` comes after it, an earlier one makes this false).
+    pub fn with_hold(&self, key: &Key, fence: u64, f: impl FnOnce()) -> bool {
+        let shard = self.shard(key);
+        let held = shard
+            .table
+            .get(key)
+            .is_some_and(|e| e.holders.iter().any(|h| h.fence == fence));
+        if held {
+            f();
+        }
+        drop(shard);
+        held
+    }
+
     /// Sends `owner` every change on `key` from now on.
     pub fn watch(&self, key: &Key, owner: &Owner) {
         let mut shard = self.shard(key);

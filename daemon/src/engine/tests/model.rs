@@ -179,6 +179,10 @@ impl World {
             let owner = conn.owner().clone();
             match conn.on_push(push) {
                 Outgoing::Answer(id, answer) => self.answer(owner, id, answer),
+                Outgoing::Committed(id, result) => {
+                    conn.written(id);
+                    self.answered(owner.id, id, result);
+                }
                 Outgoing::Event(Event::HoldLost { fence, .. }) => {
                     self.beliefs
                         .retain(|b| !(b.conn == Some(owner.id) && b.fence == fence));
