@@ -90,7 +90,14 @@ async fn requests_written_while_the_daemon_is_stopped_are_all_answered_when_it_r
 async fn the_connection_lives_while_a_handle_does_and_closes_with_the_last() {
     let d = daemon().await;
     let observer = d.client().await;
-    let before = open_connections(&observer).await;
+    // The harness's readiness probe may still be closing: wait until the observer is alone.
+    let before = 1;
+    within(PROMPT, "the readiness probe's connection closes", async {
+        while open_connections(&observer).await != before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let client = d.client().await;
     let guard = client.lock("kept").await.unwrap();
     assert_eq!(open_connections(&observer).await, before + 1);
