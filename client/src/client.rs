@@ -547,6 +547,8 @@ impl AcquireBuilder {
             wait: self.wait,
             lease_ms: self.lease.map(duration_ms),
             detach,
+            permits: None,
+            lock_delay_ms: 0,
             data: self.data,
         });
         let answer = self.client.call(&op).await?;

@@ -658,6 +658,8 @@ mod tests {
             wait: lockd_protocol::Wait::No,
             lease_ms: None,
             detach: false,
+            permits: None,
+            lock_delay_ms: 0,
             data: vec![b'x'; 1000],
         });
         let mut answers = Vec::new();

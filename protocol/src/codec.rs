@@ -303,6 +303,8 @@ mod tests {
                 wait: Wait::Millis(1500),
                 lease_ms: Some(30_000),
                 detach: true,
+                permits: None,
+                lock_delay_ms: 0,
                 data: b"leader at 10.0.0.1".to_vec(),
             }),
             Op::Acquire(Acquire {
@@ -311,6 +313,8 @@ mod tests {
                 wait: Wait::Forever,
                 lease_ms: None,
                 detach: false,
+                permits: None,
+                lock_delay_ms: 0,
                 data: vec![],
             }),
             Op::Acquire(Acquire {
@@ -319,6 +323,8 @@ mod tests {
                 wait: Wait::No,
                 lease_ms: None,
                 detach: false,
+                permits: None,
+                lock_delay_ms: 0,
                 data: vec![],
             }),
             Op::Release { ticket },
@@ -567,6 +573,8 @@ mod tests {
                 wait: crate::Wait::No,
                 lease_ms: None,
                 detach: false,
+                permits: None,
+                lock_delay_ms: 0,
                 data: vec![7; 3],
             }),
         });

@@ -119,6 +119,13 @@ pub struct Acquire {
     pub lease_ms: Option<u64>,
     /// Keep the hold after the connection closes (requires a lease).
     pub detach: bool,
+    /// Make the key a counting semaphore with this many slots: at most `permits` holders at
+    /// once, each taking one slot (`mode` must be `Exclusive`). The first holder or waiter of
+    /// a key fixes its capacity; `None` is a plain lock.
+    pub permits: Option<u32>,
+    /// Lock-delay in milliseconds: if this hold ends without a release (its connection closed,
+    /// its lease expired, it was force-released), the key stays unavailable this long. 0: none.
+    pub lock_delay_ms: u64,
     /// Opaque bytes shown by describe, at most [`Limits::max_data`]. Encoded as a byte string
     /// (the same bytes as a sequence of u8), so decoding checks its length before allocating.
     #[serde(with = "serde_bytes")]
@@ -192,6 +199,11 @@ pub struct Description {
     pub omitted_holders: u32,
     /// Waiters left out of `waiters` (the last ones in the queue) so the answer fits.
     pub omitted_waiters: u32,
+    /// The key's capacity when it is a counting semaphore.
+    pub permits: Option<u32>,
+    /// The key is in lock-delay until this wall-clock time (milliseconds since the Unix epoch):
+    /// nobody is granted before then.
+    pub delayed_until_ms: Option<u64>,
 }
 
 /// Identity of a connection, from the kernel (SO_PEERCRED) plus its handshake name.
@@ -310,6 +322,12 @@ pub enum Change {
     Disconnected {
         fence: u64,
     },
+    /// A waiting acquire of `owner` on this key was refused: it would have closed a cycle of
+    /// connections waiting on each other (`cycle` names each key and owner in it).
+    Deadlock {
+        owner: OwnerInfo,
+        cycle: String,
+    },
 }
 
 impl Change {
@@ -320,6 +338,7 @@ impl Change {
             | Change::Expired { fence }
             | Change::Forced { fence }
             | Change::Disconnected { fence } => *fence,
+            Change::Deadlock { .. } => 0,
         }
     }
 
@@ -331,6 +350,7 @@ impl Change {
             Change::Expired { .. } => "expired",
             Change::Forced { .. } => "forced",
             Change::Disconnected { .. } => "disconnected",
+            Change::Deadlock { .. } => "deadlock",
         }
     }
 }

@@ -242,6 +242,8 @@ async fn detached_grant_to_a_closing_connection_is_not_orphaned() {
                 wait: Wait::Forever,
                 lease_ms: Some(60_000),
                 detach: true,
+                permits: None,
+                lock_delay_ms: 0,
                 data: vec![],
             }),
         )

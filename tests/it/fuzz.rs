@@ -36,6 +36,8 @@ fn op() -> impl Strategy<Value = Op> {
                 wait,
                 lease_ms,
                 detach,
+                permits: None,
+                lock_delay_ms: 0,
                 data,
             })),
         1 => ticket().prop_map(|ticket| Op::Release { ticket }),

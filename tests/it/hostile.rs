@@ -123,6 +123,8 @@ async fn invalid_names_get_invalid_argument_and_oversized_data_limit_exceeded() 
                 wait: Wait::No,
                 lease_ms: None,
                 detach: false,
+                permits: None,
+                lock_delay_ms: 0,
                 data: vec![],
             }),
         )

@@ -77,6 +77,8 @@ async fn lease_arguments_are_checked() {
                 wait: Wait::No,
                 lease_ms,
                 detach,
+                permits: None,
+                lock_delay_ms: 0,
                 data: vec![],
             }),
         )

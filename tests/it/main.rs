@@ -85,6 +85,8 @@ pub fn acquire_op(
         wait,
         lease_ms,
         detach,
+        permits: None,
+        lock_delay_ms: 0,
         data: vec![],
     })
 }

@@ -755,6 +755,8 @@ async fn data_and_lease_above_the_configured_limits_answer_limit_exceeded() {
             wait: Wait::No,
             lease_ms,
             detach: false,
+            permits: None,
+            lock_delay_ms: 0,
             data: vec![b'd'; data],
         })
     };

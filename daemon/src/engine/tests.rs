@@ -180,6 +180,8 @@ fn acquire(name: &str, wait: Wait, lease_ms: Option<u64>, detach: bool) -> Op {
         wait,
         lease_ms,
         detach,
+        permits: None,
+        lock_delay_ms: 0,
         data: Vec::new(),
     })
 }
@@ -603,6 +605,8 @@ async fn describe_and_list_fit_one_frame() {
             wait: Wait::No,
             lease_ms: None,
             detach: false,
+            permits: None,
+            lock_delay_ms: 0,
             data: vec![b'x'; 1000],
         });
         granted(now(c.handle(1, op)));

@@ -363,6 +363,8 @@ async fn raw_pairs(conn: RawConn, name: String, count: Arc<AtomicU64>, stop: Arc
             wait: Wait::Millis(10_000),
             lease_ms: None,
             detach: false,
+            permits: None,
+            lock_delay_ms: 0,
             data: Vec::new(),
         }),
     });

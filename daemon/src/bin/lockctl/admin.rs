@@ -465,6 +465,8 @@ mod tests {
             waiters: vec![],
             omitted_holders: 0,
             omitted_waiters: 0,
+            permits: None,
+            delayed_until_ms: None,
         };
         let v = describe_json(&d);
         assert_eq!(

@@ -41,6 +41,8 @@ impl LockSpace {
             waiters: Vec::new(),
             omitted_holders: 0,
             omitted_waiters: 0,
+            permits: None,
+            delayed_until_ms: None,
         };
         let Some(e) = shard.table.get(key) else {
             return d;

@@ -238,6 +238,8 @@ impl World {
                     wait: if wait { Wait::Forever } else { Wait::No },
                     lease_ms: (kind > 0).then_some(3_600_000),
                     detach: detached,
+                    permits: None,
+                    lock_delay_ms: 0,
                     data: Vec::new(),
                 });
                 self.ask(conn, op, Asked::Acquire { key, detached });
