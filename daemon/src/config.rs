@@ -30,6 +30,8 @@ pub const DEFAULT_MAX_WAITS_PER_UID: usize = 262_144;
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default most keys one connection may watch.
 pub const DEFAULT_MAX_WATCHES_PER_CONN: usize = 4096;
+/// Default longest lock-delay an acquire may ask for.
+pub const DEFAULT_MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
 /// Default most simultaneous connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
@@ -102,6 +104,8 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Most keys one connection may watch at once.
     pub max_watches_per_conn: usize,
+    /// Longest lock-delay an acquire may ask for.
+    pub max_lock_delay: Duration,
 }
 
 impl Default for Limits {
@@ -120,6 +124,7 @@ impl Default for Limits {
             max_waits_per_uid: DEFAULT_MAX_WAITS_PER_UID,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_watches_per_conn: DEFAULT_MAX_WATCHES_PER_CONN,
+            max_lock_delay: DEFAULT_MAX_LOCK_DELAY,
         }
     }
 }

@@ -74,6 +74,7 @@ struct LimitsFile {
     max_frame: Option<usize>,
     max_data: Option<usize>,
     max_lease: Option<String>,
+    max_lock_delay: Option<String>,
     write_timeout: Option<String>,
 }
 
@@ -100,6 +101,7 @@ pub struct Loaded {
     socket_gid: Option<u32>,
     long_hold: Option<Duration>,
     max_lease: Option<Duration>,
+    max_lock_delay: Option<Duration>,
     write_timeout: Option<Duration>,
     authz: Authz,
 }
@@ -128,6 +130,7 @@ fn parse(text: &str) -> Result<Loaded, String> {
     };
     let long_hold = dur(&file.long_hold, "long_hold")?;
     let max_lease = dur(&file.limits.max_lease, "limits.max_lease")?;
+    let max_lock_delay = dur(&file.limits.max_lock_delay, "limits.max_lock_delay")?;
     let write_timeout = dur(&file.limits.write_timeout, "limits.write_timeout")?;
     let mut namespaces = HashMap::new();
     for (ns, members) in &file.namespaces {
@@ -142,6 +145,7 @@ fn parse(text: &str) -> Result<Loaded, String> {
         socket_gid,
         long_hold,
         max_lease,
+        max_lock_delay,
         write_timeout,
         authz: Authz::new(namespaces, admins),
         file,
@@ -240,6 +244,7 @@ impl Loaded {
         );
         set(&mut l.max_data, fl.max_data);
         set(&mut l.max_lease, self.max_lease);
+        set(&mut l.max_lock_delay, self.max_lock_delay);
         set(&mut l.write_timeout, self.write_timeout);
         config.authz.merge(self.authz);
     }

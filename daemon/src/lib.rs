@@ -95,7 +95,7 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
         let listener =
             tokio::net::UnixListener::from_std(std_listener).map_err(RunError::Runtime)?;
         let shutdown = CancellationToken::new();
-        let (engine, arming) = engine::Engine::new(fences, writer.clone());
+        let (engine, timers) = engine::Engine::new(fences, writer.clone());
         let recovered = engine.recover(records, clock::now_ms(), tokio::time::Instant::now());
         tracing::info!(
             restored = recovered.restored,
@@ -104,9 +104,9 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             "recovered detached leases in {:?}",
             started.elapsed()
         );
-        let expiry = tokio::spawn(engine::expiry::run(Arc::clone(&engine), arming));
+        let timers = tokio::spawn(timers.run(Arc::clone(&engine)));
         let fatal = Arc::new(std::sync::Mutex::new(None));
-        tokio::spawn(stop_if_ended(expiry, shutdown.clone(), Arc::clone(&fatal)));
+        tokio::spawn(stop_if_ended(timers, shutdown.clone(), Arc::clone(&fatal)));
 
         let where_ = bound.as_ref().map_or_else(
             || "a socket passed by systemd".to_string(),
@@ -151,16 +151,16 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
 /// Longest the exit waits for the store writer to commit what is pending.
 const SYNC_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Stops the daemon if the lease-expiry task ends (it never should): leases that never expire
-/// are worse than a restart by the supervisor.
+/// Stops the daemon if the engine's timer tasks end (they never should): leases that never
+/// expire are worse than a restart by the supervisor.
 async fn stop_if_ended(
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<&'static str>,
     shutdown: CancellationToken,
     fatal: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let why = match task.await {
-        Ok(()) => "the lease-expiry task ended".to_string(),
-        Err(e) if e.is_panic() => "the lease-expiry task panicked".to_string(),
+        Ok(why) => why.to_string(),
+        Err(e) if e.is_panic() => "the engine's timer task panicked".to_string(),
         Err(_) => return, // cancelled: the runtime is shutting down
     };
     tracing::error!("{why}; stopping");

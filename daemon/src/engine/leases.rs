@@ -356,6 +356,8 @@ pub struct LeaseSpec {
     pub length: Duration,
     pub detached: bool,
     pub data: Vec<u8>,
+    pub permits: Option<u32>,
+    pub lock_delay_ms: u64,
 }
 
 impl LeaseSpec {
@@ -382,6 +384,8 @@ impl LeaseSpec {
             expires_at_ms: now_ms.saturating_add(self.length.as_millis() as u64),
             lease_ms: self.length.as_millis() as u64,
             data: self.data.clone(),
+            permits: self.permits,
+            lock_delay_ms: self.lock_delay_ms,
         }
     }
 }

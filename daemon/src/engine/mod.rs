@@ -28,20 +28,20 @@
 //!    (`release`, `remove_owner`, `force_release`), and each grants from the head of the queue
 //!    before the shard is unlocked.
 //! 6. **No timer can break expiry.** Lease deadlines of any length (and recovered ones) are
-//!    armed clamped to [`expiry::MAX_TIMER`] and re-armed when they fire early; if the expiry
-//!    task ends anyway, the daemon stops (its supervisor restarts it) [`expiry`].
+//!    armed clamped to [`timers::MAX_TIMER`] and re-armed when they fire early; if the timer
+//!    tasks end anyway, the daemon stops (its supervisor restarts it) [`timers`].
 //! 7. **Shutdown drains the writer.** [`Engine::sync`] returns once everything submitted before
 //!    it is durable (or failed).
 
 mod answer;
 mod conn;
-pub mod expiry;
 pub mod leases;
 pub mod lockspace;
 mod ops;
 pub mod recovery;
 #[cfg(test)]
 mod tests;
+pub mod timers;
 
 use std::sync::Arc;
 
@@ -57,9 +57,10 @@ use crate::peer::Push;
 use crate::store::{self, Change, LeaseRecord, Writer};
 use crate::usage::Registry;
 use answer::Then;
-use leases::{Arming, Leases};
+use leases::Leases;
 use lockspace::{Ended, LockSpace, Totals};
 use recovery::Recovered;
+use timers::Timers;
 
 /// Everything the engine shares between connections.
 pub struct Engine {
@@ -71,16 +72,17 @@ pub struct Engine {
 
 impl Engine {
     /// An engine granting fences from `fences` and storing through `writer`; run
-    /// [`expiry::run`] with the returned inbox.
-    pub fn new(fences: Arc<Fences>, writer: Writer) -> (Arc<Engine>, Arming) {
+    /// [`Timers::run`] with the returned timers.
+    pub fn new(fences: Arc<Fences>, writer: Writer) -> (Arc<Engine>, Timers) {
         let (leases, arming) = Leases::new(writer.clone());
+        let (locks, delays) = LockSpace::new(fences);
         let engine = Engine {
-            locks: LockSpace::new(fences),
+            locks,
             leases,
             writer,
             usage: Registry::default(),
         };
-        (Arc::new(engine), arming)
+        (Arc::new(engine), Timers { arming, delays })
     }
 
     /// The sharded lock table (for the watchdog probe and the long-hold scan).

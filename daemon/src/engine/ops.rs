@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::answer::Then;
 use super::conn::{Held, Minted, Pending, Unanswered};
 use super::leases::{Lease, LeaseSpec, Release, Renewal, TicketError};
-use super::lockspace::{AcquireOutcome, Ended, HoldMeta};
+use super::lockspace::{AcquireOutcome, Ended, HoldMeta, How};
 use super::{Answer, Conn, Deferred};
 use crate::clock;
 use crate::error::Error;
@@ -104,18 +104,27 @@ impl Conn {
             expires_at_ms: minted.shown_expiry.clone(),
             warned: false,
         };
-        let detached = lease.as_ref().is_some_and(|l| l.detached);
-        let outcome = self.engine.locks.acquire(
-            &a.key,
-            &self.owner,
-            id,
-            a.mode,
-            waited.is_some(),
-            detached,
-            meta,
-        );
+        let how = How {
+            mode: a.mode,
+            wait: waited.is_some(),
+            detached: lease.as_ref().is_some_and(|l| l.detached),
+            permits: a.permits,
+            lock_delay_ms: a.lock_delay_ms,
+        };
+        let outcome = self
+            .engine
+            .locks
+            .acquire(&a.key, &self.owner, id, how, meta);
         match outcome {
             AcquireOutcome::Granted(fence) => self.granted(id, a.key, fence, a.mode, lease, minted),
+            AcquireOutcome::Capacity(current) => {
+                self.tickets.put_back(ticket);
+                let now = match current {
+                    Some(n) => format!("a counting semaphore of {n} permits; ask with permits {n}"),
+                    None => "a plain lock; acquire it without permits".to_string(),
+                };
+                Answer::Now(Err(Error::InvalidArgument(format!("{} is {now}", a.key))))
+            }
             AcquireOutcome::Conflict(msg) => {
                 self.tickets.put_back(ticket);
                 Answer::Now(Err(Error::Conflict(msg)))
@@ -148,6 +157,23 @@ impl Conn {
                 limits.max_data
             )));
         }
+        match a.permits {
+            Some(0) => return Err(invalid("permits must be at least 1")),
+            Some(_) if a.mode == Mode::Shared => {
+                return Err(invalid(
+                    "a semaphore permit is taken in exclusive mode (each holder takes one of the permits)",
+                ))
+            }
+            _ => {}
+        }
+        let max_delay = limits.max_lock_delay;
+        if Duration::from_millis(a.lock_delay_ms) > max_delay {
+            return Err(Error::LimitExceeded(format!(
+                "lock-delay of {} ms: the limit is {} ms",
+                a.lock_delay_ms,
+                max_delay.as_millis()
+            )));
+        }
         let lease = match (a.lease_ms, a.detach) {
             (None, true) => {
                 return Err(Error::InvalidArgument(
@@ -159,6 +185,8 @@ impl Conn {
                 length: self.check_lease(ms)?,
                 detached,
                 data: a.data.clone(),
+                permits: a.permits,
+                lock_delay_ms: a.lock_delay_ms,
             }),
         };
         let limit = |what: String| Err(Error::LimitExceeded(what));

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::leases::{Lease, Leases};
-use super::lockspace::{HoldMeta, LockSpace};
+use super::lockspace::{HoldMeta, How, LockSpace};
 use crate::peer::Peer;
 use crate::store::{Change, LeaseRecord, Writer};
 use crate::usage::{HoldShare, Registry};
@@ -69,7 +69,13 @@ pub fn restore(
         let restored = locks.restore(
             &record.key,
             owner.clone(),
-            record.mode,
+            How {
+                mode: record.mode,
+                wait: false,
+                detached: true,
+                permits: record.permits,
+                lock_delay_ms: record.lock_delay_ms,
+            },
             record.fence,
             record.acquired_at_ms,
             meta,

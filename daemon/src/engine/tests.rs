@@ -13,7 +13,8 @@ use lockd_protocol::{
 };
 use tokio::sync::mpsc;
 
-use super::{expiry, Answer, Conn, Deferred, Engine, Outgoing};
+use super::timers::{Timers, MAX_TIMER};
+use super::{Answer, Conn, Deferred, Engine, Outgoing};
 use crate::config::Config;
 use crate::error::Error;
 use crate::fence::Fences;
@@ -92,11 +93,11 @@ struct Setup {
     config: Arc<Config>,
 }
 
-fn setup() -> (Setup, super::leases::Arming) {
+fn setup() -> (Setup, Timers) {
     let (writer, jobs) = Writer::manual();
     // A ceiling far away: no fence reservation ever reaches the store.
     let fences = Fences::new((1, u64::MAX / 2), writer.clone());
-    let (engine, arming) = Engine::new(fences, writer);
+    let (engine, timers) = Engine::new(fences, writer);
     let mut config = Config::for_tests();
     config.limits.max_lease = Duration::from_secs(3 * 365 * 24 * 3600);
     let disk = Disk {
@@ -111,7 +112,7 @@ fn setup() -> (Setup, super::leases::Arming) {
             disk,
             config,
         },
-        arming,
+        timers,
     )
 }
 
@@ -245,7 +246,7 @@ fn queued_detached_grant(s: &Setup, a: &mut Conn, b: &mut Conn, name: &str) {
 
 #[tokio::test]
 async fn force_release_before_a_queued_detached_grant_reaches_its_connection() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut a, _), (mut b, mut bmail), (mut admin, _)) =
         (s.conn(1, 10), s.conn(2, 10), s.conn(3, 0));
     queued_detached_grant(&s, &mut a, &mut b, "k");
@@ -269,7 +270,7 @@ async fn force_release_before_a_queued_detached_grant_reaches_its_connection() {
 
 #[tokio::test]
 async fn force_release_while_a_detached_grant_is_being_stored() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut a, _), (mut b, mut bmail), (mut admin, _)) =
         (s.conn(1, 10), s.conn(2, 10), s.conn(3, 0));
     queued_detached_grant(&s, &mut a, &mut b, "k");
@@ -287,7 +288,7 @@ async fn force_release_while_a_detached_grant_is_being_stored() {
 
 #[tokio::test]
 async fn force_release_after_a_detached_grant_was_acknowledged() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut b, mut bmail), (mut admin, _)) = (s.conn(2, 10), s.conn(3, 0));
     let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
     s.disk.commit();
@@ -316,7 +317,7 @@ async fn force_release_after_a_detached_grant_was_acknowledged() {
 
 #[tokio::test]
 async fn a_failed_grant_commit_takes_the_grant_back_and_hands_the_key_on() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut b, _), (mut c, _)) = (s.conn(2, 10), s.conn(3, 10));
     let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
     assert!(matches!(
@@ -331,7 +332,7 @@ async fn a_failed_grant_commit_takes_the_grant_back_and_hands_the_key_on() {
 
 #[tokio::test]
 async fn a_detached_grant_whose_connection_closes_before_the_commit_is_taken_back() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let (mut b, _) = s.conn(2, 10);
     let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
     drop(b);
@@ -343,8 +344,8 @@ async fn a_detached_grant_whose_connection_closes_before_the_commit_is_taken_bac
 
 #[tokio::test(start_paused = true)]
 async fn a_detached_grant_that_expires_before_its_commit_is_not_acknowledged() {
-    let (mut s, arming) = setup();
-    tokio::spawn(expiry::run(Arc::clone(&s.engine), arming));
+    let (mut s, timers) = setup();
+    tokio::spawn(timers.run(Arc::clone(&s.engine)));
     let (mut b, _) = s.conn(2, 10);
     let grant = later(b.handle(7, acquire("k", Wait::No, Some(1_000), true)));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -363,8 +364,8 @@ async fn settle() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_renewal_leaves_the_lease_as_it_was() {
-    let (mut s, arming) = setup();
-    tokio::spawn(expiry::run(Arc::clone(&s.engine), arming));
+    let (mut s, timers) = setup();
+    tokio::spawn(timers.run(Arc::clone(&s.engine)));
     let (mut b, _) = s.conn(2, 10);
     let grant = later(b.handle(1, acquire("k", Wait::No, Some(10_000), true)));
     s.disk.commit();
@@ -390,8 +391,8 @@ async fn a_failed_renewal_leaves_the_lease_as_it_was() {
 
 #[tokio::test(start_paused = true)]
 async fn renewals_committed_out_of_order_apply_in_the_order_they_were_made() {
-    let (mut s, arming) = setup();
-    tokio::spawn(expiry::run(Arc::clone(&s.engine), arming));
+    let (mut s, timers) = setup();
+    tokio::spawn(timers.run(Arc::clone(&s.engine)));
     let (mut b, _) = s.conn(2, 10);
     let grant = later(b.handle(1, acquire("k", Wait::No, Some(10_000), true)));
     s.disk.commit();
@@ -424,7 +425,7 @@ async fn renewals_committed_out_of_order_apply_in_the_order_they_were_made() {
 
 #[tokio::test]
 async fn a_failed_release_commit_keeps_the_lease_and_a_retry_works() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let (mut b, _) = s.conn(2, 10);
     let grant = later(b.handle(1, acquire("k", Wait::No, Some(60_000), true)));
     s.disk.commit();
@@ -443,7 +444,7 @@ async fn a_failed_release_commit_keeps_the_lease_and_a_retry_works() {
 
 #[tokio::test]
 async fn a_detached_lease_released_elsewhere_tells_its_acquirer() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut a, mut amail), (mut c, _)) = (s.conn(1, 10), s.conn(2, 10));
     let grant = later(a.handle(1, acquire("k", Wait::No, Some(60_000), true)));
     s.disk.commit();
@@ -463,8 +464,8 @@ async fn a_detached_lease_released_elsewhere_tells_its_acquirer() {
 
 #[tokio::test(start_paused = true)]
 async fn leases_of_any_allowed_length_never_stop_expiry() {
-    let (mut s, arming) = setup();
-    let task = tokio::spawn(expiry::run(Arc::clone(&s.engine), arming));
+    let (mut s, timers) = setup();
+    let task = tokio::spawn(timers.run(Arc::clone(&s.engine)));
     let (mut b, mut bmail) = s.conn(2, 10);
     let thousand_days = 1000 * 24 * 3600 * 1000;
     granted(now(b.handle(
@@ -483,7 +484,7 @@ async fn leases_of_any_allowed_length_never_stop_expiry() {
         Outgoing::Event(Event::HoldLost { reason: LostReason::Expired, fence, .. }) if fence == short.fence
     ));
     // Past the longest timer the task arms: the long lease is re-armed, not ended.
-    tokio::time::sleep(expiry::MAX_TIMER + Duration::from_secs(1)).await;
+    tokio::time::sleep(MAX_TIMER + Duration::from_secs(1)).await;
     settle().await;
     assert_eq!(s.holds_on("long").len(), 1, "still held");
     assert!(!task.is_finished());
@@ -492,7 +493,7 @@ async fn leases_of_any_allowed_length_never_stop_expiry() {
 
 #[tokio::test]
 async fn a_request_id_still_in_use_is_refused_and_corrupts_nothing() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut a, _), (mut b, mut bmail)) = (s.conn(1, 10), s.conn(2, 10));
     let held = granted(now(a.handle(1, acquire("k", Wait::No, None, false))));
     assert!(matches!(
@@ -535,7 +536,7 @@ async fn a_request_id_still_in_use_is_refused_and_corrupts_nothing() {
 
 #[tokio::test]
 async fn a_stored_grant_whose_answer_was_never_written_is_taken_back() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let (mut b, mut bmail) = s.conn(2, 10);
     let owner = b.owner().clone();
     let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
@@ -554,7 +555,7 @@ async fn a_stored_grant_whose_answer_was_never_written_is_taken_back() {
 
 #[tokio::test]
 async fn a_force_release_after_the_grant_is_stored_is_heard_after_the_granted() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut b, mut bmail), (mut admin, _)) = (s.conn(2, 10), s.conn(3, 0));
     let owner = b.owner().clone();
     let grant = later(b.handle(7, acquire("k", Wait::No, Some(60_000), true)));
@@ -579,7 +580,7 @@ async fn a_force_release_after_the_grant_is_stored_is_heard_after_the_granted() 
 
 #[tokio::test]
 async fn sync_returns_only_once_everything_before_it_is_stored() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let (mut b, _) = s.conn(2, 10);
     let _grant = later(b.handle(1, acquire("k", Wait::No, Some(60_000), true)));
     drop(b); // the grant is taken back: a quiet delete follows the put
@@ -594,7 +595,7 @@ async fn sync_returns_only_once_everything_before_it_is_stored() {
 
 #[tokio::test]
 async fn describe_and_list_fit_one_frame() {
-    let (s, _arming) = setup();
+    let (s, _timers) = setup();
     let max_frame = s.config.limits.max_frame;
     let mut conns = Vec::new();
     for i in 0..120 {
@@ -622,7 +623,7 @@ async fn describe_and_list_fit_one_frame() {
 
 #[tokio::test]
 async fn a_renewal_being_stored_when_the_key_is_force_released_is_not_acknowledged() {
-    let (mut s, _arming) = setup();
+    let (mut s, _timers) = setup();
     let ((mut b, _), (mut admin, _)) = (s.conn(2, 10), s.conn(3, 0));
     let grant = later(b.handle(1, acquire("k", Wait::No, Some(60_000), true)));
     s.disk.commit();
@@ -644,8 +645,8 @@ async fn a_renewal_being_stored_when_the_key_is_force_released_is_not_acknowledg
 
 #[tokio::test(start_paused = true)]
 async fn a_lease_that_expires_while_its_renewal_is_stored_stays_expired() {
-    let (mut s, arming) = setup();
-    tokio::spawn(expiry::run(Arc::clone(&s.engine), arming));
+    let (mut s, timers) = setup();
+    tokio::spawn(timers.run(Arc::clone(&s.engine)));
     let (mut b, _) = s.conn(2, 10);
     let grant = later(b.handle(1, acquire("k", Wait::No, Some(1_000), true)));
     s.disk.commit();
@@ -663,4 +664,180 @@ async fn a_lease_that_expires_while_its_renewal_is_stored_stays_expired() {
     assert_eq!(code(renewal.finish().await), ErrorCode::NotHolder);
     assert!(s.holds_on("k").is_empty());
     s.assert_agree();
+}
+
+fn acquire_with(name: &str, wait: Wait, permits: Option<u32>, lock_delay_ms: u64) -> Op {
+    Op::Acquire(Acquire {
+        key: k(name),
+        mode: Mode::Exclusive,
+        wait,
+        lease_ms: None,
+        detach: false,
+        permits,
+        lock_delay_ms,
+        data: Vec::new(),
+    })
+}
+
+#[tokio::test]
+async fn a_semaphore_admits_its_permits_in_fifo_order_and_a_closed_holder_frees_a_slot() {
+    let (s, _timers) = setup();
+    let mut conns: Vec<_> = (0..5).map(|i| s.conn(10 + i, 10)).collect();
+    let mut fences = Vec::new();
+    for (c, _) in conns.iter_mut().take(3) {
+        fences.push(granted(now(c.handle(1, acquire_with("pool", Wait::No, Some(3), 0)))).fence);
+    }
+    let full = now(conns[3]
+        .0
+        .handle(1, acquire_with("pool", Wait::No, Some(3), 0)));
+    assert_eq!(code(full), ErrorCode::Conflict);
+    for i in [3, 4] {
+        let queued = conns[i]
+            .0
+            .handle(2, acquire_with("pool", Wait::Forever, Some(3), 0));
+        assert!(matches!(queued, Answer::Queued));
+    }
+    let d = s.engine.describe(&k("pool"), 65536);
+    assert_eq!(
+        (d.permits, d.holders.len(), d.waiters.len()),
+        (Some(3), 3, 2)
+    );
+    drop(conns.remove(0)); // a holder's connection closes: its slot goes to the first waiter
+    let (c3, mail3) = &mut conns[2];
+    assert!(matches!(
+        next_push(c3, mail3),
+        Outgoing::Answer(2, Answer::Now(Ok(_)))
+    ));
+    assert!(
+        conns[3].1.try_recv().is_err(),
+        "the second waiter still waits"
+    );
+    assert_eq!(s.holds_on("pool").len(), 3);
+}
+
+#[tokio::test]
+async fn a_semaphore_refuses_another_capacity_and_plain_or_shared_requests() {
+    let (s, _timers) = setup();
+    let ((mut a, _), (mut b, _)) = (s.conn(1, 10), s.conn(2, 10));
+    granted(now(a.handle(1, acquire_with("pool", Wait::No, Some(3), 0))));
+    let other = now(b.handle(1, acquire_with("pool", Wait::No, Some(4), 0)));
+    match other {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("3 permits"), "{m}"),
+        r => panic!("expected InvalidArgument, got {r:?}"),
+    }
+    let plain = now(b.handle(2, acquire_with("pool", Wait::No, None, 0)));
+    assert_eq!(code(plain), ErrorCode::InvalidArgument);
+    let mut shared = Acquire {
+        key: k("other"),
+        mode: Mode::Shared,
+        wait: Wait::No,
+        lease_ms: None,
+        detach: false,
+        permits: Some(2),
+        lock_delay_ms: 0,
+        data: Vec::new(),
+    };
+    assert_eq!(
+        code(now(b.handle(3, Op::Acquire(shared.clone())))),
+        ErrorCode::InvalidArgument
+    );
+    shared.mode = Mode::Exclusive;
+    shared.permits = Some(0);
+    assert_eq!(
+        code(now(b.handle(4, Op::Acquire(shared)))),
+        ErrorCode::InvalidArgument
+    );
+    // A plain lock on a key refuses semaphore requests too.
+    granted(now(a.handle(5, acquire_with("lock", Wait::No, None, 0))));
+    let sem = now(b.handle(6, acquire_with("lock", Wait::No, Some(2), 0)));
+    assert_eq!(code(sem), ErrorCode::InvalidArgument);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_disconnects_leaves_its_lock_delay_and_a_clean_release_none() {
+    let (s, timers) = setup();
+    tokio::spawn(timers.run(Arc::clone(&s.engine)));
+    let ((mut a, _), (mut b, mut bmail)) = (s.conn(1, 10), s.conn(2, 10));
+    granted(now(a.handle(1, acquire_with("k", Wait::No, None, 5_000))));
+    assert!(matches!(
+        b.handle(1, acquire_with("k", Wait::Forever, None, 0)),
+        Answer::Queued
+    ));
+    drop(a); // unclean: the key stays unavailable for 5 s
+    let d = s.engine.describe(&k("k"), 65536);
+    assert!(d.delayed_until_ms.is_some(), "describe shows the delay");
+    let (mut c, _) = s.conn(3, 10);
+    match now(c.handle(1, acquire_with("k", Wait::No, None, 0))) {
+        Err(Error::Conflict(m)) => assert!(m.contains("lock-delay"), "{m}"),
+        r => panic!("expected Conflict, got {r:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    settle().await;
+    assert!(bmail.try_recv().is_err(), "not granted during the delay");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    settle().await;
+    let g = match next_push(&mut b, &mut bmail) {
+        Outgoing::Answer(1, Answer::Now(r)) => granted(r),
+        _ => panic!("granted when the delay ended"),
+    };
+    assert!(s.engine.describe(&k("k"), 65536).delayed_until_ms.is_none());
+    // A clean release never delays.
+    let (mut w, mut wmail) = s.conn(4, 10);
+    assert!(matches!(
+        w.handle(1, acquire_with("k", Wait::Forever, None, 0)),
+        Answer::Queued
+    ));
+    now(b.handle(2, Op::Release { ticket: g.ticket })).expect("released");
+    assert!(matches!(
+        next_push(&mut w, &mut wmail),
+        Outgoing::Answer(1, Answer::Now(Ok(_)))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn force_release_and_expiry_start_the_lock_delay_too() {
+    let (s, timers) = setup();
+    tokio::spawn(timers.run(Arc::clone(&s.engine)));
+    let ((mut a, _), (mut admin, _)) = (s.conn(1, 10), s.conn(2, 0));
+    granted(now(
+        a.handle(1, acquire_with("forced", Wait::No, None, 3_000))
+    ));
+    now(admin.handle(1, Op::ForceRelease { key: k("forced") })).expect("forced");
+    assert!(s
+        .engine
+        .describe(&k("forced"), 65536)
+        .delayed_until_ms
+        .is_some());
+    let mut leased = Acquire {
+        key: k("leased"),
+        mode: Mode::Exclusive,
+        wait: Wait::No,
+        lease_ms: Some(1_000),
+        detach: false,
+        permits: None,
+        lock_delay_ms: 3_000,
+        data: Vec::new(),
+    };
+    granted(now(a.handle(2, Op::Acquire(leased.clone()))));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    settle().await;
+    assert!(s.holds_on("leased").is_empty(), "expired");
+    assert!(s
+        .engine
+        .describe(&k("leased"), 65536)
+        .delayed_until_ms
+        .is_some());
+    leased.lease_ms = None;
+    assert_eq!(
+        code(now(a.handle(3, Op::Acquire(leased.clone())))),
+        ErrorCode::Conflict
+    );
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    settle().await;
+    granted(now(a.handle(4, Op::Acquire(leased))));
+    assert!(s
+        .engine
+        .describe(&k("forced"), 65536)
+        .delayed_until_ms
+        .is_none());
 }

@@ -419,7 +419,20 @@ mod tests {
             expires_at_ms: 2,
             lease_ms: 3,
             data: b"leader=10.0.0.1".to_vec(),
+            permits: Some(3),
+            lock_delay_ms: 5,
         }
+    }
+
+    #[test]
+    fn version_1_records_still_decode() {
+        let r = record(7);
+        let mut v1 = r.encode();
+        v1[0] = 1;
+        v1.truncate(v1.len() - 12);
+        let old = LeaseRecord::decode(r.ticket, &v1).unwrap();
+        assert_eq!((old.permits, old.lock_delay_ms), (None, 0));
+        assert_eq!(old.data, r.data);
     }
 
     #[test]

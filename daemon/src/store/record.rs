@@ -21,6 +21,10 @@ pub struct LeaseRecord {
     pub expires_at_ms: u64,
     pub lease_ms: u64,
     pub data: Vec<u8>,
+    /// The key's capacity when it is a counting semaphore.
+    pub permits: Option<u32>,
+    /// Lock-delay after an unclean end, milliseconds.
+    pub lock_delay_ms: u64,
 }
 
 impl std::fmt::Debug for LeaseRecord {
@@ -33,7 +37,9 @@ impl std::fmt::Debug for LeaseRecord {
     }
 }
 
-const RECORD_VERSION: u8 = 1;
+/// Version 2 appends the capacity (u32, 0 for a lock) and the lock-delay (u64 ms); version 1
+/// records (without them) are still read.
+const RECORD_VERSION: u8 = 2;
 
 impl LeaseRecord {
     /// A versioned, self-describing byte layout (little-endian, length-prefixed strings).
@@ -59,12 +65,15 @@ impl LeaseRecord {
         b.extend_from_slice(&self.pid.unwrap_or(-1).to_le_bytes());
         put_bytes(&mut b, self.client_name.as_bytes());
         put_bytes(&mut b, &self.data);
+        b.extend_from_slice(&self.permits.unwrap_or(0).to_le_bytes());
+        b.extend_from_slice(&self.lock_delay_ms.to_le_bytes());
         b
     }
 
     pub(super) fn decode(ticket: Ticket, mut b: &[u8]) -> Result<LeaseRecord, StoreError> {
         let bad = |what: &str| StoreError::Corrupt(what.to_string());
-        if take(&mut b, 1).ok_or_else(|| bad("empty"))?[0] != RECORD_VERSION {
+        let version = take(&mut b, 1).ok_or_else(|| bad("empty"))?[0];
+        if !(1..=RECORD_VERSION).contains(&version) {
             return Err(bad("unknown record version"));
         }
         let namespace = take_string(&mut b).ok_or_else(|| bad("namespace"))?;
@@ -83,6 +92,13 @@ impl LeaseRecord {
         let pid = i32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("pid"))?);
         let client_name = take_string(&mut b).ok_or_else(|| bad("client name"))?;
         let data = take_bytes(&mut b).ok_or_else(|| bad("data"))?.to_vec();
+        let (permits, lock_delay_ms) = if version >= 2 {
+            let p = u32::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("permits"))?);
+            let d = u64::from_le_bytes(take_array(&mut b).ok_or_else(|| bad("lock delay"))?);
+            ((p > 0).then_some(p), d)
+        } else {
+            (None, 0)
+        };
         Ok(LeaseRecord {
             ticket,
             key: Key { namespace, name },
@@ -96,6 +112,8 @@ impl LeaseRecord {
             expires_at_ms: u64s[2],
             lease_ms: u64s[3],
             data,
+            permits,
+            lock_delay_ms,
         })
     }
 }

@@ -33,6 +33,9 @@ pub struct Holder<O, P> {
     pub granted_at: u64,
     /// Survives its owner's [`Table::remove_owner`] (a detached lease).
     pub detached: bool,
+    /// Lock-delay, caller's milliseconds: if this hold ends uncleanly, the key grants nobody
+    /// until the caller ends the delay ([`Table::end_delay`]).
+    pub lock_delay: u64,
     pub payload: P,
 }
 
@@ -46,28 +49,54 @@ pub struct Waiter<O, P> {
     pub since: u64,
     /// The hold, once granted, is detached from its owner.
     pub detached: bool,
+    /// The hold's lock-delay once granted, caller's milliseconds.
+    pub lock_delay: u64,
     pub payload: P,
 }
 
-/// Holders and waiters of one key. Exists only while one of the two is non-empty.
+/// Holders and waiters of one key. Exists while one of the two is non-empty or the key is in
+/// lock-delay.
 ///
-/// Invariant: `holders` is either empty, exactly one exclusive hold, or only shared holds.
+/// Invariant: for a lock (`permits == None`), `holders` is either empty, exactly one exclusive
+/// hold, or only shared holds; for a counting semaphore, at most `permits` holders.
 #[derive(Debug, Clone)]
 pub struct Entry<O, P> {
     pub holders: Vec<Holder<O, P>>,
     pub queue: VecDeque<Waiter<O, P>>,
+    /// The key's capacity when it is a counting semaphore (fixed by its first holder or
+    /// waiter, for as long as the entry exists).
+    pub permits: Option<u32>,
+    /// The key is in lock-delay: nobody is granted until [`Table::end_delay`] with this.
+    pub delay: Option<Delay>,
+}
+
+/// A lock-delay in force on a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delay {
+    /// When it ends, caller's milliseconds (for display; ending it is the caller's call).
+    pub until: u64,
+    /// Identifies this delay, so a late timer of an earlier one ends nothing.
+    pub seq: u64,
 }
 
 impl<O, P> Entry<O, P> {
-    fn new() -> Self {
+    fn new(permits: Option<u32>) -> Self {
         Entry {
             holders: Vec::new(),
             queue: VecDeque::new(),
+            permits,
+            delay: None,
         }
     }
 
     /// Could a request in `mode` be granted next to the current holders?
-    fn compatible(&self, mode: Mode) -> bool {
+    pub(crate) fn compatible(&self, mode: Mode) -> bool {
+        if self.delay.is_some() {
+            return false;
+        }
+        if let Some(n) = self.permits {
+            return self.holders.len() < n as usize;
+        }
         match self.holders.first() {
             None => true,
             Some(h) => mode == Mode::Shared && h.mode == Mode::Shared,
@@ -75,7 +104,7 @@ impl<O, P> Entry<O, P> {
     }
 
     fn is_empty(&self) -> bool {
-        self.holders.is_empty() && self.queue.is_empty()
+        self.holders.is_empty() && self.queue.is_empty() && self.delay.is_none()
     }
 }
 
@@ -102,18 +131,23 @@ pub enum Acquired {
     Queued,
     /// Not granted and not queued (`wait = false`).
     Conflict,
+    /// Refused: the key's capacity is this (`None`: a plain lock), not the request's.
+    Capacity(Option<u32>),
 }
 
 /// The holders and queues of many keys.
 #[derive(Debug)]
 pub struct Table<O, P> {
     entries: HashMap<Key, Entry<O, P>>,
+    /// The last lock-delay's [`Delay::seq`].
+    delays: u64,
 }
 
 impl<O, P> Default for Table<O, P> {
     fn default() -> Self {
         Table {
             entries: HashMap::default(),
+            delays: 0,
         }
     }
 }
@@ -128,6 +162,10 @@ pub struct Want<O, P> {
     pub wait: bool,
     /// The hold, once granted, survives [`Table::remove_owner`] of its owner.
     pub detached: bool,
+    /// A counting semaphore with this many slots (`None`: a lock).
+    pub permits: Option<u32>,
+    /// Lock-delay of the hold, caller's milliseconds (0: none).
+    pub lock_delay: u64,
     pub payload: P,
 }
 
@@ -163,8 +201,14 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
     ) -> Acquired {
         let entry = match self.entries.get_mut(key) {
             Some(entry) => entry,
-            None => self.entries.entry(key.clone()).or_insert_with(Entry::new),
+            None => self
+                .entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(want.permits)),
         };
+        if entry.permits != want.permits {
+            return Acquired::Capacity(entry.permits);
+        }
         if entry.queue.is_empty() && entry.compatible(want.mode) {
             let f = fence();
             entry.holders.push(Holder {
@@ -174,6 +218,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
                 fence: f,
                 granted_at: now,
                 detached: want.detached,
+                lock_delay: want.lock_delay,
                 payload: want.payload,
             });
             return Acquired::Granted(f);
@@ -188,12 +233,13 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
             mode: want.mode,
             since: now,
             detached: want.detached,
+            lock_delay: want.lock_delay,
             payload: want.payload,
         });
         Acquired::Queued
     }
 
-    /// Ends the hold with `fence` on `key` and grants whoever may go next.
+    /// Ends the hold with `fence` on `key` (a clean release) and grants whoever may go next.
     ///
     /// Returns `None` if there is no such hold (nothing changes).
     pub fn release(
@@ -203,11 +249,66 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         now: u64,
         next_fence: &mut impl FnMut() -> u64,
     ) -> Option<Removed<Holder<O, P>, O>> {
+        self.end_hold(key, fence, false, now, next_fence)
+    }
+
+    /// As [`Table::release`]; `unclean` (an expiry) starts the hold's lock-delay, if it has
+    /// one.
+    pub fn end_hold(
+        &mut self,
+        key: &Key,
+        fence: u64,
+        unclean: bool,
+        now: u64,
+        next_fence: &mut impl FnMut() -> u64,
+    ) -> Option<Removed<Holder<O, P>, O>> {
         let entry = self.entries.get_mut(key)?;
         let i = entry.holders.iter().position(|h| h.fence == fence)?;
         let holder = entry.holders.swap_remove(i);
+        if unclean {
+            self.delay(key, holder.lock_delay, now);
+        }
         let granted = self.pump(key, now, next_fence);
         Some((holder, granted))
+    }
+
+    /// Starts (or lengthens) a lock-delay of `ms` on `key` at `now`.
+    fn delay(&mut self, key: &Key, ms: u64, now: u64) {
+        if ms == 0 {
+            return;
+        }
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        let until = now.saturating_add(ms);
+        if entry.delay.is_some_and(|d| d.until >= until) {
+            return;
+        }
+        self.delays += 1;
+        entry.delay = Some(Delay {
+            until,
+            seq: self.delays,
+        });
+    }
+
+    /// The lock-delay in force on `key`, if any.
+    pub fn delay_of(&self, key: &Key) -> Option<Delay> {
+        self.entries.get(key).and_then(|e| e.delay)
+    }
+
+    /// Ends the lock-delay `seq` on `key` (a later delay stays) and grants whoever may go next.
+    pub fn end_delay(
+        &mut self,
+        key: &Key,
+        seq: u64,
+        now: u64,
+        next_fence: &mut impl FnMut() -> u64,
+    ) -> Vec<Granted<O>> {
+        match self.entries.get_mut(key) {
+            Some(entry) if entry.delay.is_some_and(|d| d.seq == seq) => entry.delay = None,
+            _ => return Vec::new(),
+        }
+        self.pump(key, now, next_fence)
     }
 
     /// Withdraws the queued request `request` of `owner` on `key`.
@@ -246,7 +347,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
             return (Vec::new(), Vec::new());
         };
         entry.queue.retain(|w| w.owner != *owner);
-        let mut removed = Vec::new();
+        let mut removed: Vec<Holder<O, P>> = Vec::new();
         let mut i = 0;
         while i < entry.holders.len() {
             let h = &entry.holders[i];
@@ -256,6 +357,8 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
                 i += 1;
             }
         }
+        let delay = removed.iter().map(|h| h.lock_delay).max().unwrap_or(0);
+        self.delay(key, delay, now);
         let granted = self.pump(key, now, next_fence);
         (removed, granted)
     }
@@ -271,6 +374,8 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
             return (Vec::new(), Vec::new());
         };
         let removed = std::mem::take(&mut entry.holders);
+        let delay = removed.iter().map(|h| h.lock_delay).max().unwrap_or(0);
+        self.delay(key, delay, now);
         let granted = self.pump(key, now, next_fence);
         (removed, granted)
     }
@@ -286,12 +391,15 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
     /// with the holders already restored on `key` (queues are empty during recovery).
     ///
     /// Returns false, changing nothing, on a conflict.
-    pub fn restore(&mut self, key: &Key, holder: Holder<O, P>) -> bool {
+    pub fn restore(&mut self, key: &Key, holder: Holder<O, P>, permits: Option<u32>) -> bool {
         let entry = match self.entries.get_mut(key) {
             Some(entry) => entry,
-            None => self.entries.entry(key.clone()).or_insert_with(Entry::new),
+            None => self
+                .entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(permits)),
         };
-        if !entry.compatible(holder.mode) {
+        if entry.permits != permits || !entry.compatible(holder.mode) {
             return false;
         }
         entry.holders.push(holder);
@@ -333,6 +441,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
                 fence,
                 granted_at: now,
                 detached: w.detached,
+                lock_delay: w.lock_delay,
                 payload: w.payload,
             });
         }
@@ -370,6 +479,8 @@ mod tests {
             mode,
             wait,
             detached: false,
+            permits: None,
+            lock_delay: 0,
             payload: (),
         }
     }

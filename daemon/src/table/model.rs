@@ -248,6 +248,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     mode,
                     wait,
                     detached,
+                    permits: None,
+                    lock_delay: 0,
                     payload: (),
                 };
                 let got = table.acquire(&k(key), want, 0, &mut next);

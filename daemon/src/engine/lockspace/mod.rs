@@ -13,16 +13,18 @@
 use std::hash::BuildHasher;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use foldhash::fast::RandomState;
 use foldhash::HashMap;
 use lockd_protocol::{Change, Key, LostReason, Mode, OwnerInfo, RequestId, Ticket};
+use tokio::sync::mpsc;
 
 use crate::clock;
 use crate::fence::Fences;
 use crate::peer::{Owner, Push};
 use crate::stats::ShardStats;
-use crate::table::{Acquired, Entry, Granted, Holder, Table, Want};
+use crate::table::{Acquired, Delay, Entry, Granted, Holder, Table, Want};
 
 mod view;
 
@@ -59,11 +61,27 @@ struct Shard {
     stats: ShardStats,
 }
 
+/// How an acquire wants its hold.
+#[derive(Debug, Clone, Copy)]
+pub struct How {
+    pub mode: Mode,
+    /// Queue on conflict.
+    pub wait: bool,
+    /// The hold survives its connection.
+    pub detached: bool,
+    /// A counting semaphore of this many slots.
+    pub permits: Option<u32>,
+    /// Lock-delay after an unclean end, milliseconds.
+    pub lock_delay_ms: u64,
+}
+
 /// Outcome of [`LockSpace::acquire`].
 #[derive(Debug)]
 pub enum AcquireOutcome {
     Granted(u64),
     Queued,
+    /// The key's capacity differs from the request's (`None`: a plain lock).
+    Capacity(Option<u32>),
     /// Not granted; the message says who holds the key or how many wait ahead.
     Conflict(String),
 }
@@ -86,15 +104,48 @@ pub struct LockSpace {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     fences: Arc<Fences>,
+    /// Lock-delays that began, for the delay task to end: (key, delay seq, length).
+    delays: mpsc::UnboundedSender<(Key, u64, Duration)>,
 }
 
+/// The lock-delay task's inbox (see [`LockSpace::new`]).
+pub type DelayInbox = mpsc::UnboundedReceiver<(Key, u64, Duration)>;
+
 impl LockSpace {
-    pub fn new(fences: Arc<Fences>) -> LockSpace {
-        LockSpace {
+    /// A lock space handing out `fences`; the returned inbox receives every lock-delay that
+    /// begins, to be ended with [`LockSpace::end_delay`] when it has run.
+    pub fn new(fences: Arc<Fences>) -> (LockSpace, DelayInbox) {
+        let (delays, inbox) = mpsc::unbounded_channel();
+        let space = LockSpace {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::default(),
             fences,
+            delays,
+        };
+        (space, inbox)
+    }
+
+    /// Sends a lock-delay of `key` that began during this operation to the delay task
+    /// (`before`: the delay in force before it).
+    fn arm_delay(&self, shard: &Shard, key: &Key, before: Option<Delay>, now: u64) {
+        if let Some(d) = shard.table.delay_of(key) {
+            if before.map(|b| b.seq) != Some(d.seq) {
+                let length = Duration::from_millis(d.until.saturating_sub(now));
+                let _ = self.delays.send((key.clone(), d.seq, length));
+            }
         }
+    }
+
+    /// Ends lock-delay `seq` of `key` (if still in force): waiters are granted.
+    pub fn end_delay(&self, key: &Key, seq: u64) {
+        let mut guard = self.shard(key);
+        let mut out = Outbox::default();
+        let shard = &mut *guard;
+        let now = clock::now_ms();
+        let granted = shard
+            .table
+            .end_delay(key, seq, now, &mut || self.fences.next());
+        shard.granted(key, granted, now, &mut out);
     }
 
     pub fn fences(&self) -> &Arc<Fences> {
@@ -106,25 +157,24 @@ impl LockSpace {
         lock(&self.shards[i])
     }
 
-    /// Grants, queues or refuses an acquire of `owner` (`detached`: the hold will survive the
-    /// owner's connection).
-    #[allow(clippy::too_many_arguments)]
+    /// Grants, queues or refuses request `request` of `owner` on `key`.
     pub fn acquire(
         &self,
         key: &Key,
         owner: &Owner,
         request: RequestId,
-        mode: Mode,
-        wait: bool,
-        detached: bool,
+        how: How,
         meta: HoldMeta,
     ) -> AcquireOutcome {
+        let mode = how.mode;
         let want = Want {
             owner: owner.clone(),
             request,
             mode,
-            wait,
-            detached,
+            wait: how.wait,
+            detached: how.detached,
+            permits: how.permits,
+            lock_delay: how.lock_delay_ms,
             payload: meta,
         };
         let outcome = {
@@ -151,6 +201,7 @@ impl LockSpace {
                     AcquireOutcome::Granted(fence)
                 }
                 Acquired::Queued => AcquireOutcome::Queued,
+                Acquired::Capacity(permits) => AcquireOutcome::Capacity(permits),
                 Acquired::Conflict => {
                     shard.stats.conflicts += 1;
                     AcquireOutcome::Conflict(conflict_message(key, shard.table.get(key), mode))
@@ -169,11 +220,20 @@ impl LockSpace {
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
+            let unclean = why == Ended::Expired;
+            let before = if unclean {
+                shard.table.delay_of(key)
+            } else {
+                None
+            };
             match shard
                 .table
-                .release(key, fence, now, &mut || self.fences.next())
+                .end_hold(key, fence, unclean, now, &mut || self.fences.next())
             {
                 Some((holder, granted)) => {
+                    if unclean {
+                        self.arm_delay(shard, key, before, now);
+                    }
                     let change = match why {
                         Ended::Released => {
                             shard.stats.releases += 1;
@@ -231,9 +291,11 @@ impl LockSpace {
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
+            let before = shard.table.delay_of(key);
             let (removed, granted) = shard
                 .table
                 .remove_owner(key, owner, now, &mut || self.fences.next());
+            self.arm_delay(shard, key, before, now);
             for holder in &removed {
                 shard.stats.disconnect_releases += 1;
                 shard
@@ -277,9 +339,11 @@ impl LockSpace {
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
+            let before = shard.table.delay_of(key);
             let (removed, granted) = shard
                 .table
                 .remove_holders(key, now, &mut || self.fences.next());
+            self.arm_delay(shard, key, before, now);
             let mut tickets = Vec::with_capacity(removed.len());
             for holder in removed {
                 shard.stats.forced += 1;
@@ -316,7 +380,7 @@ impl LockSpace {
         &self,
         key: &Key,
         owner: Owner,
-        mode: Mode,
+        how: How,
         fence: u64,
         granted_at: u64,
         meta: HoldMeta,
@@ -324,13 +388,14 @@ impl LockSpace {
         let holder = Holder {
             owner,
             request: 0,
-            mode,
+            mode: how.mode,
             fence,
             granted_at,
             detached: true,
+            lock_delay: how.lock_delay_ms,
             payload: meta,
         };
-        self.shard(key).table.restore(key, holder)
+        self.shard(key).table.restore(key, holder, how.permits)
     }
 
     /// Whether the hold `fence` on `key` is in the table.
@@ -465,6 +530,19 @@ fn conflict_message(key: &Key, entry: Option<&Entry<Owner, HoldMeta>>, mode: Mod
     let Some(entry) = entry else {
         return format!("{key} is busy");
     };
+    if let Some(d) = entry.delay {
+        let left = d.until.saturating_sub(clock::now_ms());
+        return format!(
+            "{key} is in lock-delay for {left} ms more (a holder ended without releasing it)"
+        );
+    }
+    if let Some(n) = entry.permits {
+        return format!(
+            "{key} has all {n} permits taken ({} holders, {} requests queued)",
+            entry.holders.len(),
+            entry.queue.len()
+        );
+    }
     match entry.holders.as_slice() {
         [h] if h.mode == Mode::Exclusive => format!(
             "{key} is held exclusively by {} (fence {})",

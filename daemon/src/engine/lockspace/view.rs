@@ -47,6 +47,10 @@ impl LockSpace {
         let Some(e) = shard.table.get(key) else {
             return d;
         };
+        d.permits = e.permits;
+        // The delay's end in wall-clock time: the table keeps it in the caller's clock, which
+        // is the wall clock (`clock::now_ms`).
+        d.delayed_until_ms = e.delay.map(|delay| delay.until);
         for h in &e.holders {
             if d.omitted_holders == 0 && fits(holder_size(h)) {
                 d.holders.push(holder_info(h));
