@@ -17,6 +17,10 @@ pub enum Error {
     /// The ticket names no live hold the caller may act on.
     #[error("{0}")]
     NotHolder(String),
+    /// Waiting would close a cycle of connections waiting on each other (the message names
+    /// it).
+    #[error("{0}")]
+    Deadlock(String),
     /// The caller's credentials do not allow this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -41,6 +45,7 @@ impl Error {
             Error::Conflict(_) => ErrorCode::Conflict,
             Error::Timeout(_) => ErrorCode::Timeout,
             Error::NotHolder(_) => ErrorCode::NotHolder,
+            Error::Deadlock(_) => ErrorCode::Deadlock,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Error::LimitExceeded(_) => ErrorCode::LimitExceeded,
@@ -71,6 +76,7 @@ impl From<Error> for WireError {
             Error::Conflict(m)
             | Error::Timeout(m)
             | Error::NotHolder(m)
+            | Error::Deadlock(m)
             | Error::PermissionDenied(m)
             | Error::InvalidArgument(m)
             | Error::LimitExceeded(m)

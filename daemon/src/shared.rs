@@ -77,7 +77,7 @@ impl Shared {
             ("expiries", t.stats.expiries),
             ("disconnect_releases", t.stats.disconnect_releases),
             ("force_releases", t.stats.forced),
-            ("deadlocks", 0),
+            ("deadlocks", t.stats.deadlocks),
             ("protocol_errors", Global::get(&g.protocol_errors)),
             ("connections_accepted", Global::get(&g.connections_total)),
             ("long_holds_warned", t.stats.long_holds_warned),

@@ -52,6 +52,8 @@ pub struct ShardStats {
     pub expiries: u64,
     pub disconnect_releases: u64,
     pub forced: u64,
+    /// Waiting acquires refused because they would have closed a wait-for cycle.
+    pub deadlocks: u64,
     pub long_holds_warned: u64,
     pub wait_ms: Histogram,
     pub hold_ms: Histogram,
@@ -61,6 +63,7 @@ impl ShardStats {
     pub fn add(&mut self, o: &ShardStats) {
         self.grants += o.grants;
         self.conflicts += o.conflicts;
+        self.deadlocks += o.deadlocks;
         self.releases += o.releases;
         self.timeouts += o.timeouts;
         self.expiries += o.expiries;

@@ -40,6 +40,20 @@ pub(super) struct Pending {
     pub waited: Option<Duration>,
     pub lease: Option<LeaseSpec>,
     pub minted: Minted,
+    /// Its place in deadlock detection.
+    pub tracked: Tracked,
+}
+
+/// A wait's place in deadlock detection (see `deadlock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tracked {
+    /// Registered with the detector.
+    Registered,
+    /// A lone wait of a connection holding nothing: registered once the connection takes a
+    /// hold or another wait.
+    Unregistered,
+    /// A wait on a counting semaphore: never searched.
+    Never,
 }
 
 /// The ticket of a hold-to-be, and the lease end that describe shows for it.
@@ -85,6 +99,10 @@ pub struct Conn {
     /// Answers to other requests produced while handling one (a cancel answers the wait it
     /// withdrew): taken by [`Conn::take_side_answers`].
     pub(super) side_answers: Vec<(RequestId, Result<Reply, Error>)>,
+    /// How many waits are [`Tracked::Unregistered`] (0 or 1).
+    pub(super) unregistered: usize,
+    /// A detached grant was made to this connection (it may hold keys it does not track).
+    pub(super) had_detached: bool,
     /// The configuration this connection applies (authorization, limits).
     pub(super) config: Arc<Config>,
     /// This uid's usage, and the (holds, waits) this connection last added to it.
@@ -106,6 +124,8 @@ impl Conn {
             watching: HashSet::new(),
             in_flight: HashMap::new(),
             side_answers: Vec::new(),
+            unregistered: 0,
+            had_detached: false,
             config,
             usage,
             counted: (0, 0),
@@ -160,6 +180,7 @@ impl Conn {
         let Some(pending) = self.waits.remove(&request) else {
             return Outgoing::Nothing;
         };
+        self.left_wait(request, &pending);
         self.engine.locks.count_timeout(&pending.key);
         let waited = pending.waited.unwrap_or_default();
         let msg = format!("{} not acquired within {waited:?}", pending.key);
@@ -181,6 +202,7 @@ impl Conn {
                 if let Some(timer) = pending.timer {
                     self.timers.remove(&timer);
                 }
+                self.left_wait(request, &pending);
                 let answer = self.granted(
                     request,
                     pending.key,
@@ -213,6 +235,29 @@ impl Conn {
         }
     }
 
+    /// Bookkeeping for a wait that left `waits` (granted, withdrawn, refused, disconnected).
+    pub(super) fn left_wait(&mut self, request: RequestId, pending: &Pending) {
+        match pending.tracked {
+            Tracked::Registered => self.engine.deadlocks.unregister(&self.owner, request),
+            Tracked::Unregistered => self.unregistered = self.unregistered.saturating_sub(1),
+            Tracked::Never => {}
+        }
+    }
+
+    /// Registers the waits deadlock detection skipped, once the connection may be on a cycle
+    /// (it is about to take a hold or another wait).
+    pub(super) fn register_waits(&mut self) {
+        for (request, pending) in self.waits.iter_mut() {
+            if pending.tracked == Tracked::Unregistered {
+                self.engine
+                    .deadlocks
+                    .register(&self.owner, *request, &pending.key);
+                pending.tracked = Tracked::Registered;
+            }
+        }
+        self.unregistered = 0;
+    }
+
     /// The answer to `request` (an [`Outgoing::Committed`]) reached the socket: its id is free
     /// again, and a detached grant it announced is the client's.
     pub fn written(&mut self, request: RequestId) {
@@ -241,10 +286,12 @@ impl Conn {
     /// below is never handed to this dying connection's own waiter. Detached leases stay.
     /// Returns how many holds ended.
     fn disconnect(&mut self) -> usize {
-        let locks = &self.engine.locks;
         let mut ended = 0;
         // Also catches grants that were made but not yet delivered to this connection.
-        for (request, pending) in self.waits.drain() {
+        let waits: Vec<_> = self.waits.drain().collect();
+        for (request, pending) in waits {
+            self.left_wait(request, &pending);
+            let locks = &self.engine.locks;
             ended += locks.remove_owner(&pending.key, &self.owner);
             // A detached grant made for this request survives remove_owner, but nobody will
             // ever learn its ticket: end it.
@@ -252,6 +299,7 @@ impl Conn {
                 ended += locks.abandon_detached(&pending.key, &self.owner, request);
             }
         }
+        let locks = &self.engine.locks;
         for (ticket, held) in self.holds.drain() {
             if held.leased {
                 self.engine.leases.forget(&ticket);

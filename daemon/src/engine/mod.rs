@@ -35,6 +35,7 @@
 
 mod answer;
 mod conn;
+mod deadlock;
 pub mod leases;
 pub mod lockspace;
 mod ops;
@@ -68,6 +69,7 @@ pub struct Engine {
     leases: Leases,
     writer: Writer,
     usage: Registry,
+    deadlocks: deadlock::Detector,
 }
 
 impl Engine {
@@ -81,6 +83,7 @@ impl Engine {
             leases,
             writer,
             usage: Registry::default(),
+            deadlocks: deadlock::Detector::default(),
         };
         (Arc::new(engine), Timers { arming, delays })
     }

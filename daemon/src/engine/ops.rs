@@ -9,7 +9,7 @@ use lockd_protocol::{Acquire, Grant, Key, ListQuery, Mode, Op, Reply, RequestId,
 use tokio::time::Instant;
 
 use super::answer::Then;
-use super::conn::{Held, Minted, Pending, Unanswered};
+use super::conn::{Held, Minted, Pending, Tracked, Unanswered};
 use super::leases::{Lease, LeaseSpec, Release, Renewal, TicketError};
 use super::lockspace::{AcquireOutcome, Ended, HoldMeta, How};
 use super::{Answer, Conn, Deferred};
@@ -76,6 +76,10 @@ impl Conn {
             Ok(lease) => lease,
             Err(e) => return Answer::Now(Err(e)),
         };
+        if self.unregistered > 0 {
+            // This acquire may give the connection a hold or a second wait.
+            self.register_waits();
+        }
         let waited = match a.wait {
             Wait::No | Wait::Millis(0) => None,
             Wait::Millis(ms) if ms <= MAX_TIMED_WAIT_MS => Some(Some(Duration::from_millis(ms))),
@@ -130,19 +134,55 @@ impl Conn {
                 Answer::Now(Err(Error::Conflict(msg)))
             }
             AcquireOutcome::Queued => {
-                let waited = waited.flatten();
-                let timer = waited.map(|d| self.timers.insert(id, d));
-                let pending = Pending {
-                    key: a.key,
-                    timer,
-                    waited,
-                    lease,
-                    minted,
-                };
-                self.waits.insert(id, pending);
-                Answer::Queued
+                self.queued(id, a.key, a.permits, waited.flatten(), lease, minted)
             }
         }
+    }
+
+    /// Records a queued acquire, unless waiting would close a cycle of connections waiting on
+    /// each other: then it is withdrawn and answers `Deadlock`.
+    fn queued(
+        &mut self,
+        id: RequestId,
+        key: Key,
+        permits: Option<u32>,
+        waited: Option<Duration>,
+        lease: Option<LeaseSpec>,
+        minted: Minted,
+    ) -> Answer {
+        let tracked = if permits.is_some() {
+            Tracked::Never
+        } else if self.holds.is_empty() && self.waits.is_empty() && !self.had_detached {
+            // Holding nothing and waiting for nothing else, it cannot be on a cycle.
+            self.unregistered += 1;
+            Tracked::Unregistered
+        } else {
+            let detector = &self.engine.deadlocks;
+            if let Some(cycle) =
+                detector.register_and_check(&self.engine.locks, &self.owner, id, &key)
+            {
+                // Withdrawn unless it was granted meanwhile (then the grant is on its way).
+                if self.engine.locks.cancel(&key, &self.owner, id) {
+                    detector.unregister(&self.owner, id);
+                    self.tickets.put_back(minted.ticket);
+                    self.engine.locks.deadlock(&key, &self.owner, &cycle);
+                    tracing::warn!(key = %key, "deadlock refused: {cycle}");
+                    return Answer::Now(Err(Error::Deadlock(format!("{key}: {cycle}"))));
+                }
+            }
+            Tracked::Registered
+        };
+        let timer = waited.map(|d| self.timers.insert(id, d));
+        let pending = Pending {
+            key,
+            timer,
+            waited,
+            lease,
+            minted,
+            tracked,
+        };
+        self.waits.insert(id, pending);
+        Answer::Queued
     }
 
     /// Checks an acquire; returns its lease, if any.
@@ -283,6 +323,7 @@ impl Conn {
             expires_at_ms: Some(record.expires_at_ms),
         };
         let detached = spec.detached;
+        self.had_detached |= detached;
         let commit = self.engine.leases.insert(Lease {
             record,
             owner: self.owner.clone(),
@@ -412,6 +453,7 @@ impl Conn {
             if let Some(timer) = pending.timer {
                 self.timers.remove(&timer);
             }
+            self.left_wait(request, &pending);
         }
         let msg = format!("wait cancelled by request {by}");
         self.side_answers.push((request, Err(Error::Timeout(msg))));

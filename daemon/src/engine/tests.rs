@@ -21,6 +21,7 @@ use crate::fence::Fences;
 use crate::peer::{Peer, Push};
 use crate::store::{Change, Job, LeaseRecord, StoreError, Writer};
 
+mod deadlock;
 mod model;
 
 /// The store as the test drives it: jobs wait until the test commits or fails them.

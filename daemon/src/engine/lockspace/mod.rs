@@ -421,6 +421,56 @@ impl LockSpace {
         held
     }
 
+    /// Whom the queued request `request` of `waiter` on `key` waits for: the holders, then the
+    /// requests queued ahead of it from position `from` on (`None`: from the start, holders
+    /// included). Returns the request's position with them, or `None` if it is no longer
+    /// queued or the key is a counting semaphore (not searched for deadlocks).
+    pub fn wait_targets(
+        &self,
+        key: &Key,
+        waiter: &Owner,
+        request: RequestId,
+        from: Option<usize>,
+    ) -> Option<(usize, Vec<Owner>)> {
+        let shard = self.shard(key);
+        let e = shard.table.get(key)?;
+        if e.permits.is_some() {
+            return None;
+        }
+        let pos = e
+            .queue
+            .iter()
+            .position(|w| w.request == request && w.owner == *waiter)?;
+        let mut targets = Vec::new();
+        let start = match from {
+            None => {
+                targets.extend(e.holders.iter().map(|h| h.owner.clone()));
+                0
+            }
+            Some(n) => n,
+        };
+        if pos > start {
+            targets.extend(e.queue.range(start..pos).map(|w| w.owner.clone()));
+        }
+        Some((pos, targets))
+    }
+
+    /// Tells the watchers of `key` that a waiting acquire of `owner` was refused as a
+    /// deadlock.
+    pub fn deadlock(&self, key: &Key, owner: &Owner, cycle: &str) {
+        let mut guard = self.shard(key);
+        let mut out = Outbox::default();
+        let shard = &mut *guard;
+        shard.stats.deadlocks += 1;
+        if let Some(watchers) = shard.watchers(key) {
+            let change = Change::Deadlock {
+                owner: owner_info(owner),
+                cycle: cycle.to_string(),
+            };
+            notify(&mut out, watchers, key, change);
+        }
+    }
+
     /// Sends `owner` every change on `key` from now on.
     pub fn watch(&self, key: &Key, owner: &Owner) {
         let mut shard = self.shard(key);

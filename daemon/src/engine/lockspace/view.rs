@@ -14,6 +14,10 @@ use crate::clock;
 use crate::stats::ShardStats;
 use crate::table::Holder;
 
+/// A key's holder connection ids and queued (connection id, request), for tests.
+#[cfg(test)]
+pub type KeyQueue = (Key, Vec<u64>, Vec<(u64, u64)>);
+
 /// Largest page [`LockSpace::list`] returns.
 pub const MAX_LIST_PAGE: usize = 1000;
 
@@ -22,6 +26,28 @@ pub const MAX_LIST_PAGE: usize = 1000;
 const FRAME_MARGIN: usize = 400;
 
 impl LockSpace {
+    /// Every key as (key, holder connection ids, queued (connection id, request) in order), for
+    /// tests that compute wait-for cycles by brute force.
+    #[cfg(test)]
+    pub fn queues(&self) -> Vec<KeyQueue> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (key, e) in shard.table.iter() {
+                let holders = e.holders.iter().map(|h| h.owner.id).collect();
+                let queue = e.queue.iter().map(|w| (w.owner.id, w.request)).collect();
+                all.push((key.clone(), holders, queue));
+            }
+        }
+        all
+    }
+
+    /// The shard `key` lives in (tests pick keys in different shards).
+    #[cfg(test)]
+    pub fn shard_of(&self, key: &Key) -> usize {
+        use std::hash::BuildHasher;
+        (self.hasher.hash_one(key) as usize) & (super::SHARDS - 1)
+    }
     /// Holders and waiters of `key` (empty lists if it has none), as many as fit in a frame of
     /// `max_frame` bytes: holders first, then waiters in queue order; the rest are counted in
     /// `omitted_holders` and `omitted_waiters`.
