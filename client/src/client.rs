@@ -1,6 +1,7 @@
 //! [`Client`]: one multiplexed connection to lockd, and the acquire builder.
 
 use std::future::{Future, IntoFuture};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -140,6 +141,8 @@ impl Client {
             wait: Wait::No,
             data: Vec::new(),
             lease: None,
+            permits: None,
+            lock_delay: Duration::ZERO,
         }
     }
 
@@ -300,6 +303,32 @@ impl Client {
         }
     }
 
+    /// The connection's socket descriptor, or `None` once the connection has ended.
+    ///
+    /// The connection's socket; a process that inherits it keeps the connection — and its
+    /// session holds — open: the daemon sees the connection close, and ends its holds, only
+    /// once every copy of the descriptor is closed. It is close-on-exec; `lockctl run` clears
+    /// `FD_CLOEXEC` in its command (between fork and exec) so that the command keeps the lock
+    /// even if lockctl dies first, as flock(1) does. Never read or write it: the client owns
+    /// the stream.
+    ///
+    /// The number is valid only while the connection is open; the connection's reader task
+    /// closes it when the daemon ends the connection, possibly on another thread right after
+    /// this returns. Use [`Client::with_socket_fd`] to use the descriptor without that race.
+    pub fn as_raw_fd(&self) -> Option<RawFd> {
+        self.with_socket_fd(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd))
+    }
+
+    /// Calls `f` with the connection's socket descriptor (see [`Client::as_raw_fd`]), which
+    /// stays open while `f` runs; `None` (and `f` is not called) once the connection has ended.
+    ///
+    /// `f` runs under the connection's writer lock: it must not use this client (that would
+    /// deadlock) and should be short (forking a child that inherits the descriptor is the
+    /// intended use).
+    pub fn with_socket_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Option<R> {
+        self.inner.conn.with_socket_fd(f)
+    }
+
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.conn.closed.is_cancelled()
@@ -446,6 +475,8 @@ pub struct AcquireBuilder {
     wait: Wait,
     data: Vec<u8>,
     lease: Option<Duration>,
+    permits: Option<u32>,
+    lock_delay: Duration,
 }
 
 /// Milliseconds of `d`, saturating.
@@ -517,6 +548,22 @@ impl AcquireBuilder {
         self
     }
 
+    /// Make the key a counting semaphore: at most `n` holders at once, each taking one slot
+    /// (the hold must be exclusive, the default). The first holder or waiter of a key fixes its
+    /// capacity; without this the key is a plain lock.
+    pub fn permits(mut self, n: u32) -> Self {
+        self.permits = Some(n);
+        self
+    }
+
+    /// Lock-delay: if this hold ends without a release (its connection closed, its lease
+    /// expired, it was force-released), nobody is granted the key for `d` afterwards, so work
+    /// the lost holder may still be doing has time to stop. Zero (the default): none.
+    pub fn lock_delay(mut self, d: Duration) -> Self {
+        self.lock_delay = d;
+        self
+    }
+
     /// Takes a detached lease instead of a guard (requires [`AcquireBuilder::lease`]).
     ///
     /// # Errors
@@ -547,8 +594,8 @@ impl AcquireBuilder {
             wait: self.wait,
             lease_ms: self.lease.map(duration_ms),
             detach,
-            permits: None,
-            lock_delay_ms: 0,
+            permits: self.permits,
+            lock_delay_ms: duration_ms(self.lock_delay),
             data: self.data,
         });
         let answer = self.client.call(&op).await?;

@@ -240,6 +240,19 @@ impl Conn {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Calls `f` with the socket's descriptor, kept open meanwhile by the writer lock (the
+    /// connection's end drops the write half under it); `None` once the connection has ended.
+    pub(crate) fn with_socket_fd<R>(
+        &self,
+        f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> R,
+    ) -> Option<R> {
+        use std::os::fd::AsFd;
+        let w = lock(&self.writer);
+        let wr = w.wr.as_ref().filter(|_| !w.failed)?;
+        let stream: &UnixStream = (**wr).as_ref();
+        Some(f(stream.as_fd()))
+    }
+
     /// Asks the task to close the connection (the last handle is gone).
     pub(crate) fn close(&self) {
         self.signals.raise(&self.signals.stop);

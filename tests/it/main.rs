@@ -9,6 +9,7 @@ mod counter;
 mod crash;
 mod durability;
 mod fences;
+mod flock;
 mod fuzz;
 mod hostile;
 mod leases;

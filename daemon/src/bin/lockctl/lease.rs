@@ -18,6 +18,9 @@ Prints shell assignments (eval them) or, with --json, an object:
 
 The lease outlives lockctl (it is always detached; --detach is accepted for clarity).
 
+Waiting: as `lockctl run` and flock(1), lockctl waits as long as it takes unless -n (fail at
+once if held, exit 1) or -w SECS (give up after SECS, exit 1).
+
 Examples:
   eval \"$(lockctl acquire --lease 10m -n nightly-report)\" || exit 1
   ./build-report.sh --fence \"$LOCKD_FENCE\"
@@ -34,15 +37,34 @@ pub struct AcquireArgs {
     /// Keep the lease after lockctl exits (always the case; accepted for clarity)
     #[arg(long)]
     detach: bool,
-    /// Fail at once if the lock is held (the default)
-    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
+    /// Fail at once if the lock is held [default: wait as long as it takes]
+    #[arg(
+        short = 'n',
+        long = "nonblock",
+        visible_alias = "nb",
+        conflicts_with = "wait"
+    )]
     nonblock: bool,
-    /// Wait at most this long: seconds, or 500ms, 30s, 5m, 1h
-    #[arg(short = 'w', long = "wait", value_name = "SECS", value_parser = duration::parse)]
+    /// Wait at most this long: seconds (fractions too), or 500ms, 30s, 5m, 1h [default: wait
+    /// as long as it takes]
+    #[arg(
+        short = 'w',
+        long = "wait",
+        visible_alias = "timeout",
+        value_name = "SECS",
+        value_parser = duration::parse
+    )]
     wait: Option<Duration>,
     /// Take a shared lease
     #[arg(short = 's', long = "shared")]
     shared: bool,
+    /// Make the lock a counting semaphore: at most N holders at once (exclusive holds only)
+    #[arg(long, value_name = "N")]
+    permits: Option<u32>,
+    /// If the lease ends without a release (expired, force-released), nobody gets the lock
+    /// for this long afterwards
+    #[arg(long, value_name = "DUR", value_parser = duration::parse)]
+    lock_delay: Option<Duration>,
     /// Text attached to the lease, shown by describe (at most 1 KiB)
     #[arg(long, value_name = "TEXT")]
     data: Option<String>,
@@ -112,8 +134,16 @@ pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
     if args.shared {
         acquire = acquire.shared();
     }
-    if let (false, Some(w)) = (args.nonblock, args.wait) {
-        acquire = acquire.wait(w);
+    acquire = match (args.nonblock, args.wait) {
+        (true, _) => acquire,
+        (false, Some(w)) => acquire.wait(w),
+        (false, None) => acquire.wait_forever(),
+    };
+    if let Some(n) = args.permits {
+        acquire = acquire.permits(n);
+    }
+    if let Some(d) = args.lock_delay {
+        acquire = acquire.lock_delay(d);
     }
     if let Some(data) = args.data {
         acquire = acquire.data(data.into_bytes());

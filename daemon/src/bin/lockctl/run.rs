@@ -1,10 +1,28 @@
 //! `lockctl run`: hold a lock while a command runs, flock(1) style.
 //!
-//! The command gets `LOCKD_FENCE`, `LOCKD_LOCK` and `LOCKD_NAMESPACE`. SIGINT, SIGTERM and
-//! SIGHUP sent to lockctl are forwarded to it. If the hold is lost, the command gets SIGTERM at
-//! once and SIGKILL after `--kill-after`, and lockctl exits 75. If lockctl itself dies (even by
-//! SIGKILL), its connection closes, the lock is released, and the kernel sends the command
-//! SIGTERM (`PR_SET_PDEATHSIG`): a command never keeps running silently without its lock.
+//! Accepts flock(1)'s command-line shapes and spellings, so flock scripts work with `lockctl
+//! run` in its place: `NAME CMD [ARGS…]` (with or without `--`), `NAME -c STRING`, `-x`/`-e`,
+//! `-s`, `-n`, `-w`, `-E`, `-o`, `-F`, `--verbose`. The lock file's path becomes the lock's
+//! name, unchanged. flock's descriptor form (`flock 9`) and `-u` have no lockd equivalent and
+//! are refused with what to use instead.
+//!
+//! The command gets `LOCKD_FENCE`, `LOCKD_LOCK`, `LOCKD_NAMESPACE` and, unless `-o`,
+//! `LOCKD_FD`: as flock(1) does with its lock file, the command inherits the connection's
+//! socket, so the daemon keeps the hold until lockctl *and* every process that inherited the
+//! descriptor have closed it. If lockctl dies (even by SIGKILL) the command gets SIGTERM
+//! (`PR_SET_PDEATHSIG`) and keeps the lock until it has exited: a command never runs on
+//! without its lock. With `-o` the descriptor is not passed (for commands that start
+//! long-lived daemons): lockctl's death then releases the lock at once.
+//!
+//! SIGINT, SIGTERM and SIGHUP sent to lockctl are forwarded to the command. If the hold is
+//! lost (daemon gone, lease expired, force-release), the command gets SIGTERM at once and
+//! SIGKILL after `--kill-after`, and lockctl exits 75.
+//!
+//! When the command exits and processes it left behind (which may hold the descriptor) still
+//! run, lockctl exits without releasing the lock: it ends when they have all closed the
+//! descriptor, as with flock. lockctl learns this by being their reaper
+//! (`PR_SET_CHILD_SUBREAPER`); otherwise it releases the lock before exiting, so the next
+//! acquirer never depends on when the daemon notices a closed socket.
 //!
 //! When lockctl's stdin is not a terminal (cron, systemd, scripts), the command runs in a
 //! process group of its own and signals go to the whole group, so the command's children stop
@@ -12,41 +30,100 @@
 //! and signals go to the command alone. The parent-death signal reaches the command itself, not
 //! its children.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use lockd_client::{Client, ConnectOptions, LockGuard};
+use lockd_client::{Client, ConnectOptions, Description, Error, ErrorCode, Key, LockGuard};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::exit;
+use crate::{exit, output};
 use lockd::duration;
 
 const AFTER_HELP: &str = "\
+NAME is the lock's name. A path, as flock takes (/run/lock/backup.lock), is used as the name
+unchanged, in the default namespace (or --namespace): nothing is opened or created on disk,
+and two spellings of one file (./x.lock, /tmp/x.lock) are two different locks.
+
+Waiting: as flock, lockctl waits as long as it takes unless -n (fail at once if held) or
+-w SECS (give up after SECS). Both fail with exit 1, or the -E code.
+
+The command inherits the connection's socket (LOCKD_FD=<n>, like flock's lock descriptor):
+the lock is held until lockctl and every process that inherited it have exited (or closed
+it), even if lockctl is killed first. -o does not pass it (for commands that start daemons, which would
+otherwise keep the lock). -F runs the command in lockctl's place (no supervision: a lost hold
+is not noticed).
+
+The command also gets LOCKD_FENCE (the fencing token), LOCKD_LOCK and LOCKD_NAMESPACE.
+
 Examples:
   # Skip this run if the previous one still holds the lock:
   lockctl run -n nightly-backup -- /usr/local/bin/backup.sh
+  # A flock(1) line, unchanged but for the program name:
+  lockctl run -n /run/lock/backup.lock -c '/usr/local/bin/backup.sh --full'
   # Wait up to 30 s for a shared hold; exit 10 if not acquired:
-  lockctl run -w 30 -s -E 10 reports -- ./read-reports.sh
+  lockctl run -w 30 -s -E 10 reports ./read-reports.sh
   # The command sees its fencing token:
   lockctl run deploy -- sh -c 'echo \"fence $LOCKD_FENCE for $LOCKD_LOCK\"'";
 
-/// Hold a lock while a command runs.
+/// Hold a lock while a command runs (flock(1)'s options and shapes work too).
 #[derive(Args, Debug)]
-#[command(after_help = AFTER_HELP)]
+#[command(
+    after_help = AFTER_HELP,
+    override_usage = "lockctl run [OPTIONS] NAME [--] CMD [ARGS]...\n       lockctl run [OPTIONS] NAME -c STRING"
+)]
 pub struct RunArgs {
-    /// Fail at once if the lock is held (no waiting)
-    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
-    nonblock: bool,
-    /// Wait at most this long: seconds, or 500ms, 30s, 5m, 1h [default: wait forever]
-    #[arg(short = 'w', long = "wait", value_name = "SECS", value_parser = duration::parse)]
-    wait: Option<Duration>,
+    /// Take an exclusive hold (the default)
+    #[arg(
+        short = 'x',
+        visible_short_alias = 'e',
+        long = "exclusive",
+        overrides_with = "shared"
+    )]
+    exclusive: bool,
     /// Take a shared hold instead of an exclusive one
-    #[arg(short = 's', long = "shared")]
+    #[arg(short = 's', long = "shared", overrides_with = "exclusive")]
     shared: bool,
+    /// Fail at once if the lock is held [default: wait as long as it takes]
+    #[arg(
+        short = 'n',
+        long = "nonblock",
+        visible_alias = "nb",
+        conflicts_with = "wait"
+    )]
+    nonblock: bool,
+    /// Wait at most this long: seconds (fractions too), or 500ms, 30s, 5m, 1h [default: wait
+    /// as long as it takes]
+    #[arg(
+        short = 'w',
+        long = "wait",
+        visible_alias = "timeout",
+        value_name = "SECS",
+        value_parser = duration::parse
+    )]
+    wait: Option<Duration>,
     /// Exit code when the lock is not acquired (conflict or timeout)
     #[arg(short = 'E', long = "conflict-exit-code", value_name = "CODE", default_value_t = exit::NOT_ACQUIRED)]
     conflict_exit_code: u8,
+    /// Do not pass the lock's descriptor to the command (for commands that start long-lived
+    /// daemons): if lockctl dies, the lock is released at once, even while the command runs
+    #[arg(short = 'o', long = "close")]
+    close: bool,
+    /// Run the command in lockctl's place (exec, no fork): it holds the lock for as long as it
+    /// (and whatever inherits LOCKD_FD) lives; nothing supervises it; not with --lease
+    #[arg(short = 'F', long = "no-fork")]
+    no_fork: bool,
+    /// Not supported: the lock is released when the command exits (for a lock that outlives
+    /// lockctl, use `lockctl acquire --lease` and `lockctl release TICKET`)
+    #[arg(short = 'u', long = "unlock")]
+    unlock: bool,
+    /// Print to stderr whom lockctl waits for and how long it waited
+    #[arg(long)]
+    verbose: bool,
+    /// Run STRING through `sh -c` instead of CMD (flock's -c)
+    #[arg(short = 'c', long = "command", value_name = "STRING")]
+    shell_command: Option<String>,
     /// Lock namespace
     #[arg(long, value_name = "NS", default_value = lockd_protocol::DEFAULT_NAMESPACE)]
     namespace: String,
@@ -57,15 +134,90 @@ pub struct RunArgs {
     /// After the hold is lost, how long the command gets between SIGTERM and SIGKILL
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = duration::parse)]
     kill_after: Duration,
-    /// Lock name
+    /// Make the lock a counting semaphore: at most N holders at once (exclusive holds only)
+    #[arg(long, value_name = "N")]
+    permits: Option<u32>,
+    /// If this hold ends without a release (lockctl and the command gone, lease expired,
+    /// force-release), nobody gets the lock for this long afterwards
+    #[arg(long, value_name = "DUR", value_parser = duration::parse)]
+    lock_delay: Option<Duration>,
+    /// Lock name (a lock file's path is fine: it is the name, unchanged)
     name: String,
-    /// The command and its arguments
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (`--` before it is optional)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The program and arguments to run, or the usage error to report (exit 2).
+    fn argv(&self) -> Result<Vec<String>, String> {
+        if self.unlock {
+            return Err(
+                "-u/--unlock is not supported: the lock is released when the command exits \
+                 (or use lockctl release TICKET for a detached lease taken with lockctl acquire)"
+                    .into(),
+            );
+        }
+        if self.no_fork && self.lease.is_some() {
+            return Err(
+                "-F/--no-fork cannot be used with --lease: with lockctl gone, nobody \
+                 would renew the lease and it would expire while the command runs; use -F \
+                 alone (the hold lasts exactly as long as the command) or --lease without -F"
+                    .into(),
+            );
+        }
+        if self.no_fork && self.close {
+            return Err(
+                "-F/--no-fork and -o/--close contradict each other: with -F the \
+                 command itself holds the lock's connection"
+                    .into(),
+            );
+        }
+        match (&self.shell_command, self.command.as_slice()) {
+            (Some(s), []) => Ok(vec!["sh".into(), "-c".into(), s.clone()]),
+            (Some(_), extra) => Err(format!(
+                "-c takes exactly one command string; unexpected {extra:?} after it \
+                 (quote the whole command: lockctl run NAME -c 'CMD ARGS')"
+            )),
+            (None, [])
+                if !self.name.is_empty() && self.name.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Err(format!(
+                    "`lockctl run {0}` looks like flock's descriptor form (`flock {0}`), which \
+                     lockd has no equivalent for: a lockd lock belongs to a connection, not to \
+                     a descriptor your shell opened. Run the command under the lock instead: \
+                     lockctl run NAME -- CMD [ARGS...] (or lockctl run NAME -c 'CMD ...')",
+                    self.name
+                ))
+            }
+            (None, []) => Err(
+                "no command given: lockctl run NAME [--] CMD [ARGS...] or lockctl run NAME -c \
+                 STRING"
+                    .into(),
+            ),
+            (None, cmd) => Ok(cmd.to_vec()),
+        }
+    }
+
+    fn mode_is_shared(&self) -> bool {
+        // -x/-s override each other (the last one wins, as in flock).
+        self.shared && !self.exclusive
+    }
 }
 
 /// Runs the subcommand; returns lockctl's exit code.
 pub async fn run(socket: &Path, args: RunArgs) -> u8 {
+    let argv = match args.argv() {
+        Ok(argv) => argv,
+        Err(msg) => {
+            eprintln!("lockctl: {msg}");
+            return exit::USAGE;
+        }
+    };
     // Installed first: a signal while we connect or wait ends lockctl cleanly (128 + signal,
     // the command never started); once the command runs, signals are forwarded to it.
     let mut signals = match Signals::install() {
@@ -76,14 +228,15 @@ pub async fn run(socket: &Path, args: RunArgs) -> u8 {
         }
     };
     let acquired = tokio::select! {
-        acquired = acquire(socket, &args) => acquired,
+        acquired = acquire(socket, &args, &argv) => acquired,
         signo = signals.next() => {
             eprintln!("lockctl: interrupted while waiting for {}", args.name);
             return 128 + signo as u8;
         }
     };
     match acquired {
-        Ok(guard) => supervise(&args, guard, signals).await,
+        Ok((client, guard)) if args.no_fork => exec_in_place(&args, &argv, &client, guard),
+        Ok((client, guard)) => supervise(&args, &argv, &client, guard, signals).await,
         Err(e) => {
             eprintln!("lockctl: {e}");
             exit::for_error(&e, args.conflict_exit_code)
@@ -91,27 +244,129 @@ pub async fn run(socket: &Path, args: RunArgs) -> u8 {
     }
 }
 
-async fn acquire(socket: &Path, args: &RunArgs) -> Result<LockGuard, lockd_client::Error> {
+/// Connects and acquires; with `--verbose`, says whom it waits for and how long it waited.
+async fn acquire(
+    socket: &Path,
+    args: &RunArgs,
+    argv: &[String],
+) -> Result<(Client, LockGuard), Error> {
     let options = ConnectOptions {
-        client_name: format!("lockctl run {}", args.command[0]),
+        client_name: format!("lockctl run {}", argv[0]),
         ..ConnectOptions::default()
     };
     let client = Client::connect_with(socket, options).await?;
     let mut acquire = client
         .acquire(args.name.clone())
         .namespace(args.namespace.clone());
-    if args.shared {
+    if args.mode_is_shared() {
         acquire = acquire.shared();
     }
     if let Some(lease) = args.lease {
         acquire = acquire.lease(lease);
     }
+    if let Some(n) = args.permits {
+        acquire = acquire.permits(n);
+    }
+    if let Some(d) = args.lock_delay {
+        acquire = acquire.lock_delay(d);
+    }
+    let may_wait = !args.nonblock && args.wait != Some(Duration::ZERO);
     acquire = match (args.nonblock, args.wait) {
         (true, _) => acquire,
         (false, Some(d)) => acquire.wait(d),
         (false, None) => acquire.wait_forever(),
     };
-    acquire.await
+    let started = Instant::now();
+    let mut pending = std::pin::pin!(std::future::IntoFuture::into_future(acquire));
+    let result = if args.verbose && may_wait {
+        // The daemon answers requests in order: once the ping is answered, an acquire still
+        // unanswered is queued behind a holder.
+        let answered = tokio::select! {
+            biased;
+            r = &mut pending => Some(r),
+            _ = client.ping() => None,
+        };
+        match answered {
+            Some(r) => r,
+            None => {
+                tell_holders(&client, args, "waiting for").await;
+                pending.await
+            }
+        }
+    } else {
+        pending.await
+    };
+    if args.verbose {
+        let waited = secs(started.elapsed());
+        match &result {
+            Ok(guard) => eprintln!(
+                "lockctl: got lock {} after {waited} (fence {})",
+                args.name,
+                guard.fence()
+            ),
+            Err(Error::Lock(e)) if e.code == ErrorCode::Timeout => {
+                eprintln!("lockctl: gave up on {} after {waited}", args.name);
+                tell_holders(&client, args, "still").await;
+            }
+            Err(Error::Lock(e)) if e.code == ErrorCode::Conflict => {
+                tell_holders(&client, args, "not waiting for").await;
+            }
+            Err(_) => {}
+        }
+    }
+    result.map(|guard| (client, guard))
+}
+
+/// `0.523s`.
+fn secs(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+/// Prints who holds (or why nobody is granted) the lock, from a describe.
+async fn tell_holders(client: &Client, args: &RunArgs, what: &str) {
+    let Ok(key) = Key::new(args.namespace.clone(), args.name.clone()) else {
+        return;
+    };
+    match client.describe(&key).await {
+        Ok(d) => {
+            for line in holder_lines(&d) {
+                eprintln!("lockctl: {what} {}, {line}", args.name);
+            }
+        }
+        Err(e) => eprintln!("lockctl: {what} {} (cannot describe it: {e})", args.name),
+    }
+}
+
+/// One line per holder (at most five), or why the lock is not granted without one.
+fn holder_lines(d: &Description) -> Vec<String> {
+    const SHOWN: usize = 5;
+    let mut lines: Vec<String> = d
+        .holders
+        .iter()
+        .take(SHOWN)
+        .map(|h| {
+            format!(
+                "held ({}) by pid {}, uid {} ({}) for {}",
+                h.mode.as_str(),
+                h.owner.pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                h.owner.uid,
+                h.owner.client_name,
+                output::duration(output::now_ms().saturating_sub(h.acquired_at_ms)),
+            )
+        })
+        .collect();
+    let more = (d.holders.len().saturating_sub(SHOWN)) as u64 + u64::from(d.omitted_holders);
+    if more > 0 {
+        lines.push(format!("and {more} more holder(s)"));
+    }
+    if lines.is_empty() {
+        let waiters = d.waiters.len() as u64 + u64::from(d.omitted_waiters);
+        lines.push(match d.delayed_until_ms {
+            Some(until) => format!("in lock-delay until {}", output::relative(until)),
+            None => format!("no holder now, {waiters} waiter(s) queued"),
+        });
+    }
+    lines
 }
 
 /// The signals lockctl forwards to the command.
@@ -158,19 +413,54 @@ impl Target {
     }
 }
 
+/// The exit code for a command that could not be started.
+fn cannot_run(program: &str, e: &std::io::Error) -> u8 {
+    eprintln!("lockctl: cannot run {program}: {e}");
+    if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    }
+}
+
 /// Runs the command while holding `guard`; returns the exit code.
-async fn supervise(args: &RunArgs, guard: LockGuard, mut signals: Signals) -> u8 {
+async fn supervise(
+    args: &RunArgs,
+    argv: &[String],
+    client: &Client,
+    guard: LockGuard,
+    mut signals: Signals,
+) -> u8 {
     use std::io::IsTerminal;
     let own_group = !std::io::stdin().is_terminal();
-    let mut child = match spawn(args, &guard, own_group) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("lockctl: cannot run {}: {e}", args.command[0]);
-            return if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
+    let pass_fd = !args.close;
+    // Reaping the command's orphans tells us, once it has exited, whether any of them (which
+    // may hold the descriptor) still runs.
+    let subreaper = pass_fd && become_subreaper();
+    let mut sigchld = if subreaper {
+        signal(SignalKind::child()).ok()
+    } else {
+        None
+    };
+    if args.verbose {
+        eprintln!("lockctl: executing {}", argv.join(" "));
+    }
+    let spawned = if pass_fd {
+        // The descriptor stays open while the closure runs (it forks the command).
+        client.with_socket_fd(|fd| spawn(argv, &guard, own_group, Some(fd.as_raw_fd())))
+    } else {
+        Some(spawn(argv, &guard, own_group, None))
+    };
+    let mut child = match spawned {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => return cannot_run(&argv[0], &e),
+        None => {
+            eprintln!(
+                "lockctl: lost lock {} before {} started (the connection to lockd ended)",
+                guard.key(),
+                argv[0]
+            );
+            return exit::LOST;
         }
     };
     let target = Target {
@@ -186,7 +476,7 @@ async fn supervise(args: &RunArgs, guard: LockGuard, mut signals: Signals) -> u8
             why = guard.lost(), if !lost => {
                 eprintln!(
                     "lockctl: lost lock {} ({why}); sending SIGTERM to {}, SIGKILL in {:?}",
-                    guard.key(), args.command[0], args.kill_after
+                    guard.key(), argv[0], args.kill_after
                 );
                 target.kill(libc::SIGTERM);
                 lost = true;
@@ -197,6 +487,7 @@ async fn supervise(args: &RunArgs, guard: LockGuard, mut signals: Signals) -> u8
                 kill_deadline.as_mut().reset(tokio::time::Instant::now() + Duration::MAX / 4);
             }
             signo = signals.next() => target.kill(signo),
+            Some(()) = recv(&mut sigchld) => reap_orphans(target.pid),
         }
     };
     if lost {
@@ -213,32 +504,121 @@ async fn supervise(args: &RunArgs, guard: LockGuard, mut signals: Signals) -> u8
             exit::INTERNAL
         }
     };
+    if subreaper && descendants_outlive_the_command().await {
+        eprintln!(
+            "lockctl: {} left processes behind that inherited the lock's descriptor \
+             (LOCKD_FD); {} stays locked until they have all closed it (-o does not pass it)",
+            argv[0],
+            guard.key()
+        );
+        // Exit without closing the connection ourselves: dropping the client would shut the
+        // socket down for them too. The kernel closes our copy of the descriptor.
+        std::process::exit(i32::from(code));
+    }
     if let Err(e) = guard.release().await {
         eprintln!("lockctl: releasing the lock failed: {e}");
     }
     code
 }
 
+/// Receives from `sig` if there is one; never resolves otherwise.
+async fn recv(sig: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match sig {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes lockctl the reaper of its command's orphaned descendants.
+fn become_subreaper() -> bool {
+    // SAFETY: prctl with these arguments only changes a flag of this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 }
+}
+
+/// Reaps the orphans that have exited, leaving the command's own exit to tokio (stops at it).
+fn reap_orphans(command: Option<i32>) {
+    loop {
+        // SAFETY: siginfo_t is plain data; zeroed is its "nothing found" state for WNOHANG.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid siginfo_t; WNOWAIT only peeks.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled `info` (or left it zeroed: pid 0).
+        let pid = unsafe { info.si_pid() };
+        if r != 0 || pid == 0 || Some(pid) == command {
+            return;
+        }
+        // SAFETY: reaps exactly that exited orphan.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+    }
+}
+
+/// After the command was reaped: true if a descendant still runs after a short grace period
+/// (processes that got the same signal as the command are usually still exiting; waiting for
+/// them lets lockctl release the lock itself, so that the next acquirer does not depend on when
+/// the daemon notices the socket closed).
+async fn descendants_outlive_the_command() -> bool {
+    const GRACE: Duration = Duration::from_millis(250);
+    let deadline = Instant::now() + GRACE;
+    while descendants_remain() {
+        if Instant::now() >= deadline {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Reaps exited orphans; true if a descendant still runs.
+fn descendants_remain() -> bool {
+    loop {
+        // SAFETY: waitpid with a null status pointer only reaps.
+        match unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } {
+            0 => return true,
+            pid if pid > 0 => continue,
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false, // ECHILD: nobody left
+        }
+    }
+}
+
 fn spawn(
-    args: &RunArgs,
+    argv: &[String],
     guard: &LockGuard,
     own_group: bool,
+    fd: Option<RawFd>,
 ) -> std::io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..])
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .env("LOCKD_FENCE", guard.fence().to_string())
         .env("LOCKD_LOCK", &guard.key().name)
         .env("LOCKD_NAMESPACE", &guard.key().namespace);
+    if let Some(fd) = fd {
+        cmd.env("LOCKD_FD", fd.to_string());
+    }
     // SAFETY: getpid is async-signal-safe; we call it before forking.
     let parent = unsafe { libc::getpid() };
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
-    // (setpgid, prctl, getppid, _exit).
+    // (setpgid, fcntl, prctl, getppid, _exit).
     unsafe {
         cmd.pre_exec(move || {
             if own_group && libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // If lockctl dies, the command gets SIGTERM: it must not run on without the lock.
+            // The command inherits the connection (in this child only: lockctl's copy stays
+            // close-on-exec), so the lock lives until it, too, has closed it.
+            if let Some(fd) = fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // If lockctl dies, the command gets SIGTERM.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -250,6 +630,44 @@ fn spawn(
         });
     }
     cmd.spawn()
+}
+
+/// `-F`: replaces lockctl with the command, which inherits the connection and so holds the
+/// lock until it (and whatever inherits the descriptor from it) exits. Returns only if the
+/// command could not be executed.
+fn exec_in_place(args: &RunArgs, argv: &[String], client: &Client, guard: LockGuard) -> u8 {
+    use std::os::unix::process::CommandExt;
+    if args.verbose {
+        eprintln!("lockctl: executing {} in place", argv.join(" "));
+    }
+    let failed = client.with_socket_fd(|fd| {
+        let fd = fd.as_raw_fd();
+        // SAFETY: clears FD_CLOEXEC on a descriptor the borrow keeps open.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return std::io::Error::last_os_error();
+        }
+        // std resets the signal mask and SIGPIPE's disposition before exec; caught signals
+        // return to their defaults by exec itself.
+        std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("LOCKD_FENCE", guard.fence().to_string())
+            .env("LOCKD_LOCK", &guard.key().name)
+            .env("LOCKD_NAMESPACE", &guard.key().namespace)
+            .env("LOCKD_FD", fd.to_string())
+            .exec()
+    });
+    match failed {
+        // The descriptor is inheritable now, but lockctl exits at once (releasing the lock).
+        Some(e) => cannot_run(&argv[0], &e),
+        None => {
+            eprintln!(
+                "lockctl: lost lock {} before {} started (the connection to lockd ended)",
+                guard.key(),
+                argv[0]
+            );
+            exit::LOST
+        }
+    }
 }
 
 /// The shell's convention: the exit status, or 128 + the signal that killed the command.
