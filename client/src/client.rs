@@ -312,6 +312,12 @@ impl Client {
     /// even if lockctl dies first, as flock(1) does. Never read or write it: the client owns
     /// the stream.
     ///
+    /// Closing the connection on purpose (dropping the last handle and guard, with the runtime
+    /// still running, or the runtime shutting down) shuts the socket down for every copy, so
+    /// the holds end then even if another process still has it. A process that wants the
+    /// inheritors alone to decide must leave without closing it: exit (e.g.
+    /// `std::process::exit`, which runs no destructors), exec, or be killed.
+    ///
     /// The number is valid only while the connection is open; the connection's reader task
     /// closes it when the daemon ends the connection, possibly on another thread right after
     /// this returns. Use [`Client::with_socket_fd`] to use the descriptor without that race.

@@ -174,7 +174,7 @@ async fn processes_the_command_left_behind_keep_the_lock_until_they_exit() {
             "run",
             "left",
             "-c",
-            "(sleep 1; echo behind >> \"$F\") >/dev/null 2>&1 & echo command >> \"$F\"",
+            "(sleep 2; echo behind >> \"$F\") >/dev/null 2>&1 & echo command >> \"$F\"",
         ],
         &env,
     )
@@ -368,17 +368,25 @@ async fn verbose_names_the_holder_and_the_time_waited() {
     let err = text(&out.stderr);
     assert!(err.contains("the-holder"), "{err}");
 
-    let waiting = command(&d, &["run", "--verbose", "-w", "30", "vb", "true"], &[])
-        .spawn()
-        .unwrap();
-    wait_for_waiter(&holder, "vb").await;
+    // Its stderr goes to a file, read while it waits: the holder is released only once
+    // lockctl has said whom it waits for.
+    let stderr_file = d.dir().join("stderr");
+    let mut waiting = command(&d, &["run", "--verbose", "-w", "30", "vb", "true"], &[]);
+    waiting.stderr(std::fs::File::create(&stderr_file).unwrap());
+    let mut waiting = waiting.spawn().unwrap();
+    within(PROMPT, "lockctl says whom it waits for", async {
+        while !read(&stderr_file).contains("the-holder") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     guard.release().await.unwrap();
-    let out = within(PROMPT, "lockctl got the lock", waiting.wait_with_output())
+    let status = within(PROMPT, "lockctl got the lock", waiting.wait())
         .await
         .unwrap();
-    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
-    let err = text(&out.stderr);
+    let err = read(&stderr_file);
+    assert_eq!(status.code(), Some(0), "{err}");
     let me = format!("pid {}", std::process::id());
     assert!(err.contains("waiting for vb"), "{err}");
     assert!(err.contains(&me), "{err}");

@@ -26,6 +26,7 @@ Exit codes:
 Examples:
   lockctl run -n nightly-backup -- /usr/local/bin/backup.sh
   lockctl run -w 30 -s reports -- ./read-reports.sh
+  lockctl run -n /run/lock/backup.lock -c 'backup.sh --full'    # a flock(1) line
   eval \"$(lockctl acquire --lease 10m -n report)\" && lockctl release \"$LOCKD_TICKET\"
   lockctl describe nightly-backup
   lockctl list --namespace ops
