@@ -288,6 +288,7 @@ async fn flock_spellings_and_exit_codes() {
         &["-n"][..],
         &["--nb"],
         &["--nonblock"],
+        &["--nonblocking"],
         &["-w", "0.2"],
         &["--wait", "0.2"],
         &["--timeout", "0.2"],

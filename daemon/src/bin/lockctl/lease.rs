@@ -41,7 +41,7 @@ pub struct AcquireArgs {
     #[arg(
         short = 'n',
         long = "nonblock",
-        visible_alias = "nb",
+        visible_aliases = ["nb", "nonblocking"],
         conflicts_with = "wait"
     )]
     nonblock: bool,

@@ -11,7 +11,8 @@
 //! socket, so the daemon keeps the hold until lockctl *and* every process that inherited the
 //! descriptor have closed it. If lockctl dies (even by SIGKILL) the command gets SIGTERM
 //! (`PR_SET_PDEATHSIG`) and keeps the lock until it has exited: a command never runs on
-//! without its lock. With `-o` the descriptor is not passed (for commands that start
+//! without its lock (with `--lease`, only until the lease runs out: nobody renews it). With
+//! `-o` the descriptor is not passed (for commands that start
 //! long-lived daemons): lockctl's death then releases the lock at once.
 //!
 //! SIGINT, SIGTERM and SIGHUP sent to lockctl are forwarded to the command. If the hold is
@@ -19,10 +20,11 @@
 //! SIGKILL after `--kill-after`, and lockctl exits 75.
 //!
 //! When the command exits and processes it left behind (which may hold the descriptor) still
-//! run, lockctl exits without releasing the lock: it ends when they have all closed the
-//! descriptor, as with flock. lockctl learns this by being their reaper
-//! (`PR_SET_CHILD_SUBREAPER`); otherwise it releases the lock before exiting, so the next
-//! acquirer never depends on when the daemon notices a closed socket.
+//! run 250 ms later, lockctl exits without releasing the lock or closing the connection (it
+//! leaves by `process::exit`): the lock ends when they have all closed the descriptor, as with
+//! flock. lockctl learns this by being their reaper (`PR_SET_CHILD_SUBREAPER`). Otherwise it
+//! releases the lock before exiting, so the next acquirer never depends on when the daemon
+//! notices a closed socket.
 //!
 //! When lockctl's stdin is not a terminal (cron, systemd, scripts), the command runs in a
 //! process group of its own and signals go to the whole group, so the command's children stop
@@ -89,7 +91,7 @@ pub struct RunArgs {
     #[arg(
         short = 'n',
         long = "nonblock",
-        visible_alias = "nb",
+        visible_aliases = ["nb", "nonblocking"],
         conflicts_with = "wait"
     )]
     nonblock: bool,
