@@ -90,15 +90,15 @@ impl Detector {
             expanded: HashMap::default(),
             stack: Vec::new(),
         };
-        if let Some(found) = search.expand(owner, request, key) {
+        if let Some(found) = search.expand(&waits, owner, request, key) {
             return Some(search.describe(found, key));
         }
         while let Some(next) = search.stack.pop() {
             let Some(list) = waits.get(&next.id) else {
                 continue;
             };
-            for (r, k) in list.clone() {
-                if let Some(found) = search.expand(&next, r, &k) {
+            for (r, k) in list {
+                if let Some(found) = search.expand(&waits, &next, *r, k) {
                     return Some(search.describe(found, key));
                 }
             }
@@ -106,6 +106,9 @@ impl Detector {
         None
     }
 }
+
+/// Registered waits by connection id.
+type Waits = HashMap<u64, Vec<(RequestId, Key)>>;
 
 /// One depth-first search from a new wait.
 struct Search<'a> {
@@ -126,9 +129,30 @@ type Closing = (Owner, Key);
 impl Search<'_> {
     /// Follows the wait `request` of `waiter` on `key`: every connection it waits for is
     /// reached. Returns the closing link if one of them is the start.
-    fn expand(&mut self, waiter: &Owner, request: RequestId, key: &Key) -> Option<Closing> {
+    ///
+    /// Only connections that can lead further are followed: the start, and connections not
+    /// reached yet that wait on some other key (one that waits only on `key` is a waiter ahead
+    /// of this one, and everything it waits for here is already a target).
+    fn expand(
+        &mut self,
+        waits: &Waits,
+        waiter: &Owner,
+        request: RequestId,
+        key: &Key,
+    ) -> Option<Closing> {
         let from = self.expanded.get(key).copied();
-        let (upto, targets) = self.locks.wait_targets(key, waiter, request, from)?;
+        let start = self.start.id;
+        let owners = &self.owners;
+        let pick = |id: u64| {
+            id == start
+                || (!owners.contains_key(&id)
+                    && waits
+                        .get(&id)
+                        .is_some_and(|list| list.iter().any(|(_, k)| k != key)))
+        };
+        let (upto, targets) = self
+            .locks
+            .wait_targets(key, waiter.id, request, from, pick)?;
         self.expanded
             .insert(key.clone(), upto.max(from.unwrap_or(0)));
         for target in targets {

@@ -421,38 +421,45 @@ impl LockSpace {
         held
     }
 
-    /// Whom the queued request `request` of `waiter` on `key` waits for: the holders, then the
-    /// requests queued ahead of it from position `from` on (`None`: from the start, holders
-    /// included). Returns the request's position with them, or `None` if it is no longer
-    /// queued or the key is a counting semaphore (not searched for deadlocks).
+    /// Whom the queued request `request` of connection `waiter` on `key` waits for: the
+    /// holders, then the requests queued ahead of it from position `from` on (`None`: from the
+    /// start, holders included), keeping those `pick` accepts (by connection id). Returns how
+    /// far the queue is now expanded (the request's position + 1) with them, or `None` if it is
+    /// no longer queued or the key is a counting semaphore (not searched for deadlocks).
     pub fn wait_targets(
         &self,
         key: &Key,
-        waiter: &Owner,
+        waiter: u64,
         request: RequestId,
         from: Option<usize>,
+        mut pick: impl FnMut(u64) -> bool,
     ) -> Option<(usize, Vec<Owner>)> {
         let shard = self.shard(key);
         let e = shard.table.get(key)?;
         if e.permits.is_some() {
             return None;
         }
+        if from.is_some_and(|n| n >= e.queue.len()) {
+            // The whole queue was expanded already: nothing new ahead of anyone.
+            return Some((e.queue.len(), Vec::new()));
+        }
+        // From the back: a new wait is the last one.
         let pos = e
             .queue
             .iter()
-            .position(|w| w.request == request && w.owner == *waiter)?;
-        let mut targets = Vec::new();
-        let start = match from {
-            None => {
-                targets.extend(e.holders.iter().map(|h| h.owner.clone()));
-                0
-            }
-            Some(n) => n,
-        };
-        if pos > start {
-            targets.extend(e.queue.range(start..pos).map(|w| w.owner.clone()));
-        }
-        Some((pos, targets))
+            .rposition(|w| w.request == request && w.owner.id == waiter)?;
+        let start = from.unwrap_or(0);
+        let holders = from.is_none().then_some(e.holders.iter().map(|h| &h.owner));
+        let ahead = e.queue.range(start..pos.max(start)).map(|w| &w.owner);
+        let targets = holders
+            .into_iter()
+            .flatten()
+            .chain(ahead)
+            .filter(|o| pick(o.id))
+            .cloned()
+            .collect();
+        // Up to and including the waiter itself: it is being expanded now.
+        Some((pos + 1, targets))
     }
 
     /// Tells the watchers of `key` that a waiting acquire of `owner` was refused as a

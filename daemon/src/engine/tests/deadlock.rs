@@ -295,3 +295,83 @@ proptest! {
         })?;
     }
 }
+
+/// A load generator, run on purpose (it asserts nothing about speed):
+/// `cargo test --release -p lockd --lib deadlock_detection_cost -- --ignored --nocapture`
+#[tokio::test]
+#[ignore]
+async fn deadlock_detection_cost() {
+    use std::time::Instant;
+    let per = |t: Instant, n: usize| t.elapsed().as_nanos() as f64 / n as f64 / 1000.0;
+    let n = 10_000;
+    // Baseline: acquires that conflict at once (no queue, no detection).
+    let (s, _timers) = setup();
+    let (mut holder, _) = s.conn(1, 10);
+    granted(now(holder.handle(1, take("hot", Mode::Exclusive))));
+    let mut conns: Vec<_> = (0..n).map(|i| s.conn(10 + i as u64, 10)).collect();
+    let t = Instant::now();
+    for (c, _) in conns.iter_mut() {
+        let _ = c.handle(1, take("hot", Mode::Exclusive));
+    }
+    println!(
+        "try-acquire that conflicts:                {:>8.2} µs each",
+        per(t, n)
+    );
+    // 10,000 waiters on one key, holding nothing: never searched.
+    let t = Instant::now();
+    for (c, _) in conns.iter_mut() {
+        assert!(matches!(
+            c.handle(2, wait_on("hot", Mode::Exclusive)),
+            Answer::Queued
+        ));
+    }
+    println!(
+        "queue behind 10,000 (waiters hold nothing): {:>8.2} µs each",
+        per(t, n)
+    );
+    // 10,000 waiters on one key that each hold another key: every wait is searched.
+    let (s, _timers) = setup();
+    let (mut holder, _) = s.conn(1, 10);
+    granted(now(holder.handle(1, take("hot", Mode::Exclusive))));
+    let mut conns: Vec<_> = (0..n).map(|i| s.conn(10 + i as u64, 10)).collect();
+    for (i, (c, _)) in conns.iter_mut().enumerate() {
+        granted(now(c.handle(1, take(&format!("own-{i}"), Mode::Exclusive))));
+    }
+    let t = Instant::now();
+    for (c, _) in conns.iter_mut() {
+        assert!(matches!(
+            c.handle(2, wait_on("hot", Mode::Exclusive)),
+            Answer::Queued
+        ));
+    }
+    println!(
+        "queue behind 10,000 (waiters hold a key):   {:>8.2} µs each",
+        per(t, n)
+    );
+    // A chain: 1,000 connections each holding one key and waiting for the next, built from
+    // the far end (each new wait walks the whole chain ahead), then closed.
+    let m = 1_000;
+    let (s, _timers) = setup();
+    let mut conns: Vec<_> = (0..m).map(|i| s.conn(1 + i as u64, 10)).collect();
+    for (i, (c, _)) in conns.iter_mut().enumerate() {
+        granted(now(c.handle(1, take(&format!("c{i}"), Mode::Exclusive))));
+    }
+    let t = Instant::now();
+    for i in (0..m - 1).rev() {
+        let next = format!("c{}", i + 1);
+        assert!(matches!(
+            conns[i].0.handle(2, wait_on(&next, Mode::Exclusive)),
+            Answer::Queued
+        ));
+    }
+    println!(
+        "chain of 1,000, each wait walks the rest:   {:>8.2} µs each",
+        per(t, m - 1)
+    );
+    let t = Instant::now();
+    deadlock_message(conns[m - 1].0.handle(2, wait_on("c0", Mode::Exclusive)));
+    println!(
+        "closing the 1,000-cycle (refused):          {:>8.2} µs",
+        per(t, 1)
+    );
+}
