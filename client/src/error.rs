@@ -51,6 +51,13 @@ impl Error {
         self.code() == Some(ErrorCode::Timeout)
     }
 
+    /// True for `Deadlock`: waiting would have closed a cycle of connections waiting on each
+    /// other (the message names each key and owner in it). Release something and retry, or
+    /// take locks in one global order.
+    pub fn is_deadlock(&self) -> bool {
+        self.code() == Some(ErrorCode::Deadlock)
+    }
+
     /// True when the daemon could not be reached or went away.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Connect { .. } | Error::Disconnected)
