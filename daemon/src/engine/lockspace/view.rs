@@ -9,7 +9,9 @@ use lockd_protocol::{
     Description, HolderInfo, Key, KeySummary, ListPage, ListQuery, Mode, WaiterInfo,
 };
 
-use super::{lock, owner_info, HoldMeta, LockSpace, Owner};
+use lockd_protocol::RequestId;
+
+use super::{lock, owner_info, Entry, HoldMeta, LockSpace, Owner};
 use crate::clock;
 use crate::stats::ShardStats;
 use crate::table::Holder;
@@ -26,6 +28,47 @@ pub const MAX_LIST_PAGE: usize = 1000;
 const FRAME_MARGIN: usize = 400;
 
 impl LockSpace {
+    /// Whom the queued request `request` of connection `waiter` on `key` waits for: the
+    /// holders, then the requests queued ahead of it from position `from` on (`None`: from the
+    /// start, holders included), keeping those `pick` accepts (by connection id). Returns how
+    /// far the queue is now expanded (the request's position + 1) with them, or `None` if it is
+    /// no longer queued or the key is a counting semaphore (not searched for deadlocks).
+    pub fn wait_targets(
+        &self,
+        key: &Key,
+        waiter: u64,
+        request: RequestId,
+        from: Option<usize>,
+        mut pick: impl FnMut(u64) -> bool,
+    ) -> Option<(usize, Vec<Owner>)> {
+        let shard = self.shard(key);
+        let e = shard.table.get(key)?;
+        if e.permits.is_some() {
+            return None;
+        }
+        if from.is_some_and(|n| n >= e.queue.len()) {
+            // The whole queue was expanded already: nothing new ahead of anyone.
+            return Some((e.queue.len(), Vec::new()));
+        }
+        // From the back: a new wait is the last one.
+        let pos = e
+            .queue
+            .iter()
+            .rposition(|w| w.request == request && w.owner.id == waiter)?;
+        let start = from.unwrap_or(0);
+        let holders = from.is_none().then_some(e.holders.iter().map(|h| &h.owner));
+        let ahead = e.queue.range(start..pos.max(start)).map(|w| &w.owner);
+        let targets = holders
+            .into_iter()
+            .flatten()
+            .chain(ahead)
+            .filter(|o| pick(o.id))
+            .cloned()
+            .collect();
+        // Up to and including the waiter itself: it is being expanded now.
+        Some((pos + 1, targets))
+    }
+
     /// Every key as (key, holder connection ids, queued (connection id, request) in order), for
     /// tests that compute wait-for cycles by brute force.
     #[cfg(test)]
@@ -285,5 +328,47 @@ fn holder_info(h: &Holder<Owner, HoldMeta>) -> HolderInfo {
             .map(|e| e.load(Ordering::Relaxed)),
         detached: h.detached,
         data: h.payload.data.clone(),
+    }
+}
+
+/// Why a try was refused: who holds the key, or what else stands in the way.
+pub(super) fn conflict_message(
+    key: &Key,
+    entry: Option<&Entry<Owner, HoldMeta>>,
+    mode: Mode,
+) -> String {
+    let Some(entry) = entry else {
+        return format!("{key} is busy");
+    };
+    if let Some(d) = entry.delay {
+        let left = d.until.saturating_sub(clock::now_ms());
+        return format!(
+            "{key} is in lock-delay for {left} ms more (a holder ended without releasing it)"
+        );
+    }
+    if let Some(n) = entry.permits {
+        return format!(
+            "{key} has all {n} permits taken ({} holders, {} requests queued)",
+            entry.holders.len(),
+            entry.queue.len()
+        );
+    }
+    match entry.holders.as_slice() {
+        [h] if h.mode == Mode::Exclusive => format!(
+            "{key} is held exclusively by {} (fence {})",
+            h.owner.describe(),
+            h.fence
+        ),
+        [] => format!("{key} has {} requests queued", entry.queue.len()),
+        holders if mode == Mode::Shared => format!(
+            "{key} is held shared by {} holders, and {} requests are queued ahead (an exclusive one first)",
+            holders.len(),
+            entry.queue.len()
+        ),
+        holders => format!(
+            "{key} is held shared by {} holders (first: {})",
+            holders.len(),
+            holders[0].owner.describe()
+        ),
     }
 }
