@@ -17,6 +17,7 @@ mod lockctl;
 mod queue;
 mod regressions;
 mod security;
+mod semantics;
 mod systemd;
 
 use std::future::{Future, IntoFuture};

@@ -126,11 +126,53 @@ fn describe_json(d: &Description) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "omitted_holders": d.omitted_holders,
         "omitted_waiters": d.omitted_waiters,
+        "permits": d.permits,
+        "delayed_until_ms": d.delayed_until_ms,
     })
 }
 
 fn pid(p: Option<i32>) -> String {
     p.map_or_else(|| "-".into(), |p| p.to_string())
+}
+
+/// A peer-supplied string made safe for a terminal: control characters (newlines, escape
+/// sequences) are shown escaped, as `{:?}` would; everything else is unchanged.
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// `2024-05-01 12:00:03.250 UTC` for milliseconds since the Unix epoch.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03} UTC",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ms % 1000
+    )
 }
 
 /// `... and 12 more holders (...)` when the daemon left `n` of them out, else nothing.
@@ -148,6 +190,17 @@ fn print_description(d: &Description) {
         d.holders.len() + d.omitted_holders as usize,
         d.waiters.len() + d.omitted_waiters as usize
     );
+    if let Some(n) = d.permits {
+        let taken = d.holders.len() + d.omitted_holders as usize;
+        println!("semaphore: {taken} of {n} permits taken");
+    }
+    if let Some(until) = d.delayed_until_ms {
+        println!(
+            "lock-delay until {} ({}): nobody is granted before then",
+            utc(until),
+            output::relative(until)
+        );
+    }
     if !d.holders.is_empty() {
         let rows: Vec<Vec<String>> = d
             .holders
@@ -158,7 +211,7 @@ fn print_description(d: &Description) {
                     h.fence.to_string(),
                     pid(h.owner.pid),
                     h.owner.uid.to_string(),
-                    h.owner.client_name.clone(),
+                    printable(&h.owner.client_name),
                     output::relative(h.acquired_at_ms),
                     h.expires_at_ms.map_or_else(|| "-".into(), output::relative),
                     output::data(&h.data),
@@ -185,7 +238,7 @@ fn print_description(d: &Description) {
                     w.mode.as_str().into(),
                     pid(w.owner.pid),
                     w.owner.uid.to_string(),
-                    w.owner.client_name.clone(),
+                    printable(&w.owner.client_name),
                     output::relative(w.since_ms),
                 ]
             })
@@ -307,6 +360,13 @@ fn change_line(c: &Change) -> String {
             owner.uid,
             owner.client_name
         ),
+        Change::Deadlock { owner, cycle } => format!(
+            "deadlock refused pid={} uid={} client={:?}: {}",
+            pid(owner.pid),
+            owner.uid,
+            owner.client_name,
+            printable(cycle)
+        ),
         other => format!("{:<8} fence={}", other.kind(), other.fence()),
     }
 }
@@ -319,11 +379,22 @@ fn change_json(k: &Key, c: &Change, at_ms: u64) -> serde_json::Value {
         "fence": c.fence(),
         "at_ms": at_ms,
     });
-    if let Change::Granted { mode, owner, .. } = c {
-        v["mode"] = json!(mode.as_str());
-        v["pid"] = json!(owner.pid);
-        v["uid"] = json!(owner.uid);
-        v["client"] = json!(owner.client_name);
+    match c {
+        Change::Granted { mode, owner, .. } => {
+            v["mode"] = json!(mode.as_str());
+            v["pid"] = json!(owner.pid);
+            v["uid"] = json!(owner.uid);
+            v["client"] = json!(owner.client_name);
+        }
+        Change::Deadlock { owner, cycle } => {
+            // No hold is involved: the refused request never got a fence.
+            v["fence"] = serde_json::Value::Null;
+            v["pid"] = json!(owner.pid);
+            v["uid"] = json!(owner.uid);
+            v["client"] = json!(owner.client_name);
+            v["cycle"] = json!(cycle);
+        }
+        _ => {}
     }
     v
 }
@@ -480,5 +551,79 @@ mod tests {
             (&v["omitted_holders"], &v["omitted_waiters"]),
             (&json!(12), &json!(3))
         );
+    }
+
+    #[test]
+    fn describe_json_has_permits_and_lock_delay_null_when_absent() {
+        let mut d = Description {
+            key: Key::new("default", "pool").unwrap(),
+            holders: vec![],
+            waiters: vec![],
+            omitted_holders: 0,
+            omitted_waiters: 0,
+            permits: None,
+            delayed_until_ms: None,
+        };
+        let v = describe_json(&d);
+        assert_eq!(v["permits"], serde_json::Value::Null);
+        assert_eq!(v["delayed_until_ms"], serde_json::Value::Null);
+        assert!(v.as_object().unwrap().contains_key("permits"));
+        assert!(v.as_object().unwrap().contains_key("delayed_until_ms"));
+        d.permits = Some(3);
+        d.delayed_until_ms = Some(1_700_000_000_123);
+        let v = describe_json(&d);
+        assert_eq!(v["permits"], json!(3));
+        assert_eq!(v["delayed_until_ms"], json!(1_700_000_000_123u64));
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00.000 UTC");
+        assert_eq!(utc(1_700_000_000_123), "2023-11-14 22:13:20.123 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
+        assert_eq!(utc(4_107_542_399_999), "2100-02-28 23:59:59.999 UTC");
+    }
+
+    fn deadlock() -> Change {
+        Change::Deadlock {
+            owner: lockd_client::OwnerInfo {
+                pid: Some(42),
+                uid: 1000,
+                gid: 1000,
+                client_name: "evil\x1b[2Jname\n".into(),
+            },
+            cycle: "waiting would close a cycle: pid 42 uid 1000 client \"a\"\x1b[31m waits for default/k2\nfake".into(),
+        }
+    }
+
+    #[test]
+    fn deadlock_events_are_shown_with_control_characters_escaped() {
+        let line = change_line(&deadlock());
+        assert!(
+            line.starts_with("deadlock refused pid=42 uid=1000 "),
+            "{line}"
+        );
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert!(line.contains("client=\"evil\\u{1b}[2Jname\\n\""), "{line}");
+        assert!(
+            line.contains("client \"a\"\\u{1b}[31m waits for default/k2\\nfake"),
+            "{line}"
+        );
+
+        let v = change_json(&Key::new("default", "k2").unwrap(), &deadlock(), 7);
+        assert_eq!(v["event"], "deadlock");
+        assert_eq!(v["fence"], serde_json::Value::Null);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["uid"], 1000);
+        assert_eq!(v["client"], "evil\x1b[2Jname\n");
+        assert!(v["cycle"].as_str().unwrap().ends_with("default/k2\nfake"));
+        assert!(!v.to_string().chars().any(char::is_control));
+    }
+
+    #[test]
+    fn printable_leaves_ordinary_text_alone() {
+        assert_eq!(printable("lockctl run make"), "lockctl run make");
+        assert_eq!(printable("ünï \"q\" \\"), "ünï \"q\" \\");
+        assert_eq!(printable("a\tb\u{7f}"), "a\\tb\\u{7f}");
     }
 }
