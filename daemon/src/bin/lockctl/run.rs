@@ -348,7 +348,7 @@ fn holder_lines(d: &Description) -> Vec<String> {
         .take(SHOWN)
         .map(|h| {
             format!(
-                "held ({}) by pid {}, uid {} ({}) for {}",
+                "held ({}) by pid {}, uid {} ({:?}) for {}",
                 h.mode.as_str(),
                 h.owner.pid.map_or_else(|| "?".into(), |p| p.to_string()),
                 h.owner.uid,
