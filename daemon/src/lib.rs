@@ -116,6 +116,7 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
         let shared = shared::Shared::new(Arc::clone(&engine), config, shutdown.clone());
         tokio::spawn(signals.handle(Arc::clone(&shared), reload));
         tokio::spawn(watch_long_holds(Arc::clone(&shared)));
+        tokio::spawn(return_freed_memory(Arc::clone(&engine)));
         if let Some(every) = systemd::watchdog_interval() {
             tokio::spawn(watchdog(Arc::clone(&shared), every));
         }
@@ -189,6 +190,35 @@ async fn watchdog(shared: Arc<shared::Shared>, every: std::time::Duration) {
             gauge("waiters"),
             gauge("leases")
         ));
+    }
+}
+
+/// Gives freed memory back to the OS after many holds ended: once the number of keys fell to
+/// under half its peak (by at least [`TRIM_AFTER`] keys), asks the allocator to return free
+/// pages (`malloc_trim`; glibc keeps them otherwise). Checks once a second: one shard lock at a
+/// time, O(1) each.
+async fn return_freed_memory(engine: Arc<engine::Engine>) {
+    const TRIM_AFTER: usize = 10_000;
+    let mut peak = 0usize;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let keys = engine.locks().key_count();
+        peak = peak.max(keys);
+        if peak - keys >= TRIM_AFTER && keys < peak / 2 {
+            tokio::task::spawn_blocking(trim_heap);
+            peak = keys;
+        }
+    }
+}
+
+/// Returns free heap pages to the OS.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -367,6 +367,7 @@ impl Conn {
 
     fn release(&mut self, ticket: &Ticket) -> Answer {
         if let Some(held) = self.holds.remove(ticket) {
+            crate::table::shrink_if_sparse(&mut self.holds);
             if held.leased {
                 self.engine.leases.forget(ticket);
             }

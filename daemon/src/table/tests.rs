@@ -142,3 +142,22 @@ fn release_of_unknown_fence_changes_nothing() {
     assert!(t.release(&key("b"), 1, 0, &mut f.f()).is_none());
     assert_eq!(t.get(&k).unwrap().holders.len(), 1);
 }
+
+#[test]
+fn a_table_that_emptied_gives_its_memory_back() {
+    let (mut t, mut f) = (T::default(), Fences(0));
+    let keys: Vec<Key> = (0..20_000).map(|i| key(&format!("k{i}"))).collect();
+    for k in &keys {
+        t.acquire(k, want(1, 1, Mode::Exclusive, false), 0, &mut f.f());
+    }
+    let full = t.entries.capacity();
+    for (i, k) in keys.iter().enumerate() {
+        t.release(k, i as u64 + 1, 0, &mut f.f()).unwrap();
+    }
+    assert!(t.is_empty());
+    assert!(
+        t.entries.capacity() * 8 <= full,
+        "capacity {} after release, {full} when full",
+        t.entries.capacity()
+    );
+}

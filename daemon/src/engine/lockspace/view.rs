@@ -258,6 +258,12 @@ impl LockSpace {
         t
     }
 
+    /// Number of keys with holders, waiters or a lock-delay (one shard lock at a time, O(1)
+    /// each).
+    pub fn key_count(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).table.len()).sum()
+    }
+
     /// Takes and releases every shard lock: returns only if no shard is stuck (watchdog).
     pub fn probe(&self) {
         for shard in self.shards.iter() {
