@@ -4,41 +4,14 @@
 
 use std::future::IntoFuture;
 use std::path::Path;
-use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use lockd_client::{Client, ConnectOptions, ErrorCode, Key};
-use lockd_tests::{within, TestDaemon};
+use lockd_tests::within;
 
-use crate::{code, daemon, lockctl, text, LOCKCTL, PROMPT};
-
-/// `lockctl --socket S ARGS...` with `env` added, stdin from /dev/null, output captured.
-fn command(d: &TestDaemon, args: &[&str], env: &[(&str, &Path)]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(LOCKCTL);
-    cmd.arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .env_remove("LOCKD_FD")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-/// Runs lockctl to completion (bounded).
-async fn run_with(d: &TestDaemon, args: &[&str], env: &[(&str, &Path)]) -> Output {
-    within(
-        Duration::from_secs(60),
-        "lockctl finished",
-        command(d, args, env).output(),
-    )
-    .await
-    .expect("run lockctl")
-}
+use crate::{
+    code, daemon, lockctl, lockctl_command as command, lockctl_with as run_with, text, PROMPT,
+};
 
 async fn wait_for_file(path: &Path) {
     within(PROMPT, "marker file", async {
@@ -75,9 +48,13 @@ async fn a_killed_lockctl_leaves_the_lock_with_its_command_until_the_command_exi
     let script = "trap 'kill $! 2>/dev/null; sleep 1; echo last >> \"$F\"; exit 0' TERM; \
                   echo first >> \"$F\"; sleep 30 & touch \"$S\"; wait";
     let env = [("F", file.as_path()), ("S", started.as_path())];
-    let mut first = command(&d, &["run", "handover", "--", "sh", "-c", script], &env)
-        .spawn()
-        .unwrap();
+    let mut first = command(
+        &d.socket,
+        &["run", "handover", "--", "sh", "-c", script],
+        &env,
+    )
+    .spawn()
+    .unwrap();
     wait_for_file(&started).await;
     first.start_kill().unwrap(); // SIGKILL to lockctl itself
     within(PROMPT, "the killed lockctl is reaped", first.wait())
@@ -85,7 +62,7 @@ async fn a_killed_lockctl_leaves_the_lock_with_its_command_until_the_command_exi
         .unwrap();
 
     let out = run_with(
-        &d,
+        &d.socket,
         &[
             "run",
             "-w",
@@ -125,9 +102,13 @@ async fn with_close_a_killed_lockctl_frees_the_lock_while_its_command_still_runs
         ("S", started.as_path()),
         ("M", second_ran.as_path()),
     ];
-    let mut first = command(&d, &["run", "-o", "old", "--", "sh", "-c", script], &env)
-        .spawn()
-        .unwrap();
+    let mut first = command(
+        &d.socket,
+        &["run", "-o", "old", "--", "sh", "-c", script],
+        &env,
+    )
+    .spawn()
+    .unwrap();
     wait_for_file(&started).await;
     first.start_kill().unwrap();
     within(PROMPT, "the killed lockctl is reaped", first.wait())
@@ -135,7 +116,7 @@ async fn with_close_a_killed_lockctl_frees_the_lock_while_its_command_still_runs
         .unwrap();
 
     let out = run_with(
-        &d,
+        &d.socket,
         &[
             "run",
             "-w",
@@ -169,7 +150,7 @@ async fn processes_the_command_left_behind_keep_the_lock_until_they_exit() {
     let file = d.dir().join("order");
     let env = [("F", file.as_path())];
     let out = run_with(
-        &d,
+        &d.socket,
         &[
             "run",
             "left",
@@ -186,7 +167,7 @@ async fn processes_the_command_left_behind_keep_the_lock_until_they_exit() {
         text(&out.stderr)
     );
     let out = run_with(
-        &d,
+        &d.socket,
         &["run", "-w", "30", "left", "-c", "echo next >> \"$F\""],
         &env,
     )
@@ -199,7 +180,7 @@ async fn processes_the_command_left_behind_keep_the_lock_until_they_exit() {
 async fn the_command_gets_the_connection_as_lockd_fd_unless_close() {
     let d = daemon().await;
     let out = run_with(
-        &d,
+        &d.socket,
         &[
             "run",
             "fd",
@@ -217,7 +198,7 @@ async fn the_command_gets_the_connection_as_lockd_fd_unless_close() {
 
     for close in ["-o", "--close"] {
         let out = run_with(
-            &d,
+            &d.socket,
             &["run", close, "fd", "-c", "echo \"${LOCKD_FD-unset}\""],
             &[],
         )
@@ -372,7 +353,11 @@ async fn verbose_names_the_holder_and_the_time_waited() {
     // Its stderr goes to a file, read while it waits: the holder is released only once
     // lockctl has said whom it waits for.
     let stderr_file = d.dir().join("stderr");
-    let mut waiting = command(&d, &["run", "--verbose", "-w", "30", "vb", "true"], &[]);
+    let mut waiting = command(
+        &d.socket,
+        &["run", "--verbose", "-w", "30", "vb", "true"],
+        &[],
+    );
     waiting.stderr(std::fs::File::create(&stderr_file).unwrap());
     let mut waiting = waiting.spawn().unwrap();
     within(PROMPT, "lockctl says whom it waits for", async {
@@ -409,7 +394,7 @@ async fn no_fork_runs_the_command_in_place_holding_the_lock() {
     let script = "echo $$ > \"$P.tmp\"; mv \"$P.tmp\" \"$P\"; i=0; \
                   while [ ! -e \"$G\" ] && [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done";
     let env = [("P", pidfile.as_path()), ("G", go.as_path())];
-    let child = command(&d, &["run", "-F", "inplace", "-c", script], &env)
+    let child = command(&d.socket, &["run", "-F", "inplace", "-c", script], &env)
         .spawn()
         .unwrap();
     wait_for_file(&pidfile).await;
@@ -467,7 +452,7 @@ async fn acquire_waits_by_default_like_run() {
     let out = lockctl(&d.socket, &["acquire", "--lease", "1m", "-n", "aq"]).await;
     assert_eq!(code(&out), 1, "{}", text(&out.stderr));
 
-    let waiting = command(&d, &["acquire", "--lease", "1m", "aq"], &[])
+    let waiting = command(&d.socket, &["acquire", "--lease", "1m", "aq"], &[])
         .spawn()
         .unwrap();
     wait_for_waiter(&holder, "aq").await;

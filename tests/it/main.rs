@@ -125,3 +125,39 @@ pub async fn within_or_panic<T>(handle: tokio::task::JoinHandle<T>) -> T {
         Err(_) => panic!("task did not finish within 120s"),
     }
 }
+
+/// `lockctl --socket S ARGS...` with `env` added, stdin from /dev/null, output captured.
+pub fn lockctl_command(
+    socket: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(LOCKCTL);
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("LOCKD_FD")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs lockctl with `env` to completion (bounded).
+pub async fn lockctl_with(
+    socket: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> std::process::Output {
+    lockd_tests::within(
+        Duration::from_secs(60),
+        "lockctl finished",
+        lockctl_command(socket, args, env).output(),
+    )
+    .await
+    .expect("run lockctl")
+}

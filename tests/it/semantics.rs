@@ -4,15 +4,17 @@
 
 use std::future::IntoFuture;
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lockd_client::{Change, Client, ConnectOptions, Description, ErrorCode, Key};
 use lockd_tests::{within, TestDaemon};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::{code, daemon, enqueue, lockctl, poll_once, text, LOCKCTL, LOCKD, PROMPT};
+use crate::{
+    code, daemon, enqueue, lockctl, lockctl_command as command, lockctl_with as run_with,
+    poll_once, text, LOCKCTL, LOCKD, PROMPT,
+};
 
 fn key(name: &str) -> Key {
     Key::in_default(name).expect("valid name")
@@ -57,34 +59,6 @@ async fn counter(c: &Client, name: &str) -> u64 {
         .find(|(n, _)| n == name)
         .map(|(_, v)| *v)
         .unwrap_or_else(|| panic!("no counter {name} in {:?}", s.counters))
-}
-
-/// `lockctl --socket S ARGS...` with `env` added, stdin from /dev/null, output captured.
-fn command(socket: &Path, args: &[&str], env: &[(&str, &Path)]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(LOCKCTL);
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("LOCKD_FD")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-/// Runs lockctl with `env` to completion (bounded).
-async fn run_with(socket: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
-    within(
-        Duration::from_secs(60),
-        "lockctl finished",
-        command(socket, args, env).output(),
-    )
-    .await
-    .expect("run lockctl")
 }
 
 /// Polls describe until `pred` accepts the description (bounded); returns it.
