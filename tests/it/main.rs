@@ -4,6 +4,7 @@
 //! data directory; every wait is bounded.
 
 mod admin;
+mod bench;
 mod client;
 mod counter;
 mod crash;
