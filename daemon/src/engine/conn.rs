@@ -26,7 +26,8 @@ const USAGE_SLACK: usize = 8;
 
 /// A hold bound to this connection, by ticket.
 pub(super) struct Held {
-    pub key: Key,
+    /// Shared with the table's entry (one copy of the key's strings per held key).
+    pub key: Arc<Key>,
     pub fence: u64,
     /// Also registered in the leases (a session hold with a lease).
     pub leased: bool,
@@ -205,7 +206,7 @@ impl Conn {
                 self.left_wait(request, &pending);
                 let answer = self.granted(
                     request,
-                    pending.key,
+                    Arc::new(pending.key),
                     fence,
                     mode,
                     pending.lease,

@@ -120,7 +120,9 @@ impl Conn {
             .locks
             .acquire(&a.key, &self.owner, id, how, meta);
         match outcome {
-            AcquireOutcome::Granted(fence) => self.granted(id, a.key, fence, a.mode, lease, minted),
+            AcquireOutcome::Granted(fence, key) => {
+                self.granted(id, key, fence, a.mode, lease, minted)
+            }
             AcquireOutcome::Capacity(current) => {
                 self.tickets.put_back(ticket);
                 let now = match current {
@@ -280,7 +282,7 @@ impl Conn {
     pub(super) fn granted(
         &mut self,
         id: RequestId,
-        key: Key,
+        key: Arc<Key>,
         fence: u64,
         mode: Mode,
         lease: Option<LeaseSpec>,
@@ -306,7 +308,7 @@ impl Conn {
         };
         let record = spec.record(
             ticket,
-            key.clone(),
+            Key::clone(&key),
             mode,
             fence,
             &self.owner,
@@ -356,12 +358,15 @@ impl Conn {
             ))));
         }
         let unanswered = Unanswered {
-            key: key.clone(),
+            key: Key::clone(&key),
             ticket,
             fence,
         };
         self.in_flight.insert(id, Some(unanswered));
-        let then = Then::Granted { key, grant };
+        let then = Then::Granted {
+            key: Key::clone(&key),
+            grant,
+        };
         Answer::AfterCommit(Deferred::new(Arc::clone(&self.engine), vec![done], then))
     }
 

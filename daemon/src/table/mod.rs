@@ -12,6 +12,7 @@
 //!   request holds back every request behind it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use foldhash::HashMap;
 
@@ -140,7 +141,9 @@ pub enum Acquired {
 /// The holders and queues of many keys.
 #[derive(Debug)]
 pub struct Table<O, P> {
-    entries: HashMap<Key, Entry<O, P>>,
+    /// Keys are shared (`Arc`) with the connections that hold them, so a held key's strings
+    /// exist once.
+    entries: HashMap<Arc<Key>, Entry<O, P>>,
     /// The last lock-delay's [`Delay::seq`].
     delays: u64,
 }
@@ -188,7 +191,12 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
 
     /// Every key with holders or waiters, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&Key, &Entry<O, P>)> {
-        self.entries.iter()
+        self.entries.iter().map(|(k, e)| (&**k, e))
+    }
+
+    /// The table's own copy of `key`, to share (present while the key has an entry).
+    pub fn shared_key(&self, key: &Key) -> Option<Arc<Key>> {
+        self.entries.get_key_value(key).map(|(k, _)| Arc::clone(k))
     }
 
     /// Grants, queues or refuses `want` on `key` at time `now`.
@@ -205,7 +213,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
             Some(entry) => entry,
             None => self
                 .entries
-                .entry(key.clone())
+                .entry(Arc::new(key.clone()))
                 .or_insert_with(|| Entry::new(want.permits)),
         };
         if entry.permits != want.permits {
@@ -386,7 +394,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
     pub fn holders_mut(&mut self) -> impl Iterator<Item = (&Key, &mut Holder<O, P>)> {
         self.entries
             .iter_mut()
-            .flat_map(|(k, e)| e.holders.iter_mut().map(move |h| (k, h)))
+            .flat_map(|(k, e)| e.holders.iter_mut().map(move |h| (&**k, h)))
     }
 
     /// Puts back a hold recovered from storage, with its original fence, if it is compatible
@@ -398,7 +406,7 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
             Some(entry) => entry,
             None => self
                 .entries
-                .entry(key.clone())
+                .entry(Arc::new(key.clone()))
                 .or_insert_with(|| Entry::new(permits)),
         };
         if entry.permits != permits || !entry.compatible(holder.mode) {

@@ -80,7 +80,8 @@ pub struct How {
 /// Outcome of [`LockSpace::acquire`].
 #[derive(Debug)]
 pub enum AcquireOutcome {
-    Granted(u64),
+    /// Granted with this fence; the key is the table's own copy, to share.
+    Granted(u64, Arc<Key>),
     Queued,
     /// The key's capacity differs from the request's (`None`: a plain lock).
     Capacity(Option<u32>),
@@ -200,7 +201,11 @@ impl LockSpace {
                         };
                         notify(&mut out, watchers, key, change);
                     }
-                    AcquireOutcome::Granted(fence)
+                    let shared = shard
+                        .table
+                        .shared_key(key)
+                        .unwrap_or_else(|| Arc::new(key.clone()));
+                    AcquireOutcome::Granted(fence, shared)
                 }
                 Acquired::Queued => AcquireOutcome::Queued,
                 Acquired::Capacity(permits) => AcquireOutcome::Capacity(permits),
