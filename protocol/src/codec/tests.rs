@@ -1,0 +1,393 @@
+//! The codec's tests: framing, limits, hostile payloads, round trips.
+
+use super::*;
+use crate::*;
+use proptest::prelude::*;
+
+fn key() -> Key {
+    Key::new("default", "job").unwrap()
+}
+
+#[test]
+fn a_request_by_reference_encodes_to_the_same_bytes() {
+    let codec = ClientCodec::default();
+    for msg in client_messages() {
+        let ClientMessage::Request(req) = &msg else {
+            continue;
+        };
+        let (mut owned, mut borrowed) = (BytesMut::new(), BytesMut::new());
+        ClientCodec::default().encode(&msg, &mut owned).unwrap();
+        codec
+            .encode_request(req.id, &req.op, &mut borrowed)
+            .unwrap();
+        assert_eq!(owned, borrowed, "{msg:?}");
+    }
+}
+
+fn client_messages() -> Vec<ClientMessage> {
+    let ticket = Ticket::generate().unwrap();
+    let mut v = vec![ClientMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_name: "test".into(),
+    })];
+    let ops = [
+        Op::Acquire(Acquire {
+            key: key(),
+            mode: Mode::Shared,
+            wait: Wait::Millis(1500),
+            lease_ms: Some(30_000),
+            detach: true,
+            permits: None,
+            lock_delay_ms: 0,
+            data: b"leader at 10.0.0.1".to_vec(),
+        }),
+        Op::Acquire(Acquire {
+            key: key(),
+            mode: Mode::Exclusive,
+            wait: Wait::Forever,
+            lease_ms: None,
+            detach: false,
+            permits: None,
+            lock_delay_ms: 0,
+            data: vec![],
+        }),
+        Op::Acquire(Acquire {
+            key: key(),
+            mode: Mode::Exclusive,
+            wait: Wait::No,
+            lease_ms: None,
+            detach: false,
+            permits: None,
+            lock_delay_ms: 0,
+            data: vec![],
+        }),
+        Op::Release { ticket },
+        Op::Cancel { request: 7 },
+        Op::Ping,
+        Op::Renew {
+            ticket,
+            lease_ms: Some(5000),
+        },
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        v.push(ClientMessage::Request(Request { id: i as u64, op }));
+    }
+    v
+}
+
+fn server_messages() -> Vec<ServerMessage> {
+    let mut v = vec![
+        ServerMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            server_version: "0.1.0".into(),
+            limits: Limits {
+                max_frame: 65536,
+                max_data: 1024,
+                max_lease_ms: 86_400_000,
+            },
+        }),
+        ServerMessage::Rejected(WireError::new(ErrorCode::VersionMismatch, "v2 please")),
+        ServerMessage::Event(Event::ShuttingDown),
+        ServerMessage::Event(Event::HoldLost {
+            key: key(),
+            fence: 9,
+            reason: LostReason::Expired,
+        }),
+    ];
+    let replies = [
+        Ok(Reply::Granted(Grant {
+            ticket: Ticket::generate().unwrap(),
+            fence: u64::MAX,
+            mode: Mode::Exclusive,
+            expires_at_ms: Some(1),
+        })),
+        Ok(Reply::Released),
+        Ok(Reply::Cancelled(true)),
+        Ok(Reply::Pong),
+        Ok(Reply::Renewed { expires_at_ms: 99 }),
+    ];
+    for (i, result) in replies.into_iter().enumerate() {
+        v.push(ServerMessage::Response(Response {
+            id: i as u64,
+            result,
+        }));
+    }
+    for (i, code) in [
+        ErrorCode::Conflict,
+        ErrorCode::Timeout,
+        ErrorCode::NotHolder,
+        ErrorCode::Deadlock,
+        ErrorCode::PermissionDenied,
+        ErrorCode::InvalidArgument,
+        ErrorCode::LimitExceeded,
+        ErrorCode::Unavailable,
+        ErrorCode::VersionMismatch,
+        ErrorCode::Protocol,
+        ErrorCode::Internal,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        v.push(ServerMessage::Response(Response {
+            id: 100 + i as u64,
+            result: Err(WireError::new(code, format!("{code} happened"))),
+        }));
+    }
+    v
+}
+
+#[test]
+fn every_message_round_trips() {
+    let mut server = ServerCodec::default();
+    let mut client = ClientCodec::default();
+    let mut buf = BytesMut::new();
+    let sent = client_messages();
+    for m in &sent {
+        client.encode(m, &mut buf).unwrap();
+    }
+    for m in &sent {
+        assert_eq!(server.decode(&mut buf).unwrap().as_ref(), Some(m));
+    }
+    assert!(buf.is_empty());
+
+    let sent = server_messages();
+    for m in &sent {
+        server.encode(m, &mut buf).unwrap();
+    }
+    for m in &sent {
+        assert_eq!(client.decode(&mut buf).unwrap().as_ref(), Some(m));
+    }
+    assert_eq!(client.decode(&mut buf).unwrap(), None);
+}
+
+#[test]
+fn partial_frame_waits_for_more() {
+    let mut client = ClientCodec::default();
+    let mut server = ServerCodec::default();
+    let mut full = BytesMut::new();
+    client.encode(&client_messages()[1], &mut full).unwrap();
+    let mut buf = BytesMut::from(&full[..full.len() - 1]);
+    assert!(server.decode(&mut buf).unwrap().is_none());
+    buf.extend_from_slice(&full[full.len() - 1..]);
+    assert!(server.decode(&mut buf).unwrap().is_some());
+}
+
+#[test]
+fn truncated_frame_at_eof_is_a_protocol_error() {
+    let mut client = ClientCodec::default();
+    let mut server = ServerCodec::default();
+    let mut full = BytesMut::new();
+    client.encode(&client_messages()[1], &mut full).unwrap();
+    let mut buf = BytesMut::from(&full[..full.len() - 3]);
+    let err = server.decode_eof(&mut buf).unwrap_err();
+    assert!(err.is_protocol(), "{err}");
+}
+
+#[test]
+fn oversized_length_prefix_is_refused_before_buffering() {
+    let mut server = ServerCodec::new(1024);
+    let mut buf = BytesMut::new();
+    buf.put_u32(1025);
+    let err = server.decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::FrameTooLarge {
+                len: 1025,
+                max: 1024
+            }
+        ),
+        "{err}"
+    );
+    let mut buf = BytesMut::new();
+    buf.put_u32(u32::MAX);
+    assert!(server.decode(&mut buf).unwrap_err().is_protocol());
+}
+
+#[test]
+fn oversized_outgoing_message_is_refused() {
+    let mut client = ClientCodec::new(64);
+    let mut buf = BytesMut::from(&b"keep"[..]);
+    let msg = ClientMessage::Hello(Hello {
+        protocol_version: 1,
+        client_name: "x".repeat(200),
+    });
+    assert!(matches!(
+        client.encode(&msg, &mut buf),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+    assert_eq!(&buf[..], b"keep", "nothing appended on failure");
+}
+
+#[test]
+fn garbage_payload_is_a_protocol_error() {
+    let mut server = ServerCodec::default();
+    let mut buf = BytesMut::new();
+    buf.put_u32(6);
+    buf.extend_from_slice(&[0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa]);
+    let err = server.decode(&mut buf).unwrap_err();
+    assert!(matches!(err, CodecError::Decode(_)), "{err}");
+}
+
+#[test]
+fn trailing_bytes_are_refused() {
+    let mut client = ClientCodec::default();
+    let mut server = ServerCodec::default();
+    let mut one = BytesMut::new();
+    client.encode(&client_messages()[6], &mut one).unwrap();
+    let payload_len = one.len() - 4;
+    let mut buf = BytesMut::new();
+    buf.put_u32(payload_len as u32 + 2);
+    buf.extend_from_slice(&one[4..]);
+    buf.extend_from_slice(&[0, 0]);
+    assert!(matches!(
+        server.decode(&mut buf),
+        Err(CodecError::Decode(_))
+    ));
+}
+
+#[test]
+fn huge_claimed_string_length_does_not_allocate() {
+    // Hello { version 1, name length claimed as u64::MAX as varint }.
+    let mut server = ServerCodec::default();
+    let mut buf = BytesMut::new();
+    let payload = [0u8, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+    buf.put_u32(payload.len() as u32);
+    buf.extend_from_slice(&payload);
+    assert!(server.decode(&mut buf).unwrap_err().is_protocol());
+}
+
+/// A `Hello` payload whose name claims `claimed` bytes but carries only `carried`.
+fn hello_claiming_a_name_of(claimed: u32, carried: usize) -> BytesMut {
+    let mut payload = vec![0u8, 1]; // variant `Hello`, protocol_version 1
+    payload.push(252); // varint marker: a big-endian u32 follows
+    payload.extend_from_slice(&claimed.to_be_bytes());
+    payload.resize(payload.len() + carried, b'a');
+    let mut buf = BytesMut::new();
+    buf.put_u32(payload.len() as u32);
+    buf.extend_from_slice(&payload);
+    buf
+}
+
+#[test]
+fn a_claimed_length_is_checked_against_the_frame_before_allocating() {
+    // bincode claims a string's length against the limit before allocating it, and only
+    // then finds the bytes missing (`UnexpectedEnd`). `LimitExceeded` therefore proves that
+    // the limit follows the frame's size, not the 1 MiB ceiling.
+    let ceiling = MAX_FRAME_CEILING as u32;
+    for (claimed, carried) in [
+        (4 * 1024, 2),
+        (100 * 1024, 2),
+        (ceiling - 64, 2),
+        (64 * 1024, 1000),
+        (ceiling / 2, 30_000),
+    ] {
+        let mut buf = hello_claiming_a_name_of(claimed, carried);
+        let err = ServerCodec::new(MAX_FRAME_CEILING)
+            .decode(&mut buf)
+            .unwrap_err();
+        assert!(
+            matches!(&err, CodecError::Decode(m) if m.contains("LimitExceeded")),
+            "a name claiming {claimed} bytes with {carried} sent: \
+             expected LimitExceeded, got: {err}"
+        );
+    }
+}
+
+#[test]
+fn claimed_data_is_checked_before_allocating() {
+    // An Acquire whose `data` claims ~1 MiB but carries nothing: a sequence of u8 would be
+    // reserved up front (serde's cautious size hint), a byte string is claimed against the
+    // limit first.
+    let acquire = ClientMessage::Request(crate::Request {
+        id: 1,
+        op: Op::Acquire(crate::Acquire {
+            key: crate::Key::in_default("k").unwrap(),
+            mode: crate::Mode::Exclusive,
+            wait: crate::Wait::No,
+            lease_ms: None,
+            detach: false,
+            permits: None,
+            lock_delay_ms: 0,
+            data: vec![7; 3],
+        }),
+    });
+    let mut buf = BytesMut::new();
+    ClientCodec::new(MAX_FRAME_CEILING)
+        .encode(&acquire, &mut buf)
+        .unwrap();
+    // The payload ends with the data: varint length 3, then the 3 bytes. Claim 1,000,000
+    // (varint 0xfc + u32 big-endian) and drop the bytes.
+    let payload_end = buf.len() - 4;
+    buf.truncate(payload_end);
+    buf.extend_from_slice(&[0xfc, 0x00, 0x0f, 0x42, 0x40]);
+    let len = (buf.len() - LEN_BYTES) as u32;
+    buf[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
+    let err = ServerCodec::new(MAX_FRAME_CEILING)
+        .decode(&mut buf)
+        .unwrap_err();
+    assert!(
+        matches!(&err, CodecError::Decode(m) if m.contains("LimitExceeded")),
+        "expected LimitExceeded, got: {err}"
+    );
+}
+
+#[test]
+fn integer_heavy_messages_decode_at_every_size() {
+    // bincode counts a varint integer at its in-memory size (8 bytes for a u64 sent as one
+    // byte), so a valid message can claim 8 times its payload against the limit.
+    let mut client = ClientCodec::new(MAX_FRAME_CEILING);
+    let mut server = ServerCodec::new(MAX_FRAME_CEILING);
+    let lens = [
+        0, 1, 30, 31, 32, 33, 120, 127, 128, 129, 250, 255, 256, 257, 500, 1000,
+    ];
+    let lens = lens
+        .into_iter()
+        .chain([
+            1020, 1023, 1024, 1025, 2047, 2048, 4090, 4096, 8191, 16_000, 16_384,
+        ])
+        .chain([65_000, 65_536, 100_000, 131_000]);
+    for len in lens {
+        let msg = ServerMessage::Response(Response {
+            id: 0,
+            result: Ok(Reply::Stats(Stats {
+                wait_ms: Histogram {
+                    bounds_ms: vec![0; len],
+                    counts: vec![],
+                    sum_ms: 0,
+                },
+                ..Stats::default()
+            })),
+        });
+        let mut buf = BytesMut::new();
+        server.encode(&msg, &mut buf).unwrap();
+        let payload = buf.len() - LEN_BYTES;
+        match client.decode(&mut buf) {
+            Ok(Some(got)) => assert_eq!(got, msg, "{len} zeros"),
+            other => panic!("{len} zeros in a {payload}-byte payload: {other:?}"),
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut server = ServerCodec::new(256);
+        let mut buf = BytesMut::from(&bytes[..]);
+        for _ in 0..64 {
+            match server.decode(&mut buf) {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    #[test]
+    fn framed_arbitrary_payloads_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let mut server = ServerCodec::default();
+        let mut buf = BytesMut::new();
+        buf.put_u32(payload.len() as u32);
+        buf.extend_from_slice(&payload);
+        let _ = server.decode(&mut buf);
+    }
+}
