@@ -8,6 +8,7 @@ use clap::Args;
 use lockd_client::Ticket;
 
 use crate::exit;
+use crate::waiting::Waiting;
 use lockd::duration;
 
 const ACQUIRE_HELP: &str = "\
@@ -37,24 +38,8 @@ pub struct AcquireArgs {
     /// Keep the lease after lockctl exits (always the case; accepted for clarity)
     #[arg(long)]
     detach: bool,
-    /// Fail at once if the lock is held [default: wait as long as it takes]
-    #[arg(
-        short = 'n',
-        long = "nonblock",
-        visible_aliases = ["nb", "nonblocking"],
-        conflicts_with = "wait"
-    )]
-    nonblock: bool,
-    /// Wait at most this long: seconds (fractions too), or 500ms, 30s, 5m, 1h [default: wait
-    /// as long as it takes]
-    #[arg(
-        short = 'w',
-        long = "wait",
-        visible_alias = "timeout",
-        value_name = "SECS",
-        value_parser = duration::parse
-    )]
-    wait: Option<Duration>,
+    #[command(flatten)]
+    waiting: Waiting,
     /// Take a shared lease
     #[arg(short = 's', long = "shared")]
     shared: bool,
@@ -134,11 +119,7 @@ pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
     if args.shared {
         acquire = acquire.shared();
     }
-    acquire = match (args.nonblock, args.wait) {
-        (true, _) => acquire,
-        (false, Some(w)) => acquire.wait(w),
-        (false, None) => acquire.wait_forever(),
-    };
+    acquire = args.waiting.apply(acquire);
     if let Some(n) = args.permits {
         acquire = acquire.permits(n);
     }

@@ -5,6 +5,7 @@ mod exit;
 mod lease;
 mod output;
 mod run;
+mod waiting;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

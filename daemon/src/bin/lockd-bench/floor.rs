@@ -51,7 +51,10 @@ impl Sizes {
         let mut server = ServerCodec::default();
         let request = |op: &Op| {
             let mut b = BytesMut::new();
-            client.encode_request(1000, op, &mut b).expect("encodes");
+            // A validated namespace (≤ 64 bytes) and a generated name: far below any frame.
+            client
+                .encode_request(1000, op, &mut b)
+                .expect("a benchmark request fits in a frame");
             payload_len(b)
         };
         let mut response = |reply: Reply| {
@@ -60,7 +63,10 @@ impl Sizes {
                 id: 1000,
                 result: Ok(reply),
             });
-            server.encode(&msg, &mut b).expect("encodes");
+            // A grant, a release answer: a few dozen bytes.
+            server
+                .encode(&msg, &mut b)
+                .expect("a benchmark answer fits in a frame");
             payload_len(b)
         };
         let now_ms = std::time::SystemTime::now()

@@ -35,6 +35,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::waiting::Waiting;
 use crate::{exit, output};
 use clap::Args;
 use lockd::duration;
@@ -88,24 +89,8 @@ pub struct RunArgs {
     /// Take a shared hold instead of an exclusive one
     #[arg(short = 's', long = "shared", overrides_with = "exclusive")]
     shared: bool,
-    /// Fail at once if the lock is held [default: wait as long as it takes]
-    #[arg(
-        short = 'n',
-        long = "nonblock",
-        visible_aliases = ["nb", "nonblocking"],
-        conflicts_with = "wait"
-    )]
-    nonblock: bool,
-    /// Wait at most this long: seconds (fractions too), or 500ms, 30s, 5m, 1h [default: wait
-    /// as long as it takes]
-    #[arg(
-        short = 'w',
-        long = "wait",
-        visible_alias = "timeout",
-        value_name = "SECS",
-        value_parser = duration::parse
-    )]
-    wait: Option<Duration>,
+    #[command(flatten)]
+    waiting: Waiting,
     /// Exit code when the lock is not acquired (conflict or timeout)
     #[arg(short = 'E', long = "conflict-exit-code", value_name = "CODE", default_value_t = exit::NOT_ACQUIRED)]
     conflict_exit_code: u8,
@@ -273,12 +258,8 @@ async fn acquire(
     if let Some(d) = args.lock_delay {
         acquire = acquire.lock_delay(d);
     }
-    let may_wait = !args.nonblock && args.wait != Some(Duration::ZERO);
-    acquire = match (args.nonblock, args.wait) {
-        (true, _) => acquire,
-        (false, Some(d)) => acquire.wait(d),
-        (false, None) => acquire.wait_forever(),
-    };
+    let may_wait = args.waiting.may_wait();
+    acquire = args.waiting.apply(acquire);
     let started = Instant::now();
     let mut pending = std::pin::pin!(std::future::IntoFuture::into_future(acquire));
     let result = if args.verbose && may_wait {

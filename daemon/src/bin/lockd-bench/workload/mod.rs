@@ -69,6 +69,7 @@ impl Control {
     pub fn new() -> Arc<Control> {
         // Nanoseconds, 1 ns to an hour, 3 significant figures (a fixed ~300 KiB each).
         let histogram = || {
+            // Constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, sigfig <= 5).
             let h = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
             Mutex::new(h)
         };
