@@ -1,24 +1,21 @@
-//! Persistent state in redb: the fence ceiling and detached leases.
+//! Persistent state: the fence ceiling and detached leases, in a write-ahead log folded into
+//! redb.
 //!
 //! Architecture invariants:
 //! - this is the only module that imports redb;
-//! - one writer thread owns the database after start-up; every change goes through it and is
-//!   committed with `Durability::Immediate` before its waiters hear `Ok` (group commit: all
-//!   changes pending when a commit starts share it);
-//! - the writer keeps the *latest* desired state per lease, so the stored state converges to the
-//!   in-memory state even across failed commits: a failed batch is retried with the next one;
-//! - after a failed commit the database is reopened before the next attempt (redb refuses further
-//!   use after an I/O error), so the daemon recovers when the disk does.
+//! - a change is durable when its log record is ([`log`]): one `fdatasync` per group of changes
+//!   ([`writer`]); redb is the checkpoint the log is folded into, in the background;
+//! - at start-up, [`Store::open`] folds whatever the log holds beyond redb's last checkpoint
+//!   into redb before anything reads the state, so readers see only redb;
+//! - after a failed redb commit the database is reopened before the next attempt (redb refuses
+//!   further use after an I/O error), so the daemon recovers when the disk does.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
 
 use lockd_protocol::ticket::TICKET_LEN;
 use lockd_protocol::Ticket;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::oneshot;
 
 /// Small scalar state, by name.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -26,6 +23,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEASES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("leases");
 /// Every fence up to this value may have been handed out.
 const FENCE_CEILING: &str = "fence_ceiling";
+/// Every log epoch up to this value is folded into redb.
+const LOG_FOLDED: &str = "log_folded";
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "lockd.redb";
 /// Test hook: when this environment variable names a path and that path exists, every write
@@ -53,6 +52,8 @@ pub enum StoreError {
     Storage(#[from] redb::Error),
     #[error("stored lease record is corrupt: {0}")]
     Corrupt(String),
+    #[error("cannot write the log in {0}: {1}; check the disk holding the data directory (space, permissions, I/O errors)")]
+    Log(PathBuf, std::io::Error),
     #[error("commit failed: {0}")]
     CommitFailed(String),
     #[error("the storage writer has stopped")]
@@ -60,9 +61,19 @@ pub enum StoreError {
 }
 
 mod fault;
+mod log;
 mod record;
+mod writer;
 
 pub use record::LeaseRecord;
+#[cfg(test)]
+pub(crate) use writer::Job;
+pub use writer::{outcome, Done, Writer};
+
+/// The failing-disk trigger of [`FAULT_ENV`], if set.
+fn fault_trigger() -> Option<PathBuf> {
+    std::env::var_os(FAULT_ENV).map(PathBuf::from)
+}
 
 fn storage(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Storage(e.into())
@@ -72,6 +83,8 @@ fn storage(e: impl Into<redb::Error>) -> StoreError {
 pub struct Store {
     db: Option<Database>,
     dir: PathBuf,
+    /// Taken by [`Writer::start`].
+    log: Option<log::Log>,
 }
 
 impl Store {
@@ -87,8 +100,19 @@ impl Store {
         let mut store = Store {
             db: None,
             dir: dir.to_owned(),
+            log: None,
         };
         store.reopen()?;
+        let folded = store.meta(LOG_FOLDED)?;
+        let (log, replay) = log::Log::open(dir, folded)?;
+        if replay.records > 0 {
+            tracing::info!(
+                records = replay.records,
+                "replaying the log's changes since the last checkpoint"
+            );
+            store.fold(&replay.batch, replay.last_epoch)?;
+        }
+        store.log = Some(log);
         Ok(store)
     }
 
@@ -119,10 +143,15 @@ impl Store {
     /// # Errors
     /// [`StoreError::Storage`].
     pub fn fence_ceiling(&mut self) -> Result<u64, StoreError> {
+        self.meta(FENCE_CEILING)
+    }
+
+    /// A scalar of the meta table (0 when never written).
+    fn meta(&mut self, name: &str) -> Result<u64, StoreError> {
         let tx = self.db()?.begin_read().map_err(storage)?;
         let table = tx.open_table(META).map_err(storage)?;
         Ok(table
-            .get(FENCE_CEILING)
+            .get(name)
             .map_err(storage)?
             .map(|v| v.value())
             .unwrap_or(0))
@@ -167,14 +196,27 @@ impl Store {
     /// [`StoreError::Storage`]; nothing of the batch is stored then, and the database is
     /// reopened on the next call.
     pub fn apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let result = self.try_apply(batch);
+        self.commit(batch, None)
+    }
+
+    /// Folds log epoch `epoch`'s changes into redb, recording the epoch as folded in the same
+    /// durable transaction.
+    ///
+    /// # Errors
+    /// As [`Store::apply`].
+    fn fold(&mut self, batch: &Batch, epoch: u64) -> Result<(), StoreError> {
+        self.commit(batch, Some(epoch))
+    }
+
+    fn commit(&mut self, batch: &Batch, folded: Option<u64>) -> Result<(), StoreError> {
+        let result = self.try_commit(batch, folded);
         if result.is_err() {
             self.db = None;
         }
         result
     }
 
-    fn try_apply(&mut self, batch: &Batch) -> Result<(), StoreError> {
+    fn try_commit(&mut self, batch: &Batch, folded: Option<u64>) -> Result<(), StoreError> {
         let tx = self.db()?.begin_write().map_err(storage)?;
         {
             let mut leases = tx.open_table(LEASES).map_err(storage)?;
@@ -191,9 +233,14 @@ impl Store {
                     }
                 }
             }
+            let mut meta = tx.open_table(META).map_err(storage)?;
             if let Some(ceiling) = batch.fence_ceiling {
-                let mut meta = tx.open_table(META).map_err(storage)?;
-                meta.insert(FENCE_CEILING, ceiling).map_err(storage)?;
+                let old = meta.get(FENCE_CEILING).map_err(storage)?.map(|v| v.value());
+                meta.insert(FENCE_CEILING, old.unwrap_or(0).max(ceiling))
+                    .map_err(storage)?;
+            }
+            if let Some(epoch) = folded {
+                meta.insert(LOG_FOLDED, epoch).map_err(storage)?;
             }
         }
         tx.commit().map_err(storage)
@@ -258,6 +305,14 @@ impl Batch {
         }
     }
 
+    /// Adds `later`'s changes after this batch's (later changes to a lease win).
+    fn absorb(&mut self, later: Batch) {
+        self.leases.extend(later.leases);
+        if let Some(c) = later.fence_ceiling {
+            self.add(Change::FenceCeiling(c), false);
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.leases.is_empty() && self.fence_ceiling.is_none()
     }
@@ -271,212 +326,5 @@ impl Batch {
     }
 }
 
-/// Answer to a change: `Ok` once it (and everything queued before it) is durable.
-pub type Done = oneshot::Receiver<Result<(), StoreError>>;
-
-/// One change for the writer, with whom to tell when it is durable.
-pub(crate) struct Job {
-    pub(crate) change: Change,
-    pub(crate) done: Option<oneshot::Sender<Result<(), StoreError>>>,
-}
-
-/// Handle to the writer thread. Cloning is cheap; the thread stops when every handle is gone.
-#[derive(Clone)]
-pub struct Writer {
-    tx: std_mpsc::Sender<Job>,
-}
-
-/// Delay before retrying a failed commit when no new change arrives.
-const RETRY_AFTER: Duration = Duration::from_millis(200);
-
-impl Writer {
-    /// Moves `store` to a new writer thread.
-    ///
-    /// # Errors
-    /// The thread could not be started.
-    pub fn start(store: Store) -> std::io::Result<Writer> {
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::Builder::new()
-            .name("lockd-store".into())
-            .spawn(move || writer_loop(store, rx))?;
-        Ok(Writer { tx })
-    }
-
-    /// Queues `change`; the returned receiver answers once it is durable (or failed).
-    pub fn submit(&self, change: Change) -> Done {
-        let (done, rx) = oneshot::channel();
-        // If the writer is gone, `done` is dropped and the receiver reports an error.
-        let _ = self.tx.send(Job {
-            change,
-            done: Some(done),
-        });
-        rx
-    }
-
-    /// A writer without a thread: the caller takes the jobs and answers them as it likes
-    /// (the engine's tests use it to delay, fail and reorder commits).
-    #[cfg(test)]
-    pub(crate) fn manual() -> (Writer, std_mpsc::Receiver<Job>) {
-        let (tx, rx) = std_mpsc::channel();
-        (Writer { tx }, rx)
-    }
-
-    /// Answers once every change submitted before this call is durable (or failed).
-    pub fn sync(&self) -> Done {
-        self.submit(Change::Sync)
-    }
-
-    /// Queues `change` without waiting for it (it still converges to disk in order).
-    pub fn submit_quiet(&self, change: Change) {
-        let _ = self.tx.send(Job { change, done: None });
-    }
-}
-
-/// Maps a finished [`Done`] to a result.
-pub fn outcome(
-    r: Result<Result<(), StoreError>, oneshot::error::RecvError>,
-) -> Result<(), StoreError> {
-    r.unwrap_or(Err(StoreError::WriterGone))
-}
-
-fn writer_loop(mut store: Store, rx: std_mpsc::Receiver<Job>) {
-    let mut batch = Batch::default();
-    let mut waiters: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
-    let mut failing = false;
-    loop {
-        // Wait for work; while a failed batch is pending, wake up to retry it anyway.
-        let first = if failing {
-            match rx.recv_timeout(RETRY_AFTER) {
-                Ok(job) => Some(job),
-                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        } else {
-            match rx.recv() {
-                Ok(job) => Some(job),
-                Err(_) => return,
-            }
-        };
-        for job in first
-            .into_iter()
-            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-        {
-            batch.add(job.change, job.done.is_some());
-            waiters.extend(job.done);
-        }
-        if batch.is_empty() {
-            // Only syncs: everything before them was already committed (jobs are handled in
-            // order, one batch at a time).
-            for w in waiters.drain(..) {
-                let _ = w.send(Ok(()));
-            }
-            continue;
-        }
-        match store.apply(&batch) {
-            Ok(()) => {
-                if failing {
-                    tracing::info!("storage works again; pending changes are committed");
-                }
-                failing = false;
-                batch = Batch::default();
-                for w in waiters.drain(..) {
-                    let _ = w.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::error!(
-                        "commit failed: {e}; affected requests answer Unavailable, retrying"
-                    );
-                }
-                failing = true;
-                batch.keep_quiet_changes();
-                let msg = e.to_string();
-                for w in waiters.drain(..) {
-                    let _ = w.send(Err(StoreError::CommitFailed(msg.clone())));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use lockd_protocol::{Key, Mode};
-
-    fn record(n: u64) -> LeaseRecord {
-        LeaseRecord {
-            ticket: Ticket::generate().unwrap(),
-            key: Key::new("ns", format!("name-{n}")).unwrap(),
-            mode: Mode::Shared,
-            fence: n,
-            uid: 1000,
-            gid: 100,
-            pid: Some(42),
-            client_name: "test".into(),
-            acquired_at_ms: 1,
-            expires_at_ms: 2,
-            lease_ms: 3,
-            data: b"leader=10.0.0.1".to_vec(),
-            permits: Some(3),
-            lock_delay_ms: 5,
-        }
-    }
-
-    #[test]
-    fn version_1_records_still_decode() {
-        let r = record(7);
-        let mut v1 = r.encode();
-        v1[0] = 1;
-        v1.truncate(v1.len() - 12);
-        let old = LeaseRecord::decode(r.ticket, &v1).unwrap();
-        assert_eq!((old.permits, old.lock_delay_ms), (None, 0));
-        assert_eq!(old.data, r.data);
-    }
-
-    #[test]
-    fn record_round_trip() {
-        let r = record(7);
-        assert_eq!(LeaseRecord::decode(r.ticket, &r.encode()).unwrap(), r);
-        assert!(LeaseRecord::decode(r.ticket, &r.encode()[..10]).is_err());
-    }
-
-    #[test]
-    fn changes_persist_across_reopen_and_latest_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (record(1), record(2));
-        {
-            let mut store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.fence_ceiling().unwrap(), 0);
-            let mut batch = Batch::default();
-            batch.add(Change::Put(a.clone()), true);
-            batch.add(Change::Put(b.clone()), false);
-            batch.add(Change::Delete(b.ticket), true);
-            batch.add(Change::FenceCeiling(42), true);
-            store.apply(&batch).unwrap();
-        }
-        let mut store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.fence_ceiling().unwrap(), 42);
-        assert_eq!(store.load_leases().unwrap(), vec![a]);
-    }
-
-    #[test]
-    fn second_open_is_refused_as_in_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        assert!(matches!(Store::open(dir.path()), Err(StoreError::InUse(_))));
-    }
-
-    #[tokio::test]
-    async fn writer_groups_changes_and_answers_each() {
-        let dir = tempfile::tempdir().unwrap();
-        let writer = Writer::start(Store::open(dir.path()).unwrap()).unwrap();
-        let dones: Vec<Done> = (0..50)
-            .map(|n| writer.submit(Change::Put(record(n))))
-            .collect();
-        for d in dones {
-            outcome(d.await).unwrap();
-        }
-    }
-}
+mod tests;
