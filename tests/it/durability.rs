@@ -77,9 +77,20 @@ async fn worker(client: Client, prefix: String, mut out: Outcome, seed: u64) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_leases_survive_twenty_sigkills_under_load() {
+    survive_sigkills_under_load(&[]).await;
+}
+
+/// As above with the log handed to the checkpointer after every append: the kills land inside
+/// checkpoints into redb and while log files are being reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_leases_survive_sigkills_inside_checkpoints() {
+    survive_sigkills_under_load(&[("LOCKD_TEST_CHECKPOINT_BYTES", "1")]).await;
+}
+
+async fn survive_sigkills_under_load(env: &[(&str, &str)]) {
     const WORKERS: usize = 6;
     const CRASHES: usize = 20;
-    let mut d = TestDaemon::start(LOCKD).await;
+    let mut d = TestDaemon::start_full(LOCKD, &[], env).await;
     let mut outcomes: Vec<Outcome> = (0..WORKERS).map(|_| Outcome::default()).collect();
     let mut max_fence = 0;
     let mut seed = std::time::SystemTime::now()

@@ -30,6 +30,10 @@ pub const DB_FILE: &str = "lockd.redb";
 /// Test hook: when this environment variable names a path and that path exists, every write
 /// and sync of the database fails with an I/O error (a failing disk).
 pub const FAULT_ENV: &str = "LOCKD_TEST_STORAGE_FAULT_FILE";
+/// Test hook: when set to a number of bytes, the log is handed to the checkpointer as soon as
+/// its active file holds that many (1: after every append, so crashes land inside checkpoints
+/// and file reuse).
+pub const CHECKPOINT_BYTES_ENV: &str = "LOCKD_TEST_CHECKPOINT_BYTES";
 
 /// Why the store could not be opened or written.
 #[derive(Debug, thiserror::Error)]

@@ -51,7 +51,11 @@ impl Writer {
     /// # Errors
     /// A thread could not be started.
     pub fn start(store: Store) -> std::io::Result<Writer> {
-        Writer::start_tuned(store, CHECKPOINT_BYTES)
+        let checkpoint_bytes = std::env::var(super::CHECKPOINT_BYTES_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CHECKPOINT_BYTES);
+        Writer::start_tuned(store, checkpoint_bytes)
     }
 
     /// [`Writer::start`], handing an epoch to the checkpointer once its file holds
