@@ -8,6 +8,7 @@
 //!   stored when the daemon died), the one with the higher fence wins: a later grant on a key
 //!   proves the earlier hold had ended.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 
 use super::leases::{Lease, Leases};
 use super::lockspace::{HoldMeta, How, LockSpace};
-use crate::peer::Peer;
+use crate::peer::{Owner, Peer};
 use crate::store::{Change, LeaseRecord, Writer};
 use crate::usage::{HoldShare, Registry};
 
@@ -43,6 +44,9 @@ pub fn restore(
     now: Instant,
 ) -> Recovered {
     let mut out = Recovered::default();
+    // Restored leases of one former client share one owner (all have connection id 0, which
+    // no live connection has), not an owner and a mailbox each.
+    let mut owners: HashMap<(Option<i32>, u32, u32, String), Owner> = HashMap::new();
     // Highest fence first, so on a conflict the newest grant is the one kept.
     records.sort_unstable_by_key(|r| std::cmp::Reverse(r.fence));
     for record in records {
@@ -51,14 +55,25 @@ pub fn restore(
             out.expired += 1;
             continue;
         }
-        // A connection id of 0 never belongs to a live connection.
-        let (owner, _mailbox) = Peer::open(
-            0,
-            record.pid,
-            record.uid,
-            record.gid,
-            format!("{} (before restart)", record.client_name),
-        );
+        let owner = owners
+            .entry((
+                record.pid,
+                record.uid,
+                record.gid,
+                record.client_name.clone(),
+            ))
+            .or_insert_with(|| {
+                // A connection id of 0 never belongs to a live connection.
+                Peer::open(
+                    0,
+                    record.pid,
+                    record.uid,
+                    record.gid,
+                    format!("{} (before restart)", record.client_name),
+                )
+                .0
+            })
+            .clone();
         let shown_expiry = Arc::new(AtomicU64::new(record.expires_at_ms));
         let meta = HoldMeta {
             data: record.data.clone(),
