@@ -243,7 +243,8 @@ impl<O, P> Entry<O, P> {
         }
     }
 
-    fn holds(&self, fence: u64) -> bool {
+    /// Whether the hold `fence` is one of the holders.
+    pub fn holds(&self, fence: u64) -> bool {
         self.holders().iter().any(|h| h.fence == fence)
     }
 
@@ -451,7 +452,11 @@ pub struct HoldAt {
 /// How an operation finds its key's entry.
 #[derive(Debug, Clone, Copy)]
 pub enum At<'k> {
+    /// The entry of this key.
     Key(Hashed<'k>),
+    /// The entry with this hold: with the hash of the hold's own key (as its grant gave it),
+    /// that is the hold's key, since fences are unique. (Any entry whose hash shares a few bits
+    /// could match a fence it holds: this is not a way to ask "is this fence on that key".)
     Hold(HoldAt),
 }
 
@@ -565,11 +570,6 @@ impl<O, P> Table<O, P> {
     /// The key of the entry `at` finds.
     pub fn key_at(&self, at: At<'_>) -> Option<Key> {
         self.find(at).map(|n| key_ref(n).to_key())
-    }
-
-    /// Whether the hold `at` is in the table.
-    pub fn holds(&self, at: HoldAt) -> bool {
-        self.find(At::Hold(at)).is_some()
     }
 
     /// Every key with holders or waiters, in no particular order.
@@ -709,29 +709,32 @@ impl<O: PartialEq + Clone, P> Table<O, P> {
         Acquired::Queued
     }
 
-    /// Ends the hold `at` (a clean release) and grants whoever may go next.
+    /// Ends the hold `fence` on the key `at` finds (a clean release) and grants whoever may
+    /// go next.
     ///
     /// Returns `None` if there is no such hold (nothing changes).
     pub fn release(
         &mut self,
-        at: HoldAt,
+        at: At<'_>,
+        fence: u64,
         now: u64,
         next_fence: &mut impl FnMut() -> u64,
     ) -> Option<Outcome<Holder<O, P>, O>> {
-        self.end_hold(at, false, now, next_fence)
+        self.end_hold(at, fence, false, now, next_fence)
     }
 
     /// As [`Table::release`]; `unclean` (an expiry) starts the hold's lock-delay, if it has
     /// one.
     pub fn end_hold(
         &mut self,
-        at: HoldAt,
+        at: At<'_>,
+        fence: u64,
         unclean: bool,
         now: u64,
         next_fence: &mut impl FnMut() -> u64,
     ) -> Option<Outcome<Holder<O, P>, O>> {
-        self.change(At::Hold(at), |key, entry, delays| {
-            let i = entry.holders().iter().position(|h| h.fence == at.fence)?;
+        self.change(at, |key, entry, delays| {
+            let i = entry.holders().iter().position(|h| h.fence == fence)?;
             let holder = entry.holders.swap_remove(i)?;
             let delayed = if unclean {
                 entry

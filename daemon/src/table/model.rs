@@ -172,7 +172,15 @@ fn release(
         .holders
         .iter()
         .position(|h| h.0 == key && h.4 == fence);
-    let got = table.release(table.hasher().hold(&k(key), fence), 0, next);
+    // By key (exact for any fence); a fence the model knows to be on this key is also ended
+    // the way connections do it, by hash and fence.
+    let key_ = k(key);
+    let at = if pos.is_some() && fence % 2 == 0 {
+        At::Hold(table.hasher().hold(&key_, fence))
+    } else {
+        At::Key(table.hasher().hashed(&key_))
+    };
+    let got = table.release(at, fence, 0, next);
     match (pos, got) {
         (None, None) => {}
         (Some(i), Some(ended)) => {

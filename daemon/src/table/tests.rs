@@ -29,8 +29,8 @@ fn release(
     fence: u64,
     f: &mut Fences,
 ) -> Option<Outcome<Holder<u32, ()>, u32>> {
-    let at = t.hasher().hold(k, fence);
-    t.release(at, 0, &mut f.f())
+    let k = t.hasher().hashed(k);
+    t.release(At::Key(k), fence, 0, &mut f.f())
 }
 
 fn cancel(

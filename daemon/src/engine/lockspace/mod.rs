@@ -292,32 +292,31 @@ impl LockSpace {
 
     /// Ends the hold `fence` on `key`; returns false if there is none.
     pub fn release(&self, key: &Key, fence: u64, why: Ended) -> bool {
-        self.end_hold(self.hasher.hold(key, fence), Some(key), why)
+        self.end_hold(At::Key(self.hasher.hashed(key)), fence, Some(key), why)
     }
 
-    /// Ends the hold `at` (a connection's own hold, found without its key); returns false if
-    /// there is none.
+    /// Ends the hold `at` (a connection's own hold, as its grant gave it: found without its
+    /// key); returns false if there is none.
     pub fn release_at(&self, at: HoldAt, why: Ended) -> bool {
-        self.end_hold(at, None, why)
+        self.end_hold(At::Hold(at), at.fence, None, why)
     }
 
-    fn end_hold(&self, at: HoldAt, key: Option<&Key>, why: Ended) -> bool {
+    fn end_hold(&self, at: At<'_>, fence: u64, key: Option<&Key>, why: Ended) -> bool {
         let released = {
-            let mut guard = self.shard(at.hash);
+            let mut guard = self.shard(hash_of(at));
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             let unclean = why == Ended::Expired;
-            let watched = shard.watched_key(key, At::Hold(at));
+            let watched = shard.watched_key(key, at);
             match shard
                 .table
-                .end_hold(at, unclean, now, &mut || self.fences.next())
+                .end_hold(at, fence, unclean, now, &mut || self.fences.next())
             {
                 Some(ended) => {
                     self.arm_delay(ended.delayed, now);
-                    let fence = at.fence;
                     let change = match why {
                         Ended::Released => {
                             shard.stats.releases += 1;
@@ -379,12 +378,8 @@ impl LockSpace {
     }
 
     fn remove_owner_in(&self, at: At<'_>, key: Option<&Key>, owner: &Owner) -> usize {
-        let hash = match at {
-            At::Key(k) => k.hash,
-            At::Hold(h) => h.hash,
-        };
         let ended = {
-            let mut guard = self.shard(hash);
+            let mut guard = self.shard(hash_of(at));
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
@@ -502,17 +497,16 @@ impl LockSpace {
 
     /// Whether the hold `fence` on `key` is in the table.
     pub fn holds(&self, key: &Key, fence: u64) -> bool {
-        let at = self.hasher.hold(key, fence);
-        self.shard(at.hash).table.holds(at)
+        self.inspect(key, |e| e.is_some_and(|e| e.holds(fence)))
     }
 
     /// Runs `f` while the shard of `key` is locked, if the hold `fence` is in the table;
     /// returns whether it was. A message `f` pushes is ordered with every event of the key
     /// (a later force-release's `HoldLost` comes after it, an earlier one makes this false).
     pub fn with_hold(&self, key: &Key, fence: u64, f: impl FnOnce()) -> bool {
-        let at = self.hasher.hold(key, fence);
-        let shard = self.shard(at.hash);
-        let held = shard.table.holds(at);
+        let k = self.hasher.hashed(key);
+        let shard = self.shard(k.hash);
+        let held = shard.table.get(k).is_some_and(|e| e.holds(fence));
         if held {
             f();
         }
@@ -650,6 +644,13 @@ fn notify(out: &mut Outbox, watchers: &[Owner], key: &Key, change: Change) {
 /// tags them with the top seven).
 fn shard_index(hash: u64) -> usize {
     (hash >> 32) as usize & (SHARDS - 1)
+}
+
+fn hash_of(at: At<'_>) -> u64 {
+    match at {
+        At::Key(k) => k.hash,
+        At::Hold(h) => h.hash,
+    }
 }
 
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
