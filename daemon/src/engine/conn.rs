@@ -12,7 +12,7 @@ use lockd_protocol::{Event, Key, Reply, RequestId, Ticket};
 use tokio_util::time::{delay_queue, DelayQueue};
 
 use super::leases::LeaseSpec;
-use super::lockspace::Ended;
+use super::lockspace::{Ended, HoldAt};
 use super::{Answer, Engine};
 use crate::config::Config;
 use crate::error::Error;
@@ -24,13 +24,10 @@ use crate::usage::UidUsage;
 /// before they are synced: per-uid limits may overshoot by this much per connection.
 const USAGE_SLACK: usize = 8;
 
-/// A hold bound to this connection, by ticket.
+/// A hold bound to this connection, by ticket: where it is in the table. The key itself is
+/// only in the table (a connection finds its hold by the key's hash and the fence).
 pub(super) struct Held {
-    /// Shared with the table's entry (one copy of the key's strings per held key).
-    pub key: Arc<Key>,
-    pub fence: u64,
-    /// Also registered in the leases (a session hold with a lease).
-    pub leased: bool,
+    pub at: HoldAt,
 }
 
 /// A queued acquire of this connection, by request id.
@@ -90,6 +87,8 @@ pub struct Conn {
     pub(super) engine: Arc<Engine>,
     pub(super) owner: Owner,
     pub(super) holds: HashMap<Ticket, Held>,
+    /// The holds that are also registered in the leases (session holds with a lease).
+    pub(super) leased: HashSet<Ticket>,
     pub(super) waits: HashMap<RequestId, Pending>,
     pub(super) timers: DelayQueue<RequestId>,
     pub(super) tickets: TicketPool,
@@ -119,6 +118,7 @@ impl Conn {
             engine,
             owner,
             holds: HashMap::new(),
+            leased: HashSet::new(),
             waits: HashMap::new(),
             timers: DelayQueue::new(),
             tickets: TicketPool::default(),
@@ -204,10 +204,11 @@ impl Conn {
                     self.timers.remove(&timer);
                 }
                 self.left_wait(request, &pending);
+                let at = self.engine.locks.hold_at(&pending.key, fence);
                 let answer = self.granted(
                     request,
-                    Arc::new(pending.key),
-                    fence,
+                    pending.key,
+                    at,
                     mode,
                     pending.lease,
                     pending.minted,
@@ -219,10 +220,10 @@ impl Conn {
                 Outgoing::Event(Event::Watch { key, change })
             }
             Push::Lost { key, fence, reason } => {
-                let engine = &self.engine;
+                let (engine, leased) = (&self.engine, &mut self.leased);
                 self.holds.retain(|ticket, h| {
-                    let lost = h.fence == fence;
-                    if lost && h.leased {
+                    let lost = h.at.fence == fence;
+                    if lost && leased.remove(ticket) {
                         // Already ended by whoever ended the hold; forgetting also covers a
                         // lease registered after a force-release that could not find it.
                         engine.leases.forget(ticket);
@@ -301,11 +302,11 @@ impl Conn {
             }
         }
         let locks = &self.engine.locks;
-        for (ticket, held) in self.holds.drain() {
-            if held.leased {
-                self.engine.leases.forget(&ticket);
-            }
-            ended += locks.remove_owner(&held.key, &self.owner);
+        for ticket in self.leased.drain() {
+            self.engine.leases.forget(&ticket);
+        }
+        for (_, held) in self.holds.drain() {
+            ended += locks.remove_owner_at(held.at, &self.owner);
         }
         for key in self.watching.drain() {
             locks.unwatch(&key, &self.owner);

@@ -264,7 +264,7 @@ impl Leases {
                 self.writer.submit(Change::Delete(*ticket)),
             ));
         }
-        let lease = shard.remove(ticket).ok_or(TicketError::NotHolder)?;
+        let lease = take(&mut shard, ticket).ok_or(TicketError::NotHolder)?;
         let _ = self.arm.send((*ticket, None));
         Ok(Release::Done(Box::new(lease)))
     }
@@ -273,7 +273,7 @@ impl Leases {
     /// meanwhile (expired).
     pub fn finish_release(&self, ticket: &Ticket) -> Option<Lease> {
         let mut shard = self.shard(ticket);
-        let lease = shard.remove(ticket)?;
+        let lease = take(&mut shard, ticket)?;
         let _ = self.arm.send((*ticket, None));
         Some(lease)
     }
@@ -292,7 +292,7 @@ impl Leases {
     /// deletion.
     pub fn end_forced(&self, ticket: &Ticket) -> Option<Done> {
         let mut shard = self.shard(ticket);
-        let lease = shard.remove(ticket)?;
+        let lease = take(&mut shard, ticket)?;
         let _ = self.arm.send((*ticket, None));
         lease
             .detached
@@ -302,7 +302,7 @@ impl Leases {
     /// Takes back a detached grant whose commit failed (nothing was acknowledged).
     pub fn revoke(&self, ticket: &Ticket) -> Option<Lease> {
         let mut shard = self.shard(ticket);
-        let lease = shard.remove(ticket)?;
+        let lease = take(&mut shard, ticket)?;
         let _ = self.arm.send((*ticket, None));
         // Belt and braces: make sure no copy of the failed put reaches the disk later.
         self.writer.submit_quiet(Change::Delete(*ticket));
@@ -312,7 +312,7 @@ impl Leases {
     /// Forgets a session-bound lease whose hold ended with its connection (no store change).
     pub fn forget(&self, ticket: &Ticket) {
         let mut shard = self.shard(ticket);
-        if shard.remove(ticket).is_some() {
+        if take(&mut shard, ticket).is_some() {
             let _ = self.arm.send((*ticket, None));
         }
     }
@@ -326,7 +326,7 @@ impl Leases {
             let _ = self.arm.send((*ticket, Some(deadline)));
             return None;
         }
-        let lease = shard.remove(ticket)?;
+        let lease = take(&mut shard, ticket)?;
         if lease.detached {
             // Not waited for: an expired lease that reappears after a crash is dropped again at
             // recovery, because its stored expiry has passed.
@@ -334,6 +334,14 @@ impl Leases {
         }
         Some(lease)
     }
+}
+
+/// Removes the lease with `ticket` from its shard, giving the shard's memory back once it is
+/// mostly empty (after many leases ended).
+fn take(shard: &mut HashMap<Ticket, Lease>, ticket: &Ticket) -> Option<Lease> {
+    let lease = shard.remove(ticket)?;
+    crate::table::shrink_if_sparse(shard);
+    Some(lease)
 }
 
 /// Outcome of [`Leases::release`].

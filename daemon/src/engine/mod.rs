@@ -159,8 +159,8 @@ impl Engine {
     /// Ends every hold on `key` and their leases (the caller checked the right to). Answers
     /// once the deletions of detached leases are stored.
     pub fn force_release(self: &Arc<Self>, key: &Key) -> Answer {
-        let tickets = self.locks.force_release(key);
-        let holds = tickets.len() as u32;
+        let (holds, tickets) = self.locks.force_release(key);
+        let holds = holds as u32;
         let mut commits = Vec::new();
         let mut stored = Vec::new();
         for ticket in tickets {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::answer::Then;
 use super::conn::{Held, Minted, Pending, Tracked, Unanswered};
 use super::leases::{Lease, LeaseSpec, Release, Renewal, TicketError};
-use super::lockspace::{AcquireOutcome, Ended, HoldMeta, How};
+use super::lockspace::{AcquireOutcome, Ended, HoldAt, HoldMeta, How, MAX_LOCK_DELAY_MS};
 use super::{Answer, Conn, Deferred};
 use crate::clock;
 use crate::error::Error;
@@ -120,9 +120,7 @@ impl Conn {
             .locks
             .acquire(&a.key, &self.owner, id, how, meta);
         match outcome {
-            AcquireOutcome::Granted(fence, key) => {
-                self.granted(id, key, fence, a.mode, lease, minted)
-            }
+            AcquireOutcome::Granted(at) => self.granted(id, a.key, at, a.mode, lease, minted),
             AcquireOutcome::Capacity(current) => {
                 self.tickets.put_back(ticket);
                 let now = match current {
@@ -208,7 +206,10 @@ impl Conn {
             }
             _ => {}
         }
-        let max_delay = limits.max_lock_delay;
+        // The table keeps lock-delays in 32 bits of milliseconds (about 49 days).
+        let max_delay = limits
+            .max_lock_delay
+            .min(Duration::from_millis(MAX_LOCK_DELAY_MS));
         if Duration::from_millis(a.lock_delay_ms) > max_delay {
             return Err(Error::LimitExceeded(format!(
                 "lock-delay of {} ms: the limit is {} ms",
@@ -282,22 +283,15 @@ impl Conn {
     pub(super) fn granted(
         &mut self,
         id: RequestId,
-        key: Arc<Key>,
-        fence: u64,
+        key: Key,
+        at: HoldAt,
         mode: Mode,
         lease: Option<LeaseSpec>,
         minted: Minted,
     ) -> Answer {
-        let ticket = minted.ticket;
+        let (ticket, fence) = (minted.ticket, at.fence);
         let Some(spec) = lease else {
-            self.holds.insert(
-                ticket,
-                Held {
-                    key,
-                    fence,
-                    leased: false,
-                },
-            );
+            self.holds.insert(ticket, Held { at });
             let grant = Grant {
                 ticket,
                 fence,
@@ -308,7 +302,7 @@ impl Conn {
         };
         let record = spec.record(
             ticket,
-            Key::clone(&key),
+            key.clone(),
             mode,
             fence,
             &self.owner,
@@ -341,12 +335,8 @@ impl Conn {
         let Some(done) = commit else {
             // Session-bound: if a force-release ended the hold before the lease was registered,
             // its HoldLost follows in the mailbox and forgets the lease (`on_push`).
-            let held = Held {
-                key,
-                fence,
-                leased: true,
-            };
-            self.holds.insert(ticket, held);
+            self.holds.insert(ticket, Held { at });
+            self.leased.insert(ticket);
             return Answer::Now(Ok(Reply::Granted(grant)));
         };
         // Invariant 4: the lease is registered; is the hold still there? A force-release
@@ -358,28 +348,22 @@ impl Conn {
             ))));
         }
         let unanswered = Unanswered {
-            key: Key::clone(&key),
+            key: key.clone(),
             ticket,
             fence,
         };
         self.in_flight.insert(id, Some(unanswered));
-        let then = Then::Granted {
-            key: Key::clone(&key),
-            grant,
-        };
+        let then = Then::Granted { key, grant };
         Answer::AfterCommit(Deferred::new(Arc::clone(&self.engine), vec![done], then))
     }
 
     fn release(&mut self, ticket: &Ticket) -> Answer {
         if let Some(held) = self.holds.remove(ticket) {
             crate::table::shrink_if_sparse(&mut self.holds);
-            if held.leased {
+            if !self.leased.is_empty() && self.leased.remove(ticket) {
                 self.engine.leases.forget(ticket);
             }
-            let released = self
-                .engine
-                .locks
-                .release(&held.key, held.fence, Ended::Released);
+            let released = self.engine.locks.release_at(held.at, Ended::Released);
             return Answer::Now(if released {
                 Ok(Reply::Released)
             } else {

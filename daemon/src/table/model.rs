@@ -142,15 +142,15 @@ fn check_invariants(table: &Table<u32, ()>) -> Result<(), TestCaseError> {
     for (key, e) in table.iter() {
         prop_assert!(!e.is_empty(), "{key}: empty entry kept");
         let exclusive = e
-            .holders
+            .holders()
             .iter()
             .filter(|h| h.mode == Mode::Exclusive)
             .count();
         prop_assert!(
-            exclusive == 0 || e.holders.len() == 1,
+            exclusive == 0 || e.holders().len() == 1,
             "{key}: exclusive shared"
         );
-        if let Some(head) = e.queue.front() {
+        if let Some(head) = e.waiters().next() {
             prop_assert!(
                 !e.compatible(head.mode),
                 "{key}: grantable head left waiting"
@@ -172,13 +172,22 @@ fn release(
         .holders
         .iter()
         .position(|h| h.0 == key && h.4 == fence);
-    let got = table.release(&k(key), fence, 0, next);
+    // By key (exact for any fence); a fence the model knows to be on this key is also ended
+    // the way connections do it, by hash and fence.
+    let key_ = k(key);
+    let at = if pos.is_some() && fence % 2 == 0 {
+        At::Hold(table.hasher().hold(&key_, fence))
+    } else {
+        At::Key(table.hasher().hashed(&key_))
+    };
+    let got = table.release(at, fence, 0, next);
     match (pos, got) {
         (None, None) => {}
-        (Some(i), Some((holder, granted))) => {
+        (Some(i), Some(ended)) => {
             let (_, owner, _, _, _) = model.holders.remove(i);
-            prop_assert_eq!(holder.owner, owner);
-            prop_assert_eq!(as_tuples(&granted), model.settle(key));
+            prop_assert_eq!(ended.removed.owner, owner);
+            prop_assert!(ended.delayed.is_none());
+            prop_assert_eq!(as_tuples(&ended.granted), model.settle(key));
         }
         (pos, got) => prop_assert!(
             false,
@@ -202,13 +211,15 @@ fn cancel(
         .queue
         .iter()
         .position(|w| w.0 == key && w.1 == owner && w.2 == request);
-    let got = table.cancel(&k(key), &owner, request, 0, next);
+    let key_ = k(key);
+    let got = table.cancel(table.hasher().hashed(&key_), &owner, request, 0, next);
     match (pos, got) {
         (None, None) => {}
-        (Some(i), Some((waiter, granted))) => {
+        (Some(i), Some(cancelled)) => {
             model.queue.remove(i);
+            let waiter = cancelled.removed;
             prop_assert_eq!((waiter.owner, waiter.request), (owner, request));
-            prop_assert_eq!(as_tuples(&granted), model.settle(key));
+            prop_assert_eq!(as_tuples(&cancelled.granted), model.settle(key));
         }
         (pos, got) => prop_assert!(
             false,
@@ -252,7 +263,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     lock_delay: 0,
                     payload: (),
                 };
-                let got = table.acquire(&k(key), want, 0, &mut next);
+                let key_ = k(key);
+                let got = table.acquire(table.hasher().hashed(&key_), want, 0, &mut next);
                 let expected = model.acquire(key, owner, request, mode, wait, detached);
                 prop_assert_eq!(got, expected);
             }
@@ -282,7 +294,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Disconnect { owner } => {
                 for key in 0..3u8 {
-                    let (removed, granted) = table.remove_owner(&k(key), &owner, 0, &mut next);
+                    let key_ = k(key);
+                    // Found by key, or by one of the owner's holds there (as a connection does).
+                    let held = model
+                        .holders
+                        .iter()
+                        .find(|h| h.0 == key && h.1 == owner && !model.detached.contains(&h.4));
+                    let at = match held {
+                        Some(h) if h.4 % 2 == 0 => At::Hold(table.hasher().hold(&key_, h.4)),
+                        _ => At::Key(table.hasher().hashed(&key_)),
+                    };
+                    let Outcome {
+                        removed, granted, ..
+                    } = table.remove_owner(at, &owner, 0, &mut next);
                     let before = model.holders.len();
                     let detached = &model.detached;
                     model
@@ -310,10 +334,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             .filter(|w| w.0 == key)
             .map(|w| w.2)
             .collect();
-        let (mut got_fences, got_queue) = match table.get(&k(key)) {
+        let key_ = k(key);
+        let (mut got_fences, got_queue) = match table.get(table.hasher().hashed(&key_)) {
             Some(e) => (
-                e.holders.iter().map(|h| h.fence).collect::<Vec<_>>(),
-                e.queue.iter().map(|w| w.request).collect::<Vec<_>>(),
+                e.holders().iter().map(|h| h.fence).collect::<Vec<_>>(),
+                e.waiters().map(|w| w.request).collect::<Vec<_>>(),
             ),
             None => (Vec::new(), Vec::new()),
         };

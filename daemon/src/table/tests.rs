@@ -18,6 +18,32 @@ impl Fences {
     }
 }
 
+fn acquire(t: &mut T, k: &Key, want: Want<u32, ()>, f: &mut Fences) -> Acquired {
+    let k = t.hasher().hashed(k);
+    t.acquire(k, want, 0, &mut f.f())
+}
+
+fn release(
+    t: &mut T,
+    k: &Key,
+    fence: u64,
+    f: &mut Fences,
+) -> Option<Outcome<Holder<u32, ()>, u32>> {
+    let k = t.hasher().hashed(k);
+    t.release(At::Key(k), fence, 0, &mut f.f())
+}
+
+fn cancel(
+    t: &mut T,
+    k: &Key,
+    owner: u32,
+    request: u64,
+    f: &mut Fences,
+) -> Option<Outcome<Waiter<u32, ()>, u32>> {
+    let k = t.hasher().hashed(k);
+    t.cancel(k, &owner, request, 0, &mut f.f())
+}
+
 fn want(owner: u32, request: u64, mode: Mode, wait: bool) -> Want<u32, ()> {
     Want {
         owner,
@@ -35,18 +61,22 @@ fn want(owner: u32, request: u64, mode: Mode, wait: bool) -> Want<u32, ()> {
 fn exclusive_excludes_and_try_conflicts() {
     let (mut t, mut f, k) = (T::default(), Fences(0), key("a"));
     assert_eq!(
-        t.acquire(&k, want(1, 1, Mode::Exclusive, false), 0, &mut f.f()),
+        acquire(&mut t, &k, want(1, 1, Mode::Exclusive, false), &mut f),
         Acquired::Granted(1)
     );
     assert_eq!(
-        t.acquire(&k, want(2, 1, Mode::Exclusive, false), 0, &mut f.f()),
+        acquire(&mut t, &k, want(2, 1, Mode::Exclusive, false), &mut f),
         Acquired::Conflict
     );
     assert_eq!(
-        t.acquire(&k, want(2, 2, Mode::Shared, false), 0, &mut f.f()),
+        acquire(&mut t, &k, want(2, 2, Mode::Shared, false), &mut f),
         Acquired::Conflict
     );
-    let (h, granted) = t.release(&k, 1, 0, &mut f.f()).unwrap();
+    let Outcome {
+        removed: h,
+        granted,
+        ..
+    } = release(&mut t, &k, 1, &mut f).unwrap();
     assert_eq!(h.owner, 1);
     assert!(granted.is_empty());
     assert!(t.is_empty(), "empty keys disappear");
@@ -56,47 +86,49 @@ fn exclusive_excludes_and_try_conflicts() {
 fn shared_holders_coexist_and_writer_blocks_later_readers() {
     let (mut t, mut f, k) = (T::default(), Fences(0), key("a"));
     assert_eq!(
-        t.acquire(&k, want(1, 1, Mode::Shared, false), 0, &mut f.f()),
+        acquire(&mut t, &k, want(1, 1, Mode::Shared, false), &mut f),
         Acquired::Granted(1)
     );
     assert_eq!(
-        t.acquire(&k, want(2, 1, Mode::Shared, false), 0, &mut f.f()),
+        acquire(&mut t, &k, want(2, 1, Mode::Shared, false), &mut f),
         Acquired::Granted(2)
     );
     assert_eq!(
-        t.acquire(&k, want(3, 1, Mode::Exclusive, true), 0, &mut f.f()),
+        acquire(&mut t, &k, want(3, 1, Mode::Exclusive, true), &mut f),
         Acquired::Queued
     );
     // A shared request behind a queued writer waits, and a shared try conflicts.
     assert_eq!(
-        t.acquire(&k, want(4, 1, Mode::Shared, true), 0, &mut f.f()),
+        acquire(&mut t, &k, want(4, 1, Mode::Shared, true), &mut f),
         Acquired::Queued
     );
     assert_eq!(
-        t.acquire(&k, want(5, 1, Mode::Shared, false), 0, &mut f.f()),
+        acquire(&mut t, &k, want(5, 1, Mode::Shared, false), &mut f),
         Acquired::Conflict
     );
-    assert!(t.release(&k, 1, 0, &mut f.f()).unwrap().1.is_empty());
-    let granted = t.release(&k, 2, 0, &mut f.f()).unwrap().1;
+    assert!(release(&mut t, &k, 1, &mut f).unwrap().granted.is_empty());
+    let granted = release(&mut t, &k, 2, &mut f).unwrap().granted;
     assert_eq!(granted.len(), 1);
     assert_eq!((granted[0].owner, granted[0].mode), (3, Mode::Exclusive));
-    let granted = t.release(&k, granted[0].fence, 0, &mut f.f()).unwrap().1;
+    let granted = release(&mut t, &k, granted[0].fence, &mut f)
+        .unwrap()
+        .granted;
     assert_eq!(granted.iter().map(|g| g.owner).collect::<Vec<_>>(), vec![4]);
 }
 
 #[test]
 fn consecutive_shared_heads_are_granted_together() {
     let (mut t, mut f, k) = (T::default(), Fences(0), key("a"));
-    t.acquire(&k, want(1, 1, Mode::Exclusive, false), 0, &mut f.f());
+    acquire(&mut t, &k, want(1, 1, Mode::Exclusive, false), &mut f);
     for o in 2..5 {
         assert_eq!(
-            t.acquire(&k, want(o, 1, Mode::Shared, true), 0, &mut f.f()),
+            acquire(&mut t, &k, want(o, 1, Mode::Shared, true), &mut f),
             Acquired::Queued
         );
     }
-    t.acquire(&k, want(5, 1, Mode::Exclusive, true), 0, &mut f.f());
-    t.acquire(&k, want(6, 1, Mode::Shared, true), 0, &mut f.f());
-    let granted = t.release(&k, 1, 0, &mut f.f()).unwrap().1;
+    acquire(&mut t, &k, want(5, 1, Mode::Exclusive, true), &mut f);
+    acquire(&mut t, &k, want(6, 1, Mode::Shared, true), &mut f);
+    let granted = release(&mut t, &k, 1, &mut f).unwrap().granted;
     assert_eq!(
         granted.iter().map(|g| g.owner).collect::<Vec<_>>(),
         vec![2, 3, 4]
@@ -108,15 +140,19 @@ fn consecutive_shared_heads_are_granted_together() {
 #[test]
 fn cancel_of_blocking_writer_lets_readers_through() {
     let (mut t, mut f, k) = (T::default(), Fences(0), key("a"));
-    t.acquire(&k, want(1, 1, Mode::Shared, false), 0, &mut f.f());
-    t.acquire(&k, want(2, 7, Mode::Exclusive, true), 0, &mut f.f());
-    t.acquire(&k, want(3, 1, Mode::Shared, true), 0, &mut f.f());
+    acquire(&mut t, &k, want(1, 1, Mode::Shared, false), &mut f);
+    acquire(&mut t, &k, want(2, 7, Mode::Exclusive, true), &mut f);
+    acquire(&mut t, &k, want(3, 1, Mode::Shared, true), &mut f);
     assert!(
-        t.cancel(&k, &2, 8, 0, &mut f.f()).is_none(),
+        cancel(&mut t, &k, 2, 8, &mut f).is_none(),
         "wrong request id"
     );
-    assert!(t.cancel(&k, &3, 7, 0, &mut f.f()).is_none(), "wrong owner");
-    let (w, granted) = t.cancel(&k, &2, 7, 0, &mut f.f()).unwrap();
+    assert!(cancel(&mut t, &k, 3, 7, &mut f).is_none(), "wrong owner");
+    let Outcome {
+        removed: w,
+        granted,
+        ..
+    } = cancel(&mut t, &k, 2, 7, &mut f).unwrap();
     assert_eq!(w.owner, 2);
     assert_eq!(granted.iter().map(|g| g.owner).collect::<Vec<_>>(), vec![3]);
 }
@@ -124,23 +160,25 @@ fn cancel_of_blocking_writer_lets_readers_through() {
 #[test]
 fn remove_owner_drops_holds_and_waits_then_grants_next() {
     let (mut t, mut f, k) = (T::default(), Fences(0), key("a"));
-    t.acquire(&k, want(1, 1, Mode::Exclusive, false), 0, &mut f.f());
-    t.acquire(&k, want(1, 2, Mode::Exclusive, true), 0, &mut f.f());
-    t.acquire(&k, want(2, 1, Mode::Exclusive, true), 0, &mut f.f());
-    let (removed, granted) = t.remove_owner(&k, &1, 0, &mut f.f());
+    acquire(&mut t, &k, want(1, 1, Mode::Exclusive, false), &mut f);
+    acquire(&mut t, &k, want(1, 2, Mode::Exclusive, true), &mut f);
+    acquire(&mut t, &k, want(2, 1, Mode::Exclusive, true), &mut f);
+    let Outcome {
+        removed, granted, ..
+    } = t.remove_owner(At::Key(t.hasher().hashed(&k)), &1, 0, &mut f.f());
     assert_eq!(removed.len(), 1);
     assert_eq!(granted.len(), 1);
     assert_eq!(granted[0].owner, 2);
-    assert_eq!(t.get(&k).unwrap().queue.len(), 0);
+    assert_eq!(t.get(t.hasher().hashed(&k)).unwrap().queue_len(), 0);
 }
 
 #[test]
 fn release_of_unknown_fence_changes_nothing() {
     let (mut t, mut f, k) = (T::default(), Fences(0), key("a"));
-    t.acquire(&k, want(1, 1, Mode::Exclusive, false), 0, &mut f.f());
-    assert!(t.release(&k, 99, 0, &mut f.f()).is_none());
-    assert!(t.release(&key("b"), 1, 0, &mut f.f()).is_none());
-    assert_eq!(t.get(&k).unwrap().holders.len(), 1);
+    acquire(&mut t, &k, want(1, 1, Mode::Exclusive, false), &mut f);
+    assert!(release(&mut t, &k, 99, &mut f).is_none());
+    assert!(release(&mut t, &key("b"), 1, &mut f).is_none());
+    assert_eq!(t.get(t.hasher().hashed(&k)).unwrap().holders().len(), 1);
 }
 
 #[test]
@@ -148,16 +186,16 @@ fn a_table_that_emptied_gives_its_memory_back() {
     let (mut t, mut f) = (T::default(), Fences(0));
     let keys: Vec<Key> = (0..20_000).map(|i| key(&format!("k{i}"))).collect();
     for k in &keys {
-        t.acquire(k, want(1, 1, Mode::Exclusive, false), 0, &mut f.f());
+        acquire(&mut t, k, want(1, 1, Mode::Exclusive, false), &mut f);
     }
-    let full = t.entries.capacity();
+    let full = t.nodes.capacity();
     for (i, k) in keys.iter().enumerate() {
-        t.release(k, i as u64 + 1, 0, &mut f.f()).unwrap();
+        release(&mut t, k, i as u64 + 1, &mut f).unwrap();
     }
     assert!(t.is_empty());
     assert!(
-        t.entries.capacity() * 8 <= full,
+        t.nodes.capacity() * 8 <= full,
         "capacity {} after release, {full} when full",
-        t.entries.capacity()
+        t.nodes.capacity()
     );
 }

@@ -10,12 +10,11 @@
 //! - counters live inside the shards and are updated under the shard lock the operation takes
 //!   anyway: statistics add no shared atomic to the hot path.
 
-use std::hash::BuildHasher;
+use std::borrow::Cow;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use foldhash::fast::RandomState;
 use foldhash::HashMap;
 use lockd_protocol::{Change, Key, LostReason, Mode, OwnerInfo, RequestId, Ticket};
 use tokio::sync::mpsc;
@@ -24,18 +23,24 @@ use crate::clock;
 use crate::fence::Fences;
 use crate::peer::{Owner, Push};
 use crate::stats::ShardStats;
-use crate::table::{Acquired, Delay, Entry, Granted, Holder, Table, Want};
+use crate::table::{Acquired, At, Delay, Entry, Granted, Holder, KeyHasher, Table, Want};
 
 mod view;
 
 use view::conflict_message;
 
+pub use crate::table::HoldAt;
 pub use view::{Totals, MAX_LIST_PAGE};
 
 /// Number of shards; a power of two well above the core count so connections rarely meet.
 pub const SHARDS: usize = 64;
 
-/// What a hold carries besides what the table tracks. Never shown with its ticket.
+/// Longest lock-delay the table keeps, milliseconds (about 49 days): acquires asking for more
+/// are refused, and a longer one recovered from storage is cut to it.
+pub const MAX_LOCK_DELAY_MS: u64 = u32::MAX as u64;
+
+/// What a hold carries besides what the table tracks, as an acquire gives it. Never shown with
+/// its ticket.
 #[derive(Debug, Clone)]
 pub struct HoldMeta {
     /// Opaque bytes shown by describe.
@@ -48,6 +53,60 @@ pub struct HoldMeta {
     pub warned: bool,
 }
 
+/// What the table keeps of a [`HoldMeta`]: nothing (a null pointer) for a session hold with
+/// no lease and no data, the common case; the rest in one block otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct Stored(Option<Box<Extra>>);
+
+#[derive(Debug, Clone)]
+struct Extra {
+    /// Kept for leased holds only: only they have a lease to end with the hold.
+    ticket: Option<Ticket>,
+    /// The acquire that was granted (a detached grant its connection never learned of is
+    /// found by it).
+    request: RequestId,
+    data: Box<[u8]>,
+    expires_at_ms: Option<Arc<AtomicU64>>,
+}
+
+impl Stored {
+    fn new(meta: HoldMeta, request: RequestId) -> Stored {
+        let leased = meta.expires_at_ms.is_some();
+        if !leased && meta.data.is_empty() {
+            return Stored(None);
+        }
+        Stored(Some(Box::new(Extra {
+            ticket: leased.then_some(meta.ticket),
+            request,
+            data: meta.data.into_boxed_slice(),
+            expires_at_ms: meta.expires_at_ms,
+        })))
+    }
+
+    /// The hold's ticket, if it has a lease.
+    pub fn ticket(&self) -> Option<Ticket> {
+        self.0.as_ref().and_then(|e| e.ticket)
+    }
+
+    /// The granted acquire's id (leased holds and holds with data only).
+    pub fn request(&self) -> Option<RequestId> {
+        self.0.as_ref().map(|e| e.request)
+    }
+
+    pub fn data(&self) -> &[u8] {
+        self.0.as_ref().map_or(&[], |e| &e.data)
+    }
+
+    pub fn expires_at_ms(&self) -> Option<&Arc<AtomicU64>> {
+        self.0.as_ref().and_then(|e| e.expires_at_ms.as_ref())
+    }
+}
+
+/// A lock-delay in the table's width (see [`MAX_LOCK_DELAY_MS`]).
+fn delay_ms(ms: u64) -> u32 {
+    u32::try_from(ms).unwrap_or(u32::MAX)
+}
+
 /// Why a hold ended, for watchers and statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -55,9 +114,8 @@ pub enum Ended {
     Expired,
 }
 
-#[derive(Default)]
 struct Shard {
-    table: Table<Owner, HoldMeta>,
+    table: Table<Owner, Stored>,
     /// Connections watching each key (kept even while the key has no holders or waiters).
     watches: HashMap<Key, Vec<Owner>>,
     stats: ShardStats,
@@ -80,8 +138,8 @@ pub struct How {
 /// Outcome of [`LockSpace::acquire`].
 #[derive(Debug)]
 pub enum AcquireOutcome {
-    /// Granted with this fence; the key is the table's own copy, to share.
-    Granted(u64, Arc<Key>),
+    /// Granted: where the hold is (its fence, and its key's hash).
+    Granted(HoldAt),
     Queued,
     /// The key's capacity differs from the request's (`None`: a plain lock).
     Capacity(Option<u32>),
@@ -105,7 +163,7 @@ impl Drop for Outbox {
 
 pub struct LockSpace {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hasher: KeyHasher,
     fences: Arc<Fences>,
     /// Lock-delays that began, for the delay task to end: (key, delay seq, length).
     delays: mpsc::UnboundedSender<(Key, u64, Duration)>,
@@ -119,45 +177,59 @@ impl LockSpace {
     /// begins, to be ended with [`LockSpace::end_delay`] when it has run.
     pub fn new(fences: Arc<Fences>) -> (LockSpace, DelayInbox) {
         let (delays, inbox) = mpsc::unbounded_channel();
+        let hasher = KeyHasher::default();
+        let shard = || Shard {
+            table: Table::with_hasher(hasher.clone()),
+            watches: HashMap::default(),
+            stats: ShardStats::default(),
+        };
         let space = LockSpace {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::default(),
+            shards: (0..SHARDS).map(|_| Mutex::new(shard())).collect(),
+            hasher,
             fences,
             delays,
         };
         (space, inbox)
     }
 
-    /// Sends a lock-delay of `key` that began during this operation to the delay task
-    /// (`before`: the delay in force before it).
-    fn arm_delay(&self, shard: &Shard, key: &Key, before: Option<Delay>, now: u64) {
-        if let Some(d) = shard.table.delay_of(key) {
-            if before.map(|b| b.seq) != Some(d.seq) {
-                let length = Duration::from_millis(d.until.saturating_sub(now));
-                let _ = self.delays.send((key.clone(), d.seq, length));
-            }
+    /// Sends a lock-delay that began during this operation to the delay task.
+    fn arm_delay(&self, delayed: Option<(Key, Delay)>, now: u64) {
+        if let Some((key, d)) = delayed {
+            let length = Duration::from_millis(d.until.saturating_sub(now));
+            let _ = self.delays.send((key, d.seq, length));
         }
     }
 
     /// Ends lock-delay `seq` of `key` (if still in force): waiters are granted.
     pub fn end_delay(&self, key: &Key, seq: u64) {
-        let mut guard = self.shard(key);
+        let k = self.hasher.hashed(key);
+        let mut guard = self.shard(k.hash);
         let mut out = Outbox::default();
         let shard = &mut *guard;
         let now = clock::now_ms();
         let granted = shard
             .table
-            .end_delay(key, seq, now, &mut || self.fences.next());
-        shard.granted(key, granted, now, &mut out);
+            .end_delay(k, seq, now, &mut || self.fences.next());
+        shard.granted(Some(key), granted, now, &mut out);
     }
 
     pub fn fences(&self) -> &Arc<Fences> {
         &self.fences
     }
 
-    fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(key) as usize) & (SHARDS - 1);
-        lock(&self.shards[i])
+    /// The shard of the key with this hash (bits the shard's own table does not use to
+    /// pick a bucket).
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[shard_index(hash)])
+    }
+
+    fn shard_of_key(&self, key: &Key) -> MutexGuard<'_, Shard> {
+        self.shard(self.hasher.hashed(key).hash)
+    }
+
+    /// Where the hold `fence` on `key` is (for [`LockSpace::release_at`]).
+    pub fn hold_at(&self, key: &Key, fence: u64) -> HoldAt {
+        self.hasher.hold(key, fence)
     }
 
     /// Grants, queues or refuses request `request` of `owner` on `key`.
@@ -177,11 +249,12 @@ impl LockSpace {
             wait: how.wait,
             detached: how.detached,
             permits: how.permits,
-            lock_delay: how.lock_delay_ms,
-            payload: meta,
+            lock_delay: delay_ms(how.lock_delay_ms),
+            payload: Stored::new(meta, request),
         };
+        let k = self.hasher.hashed(key);
         let outcome = {
-            let mut guard = self.shard(key);
+            let mut guard = self.shard(k.hash);
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
@@ -189,7 +262,7 @@ impl LockSpace {
             let now = clock::now_ms();
             match shard
                 .table
-                .acquire(key, want, now, &mut || self.fences.next())
+                .acquire(k, want, now, &mut || self.fences.next())
             {
                 Acquired::Granted(fence) => {
                     shard.stats.grants += 1;
@@ -201,17 +274,16 @@ impl LockSpace {
                         };
                         notify(&mut out, watchers, key, change);
                     }
-                    let shared = shard
-                        .table
-                        .shared_key(key)
-                        .unwrap_or_else(|| Arc::new(key.clone()));
-                    AcquireOutcome::Granted(fence, shared)
+                    AcquireOutcome::Granted(HoldAt {
+                        hash: k.hash,
+                        fence,
+                    })
                 }
                 Acquired::Queued => AcquireOutcome::Queued,
                 Acquired::Capacity(permits) => AcquireOutcome::Capacity(permits),
                 Acquired::Conflict => {
                     shard.stats.conflicts += 1;
-                    AcquireOutcome::Conflict(conflict_message(key, shard.table.get(key), mode))
+                    AcquireOutcome::Conflict(conflict_message(key, shard.table.get(k), mode))
                 }
             }
         };
@@ -220,27 +292,31 @@ impl LockSpace {
 
     /// Ends the hold `fence` on `key`; returns false if there is none.
     pub fn release(&self, key: &Key, fence: u64, why: Ended) -> bool {
+        self.end_hold(At::Key(self.hasher.hashed(key)), fence, Some(key), why)
+    }
+
+    /// Ends the hold `at` (a connection's own hold, as its grant gave it: found without its
+    /// key); returns false if there is none.
+    pub fn release_at(&self, at: HoldAt, why: Ended) -> bool {
+        self.end_hold(At::Hold(at), at.fence, None, why)
+    }
+
+    fn end_hold(&self, at: At<'_>, fence: u64, key: Option<&Key>, why: Ended) -> bool {
         let released = {
-            let mut guard = self.shard(key);
+            let mut guard = self.shard(hash_of(at));
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
             let unclean = why == Ended::Expired;
-            let before = if unclean {
-                shard.table.delay_of(key)
-            } else {
-                None
-            };
+            let watched = shard.watched_key(key, at);
             match shard
                 .table
-                .end_hold(key, fence, unclean, now, &mut || self.fences.next())
+                .end_hold(at, fence, unclean, now, &mut || self.fences.next())
             {
-                Some((holder, granted)) => {
-                    if unclean {
-                        self.arm_delay(shard, key, before, now);
-                    }
+                Some(ended) => {
+                    self.arm_delay(ended.delayed, now);
                     let change = match why {
                         Ended::Released => {
                             shard.stats.releases += 1;
@@ -254,9 +330,10 @@ impl LockSpace {
                     shard
                         .stats
                         .hold_ms
-                        .observe(now.saturating_sub(holder.granted_at));
-                    shard.ended(key, change, &mut out);
-                    shard.granted(key, granted, now, &mut out);
+                        .observe(now.saturating_sub(ended.removed.granted_at));
+                    let watched = watched.as_deref();
+                    shard.ended(watched, change, &mut out);
+                    shard.granted(watched, ended.granted, now, &mut out);
                     true
                 }
                 None => false,
@@ -268,7 +345,8 @@ impl LockSpace {
     /// Withdraws a queued acquire; returns false if it is no longer queued.
     pub fn cancel(&self, key: &Key, owner: &Owner, request: RequestId) -> bool {
         let cancelled = {
-            let mut guard = self.shard(key);
+            let k = self.hasher.hashed(key);
+            let mut guard = self.shard(k.hash);
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
@@ -276,10 +354,10 @@ impl LockSpace {
             let now = clock::now_ms();
             match shard
                 .table
-                .cancel(key, owner, request, now, &mut || self.fences.next())
+                .cancel(k, owner, request, now, &mut || self.fences.next())
             {
-                Some((_, granted)) => {
-                    shard.granted(key, granted, now, &mut out);
+                Some(cancelled) => {
+                    shard.granted(Some(key), cancelled.granted, now, &mut out);
                     true
                 }
                 None => false,
@@ -291,19 +369,29 @@ impl LockSpace {
     /// Removes every waiter and session hold of `owner` on `key` (its connection closed);
     /// returns how many holds ended.
     pub fn remove_owner(&self, key: &Key, owner: &Owner) -> usize {
+        self.remove_owner_in(At::Key(self.hasher.hashed(key)), Some(key), owner)
+    }
+
+    /// As [`LockSpace::remove_owner`], on the key of the hold `at` (if it is still there).
+    pub fn remove_owner_at(&self, at: HoldAt, owner: &Owner) -> usize {
+        self.remove_owner_in(At::Hold(at), None, owner)
+    }
+
+    fn remove_owner_in(&self, at: At<'_>, key: Option<&Key>, owner: &Owner) -> usize {
         let ended = {
-            let mut guard = self.shard(key);
+            let mut guard = self.shard(hash_of(at));
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
-            let before = shard.table.delay_of(key);
-            let (removed, granted) = shard
+            let watched = shard.watched_key(key, at);
+            let watched = watched.as_deref();
+            let removed = shard
                 .table
-                .remove_owner(key, owner, now, &mut || self.fences.next());
-            self.arm_delay(shard, key, before, now);
-            for holder in &removed {
+                .remove_owner(at, owner, now, &mut || self.fences.next());
+            self.arm_delay(removed.delayed, now);
+            for holder in &removed.removed {
                 shard.stats.disconnect_releases += 1;
                 shard
                     .stats
@@ -312,10 +400,10 @@ impl LockSpace {
                 let change = Change::Disconnected {
                     fence: holder.fence,
                 };
-                shard.ended(key, change, &mut out);
+                shard.ended(watched, change, &mut out);
             }
-            shard.granted(key, granted, now, &mut out);
-            removed.len()
+            shard.granted(watched, removed.granted, now, &mut out);
+            removed.removed.len()
         };
         ended
     }
@@ -324,9 +412,9 @@ impl LockSpace {
     /// (its connection closed first). Returns 1 if there was one.
     pub fn abandon_detached(&self, key: &Key, owner: &Owner, request: RequestId) -> usize {
         let fence = self.inspect(key, |e| {
-            e?.holders
+            e?.holders()
                 .iter()
-                .find(|h| h.detached && h.request == request && h.owner == *owner)
+                .find(|h| h.detached && h.payload.request() == Some(request) && h.owner == *owner)
                 .map(|h| h.fence)
         });
         match fence {
@@ -336,30 +424,31 @@ impl LockSpace {
     }
 
     /// Ends every hold on `key` (administrators only; the caller checked). Holders are told
-    /// `HoldLost(ForceReleased)`. Returns the tickets of the ended holds, so their leases can be
-    /// ended too.
-    pub fn force_release(&self, key: &Key) -> Vec<Ticket> {
-        let tickets = {
-            let mut guard = self.shard(key);
+    /// `HoldLost(ForceReleased)`. Returns how many holds ended and the tickets of those with
+    /// a lease, so their leases can be ended too.
+    pub fn force_release(&self, key: &Key) -> (usize, Vec<Ticket>) {
+        let forced = {
+            let k = self.hasher.hashed(key);
+            let mut guard = self.shard(k.hash);
             // Declared after the guard, so it is dropped (and delivers) before the unlock:
             // watchers see events in table order.
             let mut out = Outbox::default();
             let shard = &mut *guard;
             let now = clock::now_ms();
-            let before = shard.table.delay_of(key);
-            let (removed, granted) = shard
+            let removed = shard
                 .table
-                .remove_holders(key, now, &mut || self.fences.next());
-            self.arm_delay(shard, key, before, now);
-            let mut tickets = Vec::with_capacity(removed.len());
-            for holder in removed {
+                .remove_holders(k, now, &mut || self.fences.next());
+            self.arm_delay(removed.delayed, now);
+            let holds = removed.removed.len();
+            let mut tickets = Vec::new();
+            for holder in removed.removed {
                 shard.stats.forced += 1;
                 shard
                     .stats
                     .hold_ms
                     .observe(now.saturating_sub(holder.granted_at));
                 shard.ended(
-                    key,
+                    Some(key),
                     Change::Forced {
                         fence: holder.fence,
                     },
@@ -373,12 +462,12 @@ impl LockSpace {
                         reason: LostReason::ForceReleased,
                     },
                 ));
-                tickets.push(holder.payload.ticket);
+                tickets.extend(holder.payload.ticket());
             }
-            shard.granted(key, granted, now, &mut out);
-            tickets
+            shard.granted(Some(key), removed.granted, now, &mut out);
+            (holds, tickets)
         };
-        tickets
+        forced
     }
 
     /// Puts back a detached lease recovered from storage; false (nothing changes) if it
@@ -394,33 +483,30 @@ impl LockSpace {
     ) -> bool {
         let holder = Holder {
             owner,
-            request: 0,
-            mode: how.mode,
             fence,
             granted_at,
+            lock_delay: delay_ms(how.lock_delay_ms),
+            mode: how.mode,
             detached: true,
-            lock_delay: how.lock_delay_ms,
-            payload: meta,
+            warned: meta.warned,
+            payload: Stored::new(meta, 0),
         };
-        self.shard(key).table.restore(key, holder, how.permits)
+        let k = self.hasher.hashed(key);
+        self.shard(k.hash).table.restore(k, holder, how.permits)
     }
 
     /// Whether the hold `fence` on `key` is in the table.
     pub fn holds(&self, key: &Key, fence: u64) -> bool {
-        self.inspect(key, |e| {
-            e.is_some_and(|e| e.holders.iter().any(|h| h.fence == fence))
-        })
+        self.inspect(key, |e| e.is_some_and(|e| e.holds(fence)))
     }
 
     /// Runs `f` while the shard of `key` is locked, if the hold `fence` is in the table;
     /// returns whether it was. A message `f` pushes is ordered with every event of the key
     /// (a later force-release's `HoldLost` comes after it, an earlier one makes this false).
     pub fn with_hold(&self, key: &Key, fence: u64, f: impl FnOnce()) -> bool {
-        let shard = self.shard(key);
-        let held = shard
-            .table
-            .get(key)
-            .is_some_and(|e| e.holders.iter().any(|h| h.fence == fence));
+        let k = self.hasher.hashed(key);
+        let shard = self.shard(k.hash);
+        let held = shard.table.get(k).is_some_and(|e| e.holds(fence));
         if held {
             f();
         }
@@ -431,7 +517,7 @@ impl LockSpace {
     /// Tells the watchers of `key` that a waiting acquire of `owner` was refused as a
     /// deadlock.
     pub fn deadlock(&self, key: &Key, owner: &Owner, cycle: &str) {
-        let mut guard = self.shard(key);
+        let mut guard = self.shard_of_key(key);
         let mut out = Outbox::default();
         let shard = &mut *guard;
         shard.stats.deadlocks += 1;
@@ -446,7 +532,7 @@ impl LockSpace {
 
     /// Sends `owner` every change on `key` from now on.
     pub fn watch(&self, key: &Key, owner: &Owner) {
-        let mut shard = self.shard(key);
+        let mut shard = self.shard_of_key(key);
         let watchers = shard.watches.entry(key.clone()).or_default();
         if !watchers.contains(owner) {
             watchers.push(owner.clone());
@@ -455,7 +541,7 @@ impl LockSpace {
 
     /// Stops a watch; false if there was none.
     pub fn unwatch(&self, key: &Key, owner: &Owner) -> bool {
-        let mut shard = self.shard(key);
+        let mut shard = self.shard_of_key(key);
         let Some(watchers) = shard.watches.get_mut(key) else {
             return false;
         };
@@ -470,12 +556,13 @@ impl LockSpace {
 
     /// Counts a request that timed out waiting (for stats).
     pub fn count_timeout(&self, key: &Key) {
-        self.shard(key).stats.timeouts += 1;
+        self.shard_of_key(key).stats.timeouts += 1;
     }
 
     /// Runs `f` on the entry of `key` (None if it has no holders or waiters).
-    pub fn inspect<R>(&self, key: &Key, f: impl FnOnce(Option<&Entry<Owner, HoldMeta>>) -> R) -> R {
-        f(self.shard(key).table.get(key))
+    pub fn inspect<R>(&self, key: &Key, f: impl FnOnce(Option<&Entry<Owner, Stored>>) -> R) -> R {
+        let k = self.hasher.hashed(key);
+        f(self.shard(k.hash).table.get(k))
     }
 }
 
@@ -490,19 +577,38 @@ impl Shard {
         }
     }
 
-    /// Queues the watch event for a hold that ended.
-    fn ended(&mut self, key: &Key, change: Change, out: &mut Outbox) {
-        if let Some(watchers) = self.watchers(key) {
+    /// The key of the entry `at` finds, if anybody in this shard watches anything (events
+    /// need it then): `key` when the caller has it, else the table's copy.
+    fn watched_key<'k>(&self, key: Option<&'k Key>, at: At<'_>) -> Option<Cow<'k, Key>> {
+        if self.watches.is_empty() {
+            return None;
+        }
+        match key {
+            Some(key) => Some(Cow::Borrowed(key)),
+            None => self.table.key_at(at).map(Cow::Owned),
+        }
+    }
+
+    /// Queues the watch event for a hold that ended (`key`: see [`Shard::watched_key`]).
+    fn ended(&mut self, key: Option<&Key>, change: Change, out: &mut Outbox) {
+        if let Some((key, watchers)) = key.and_then(|k| Some((k, self.watchers(k)?))) {
             notify(out, watchers, key, change);
         }
     }
 
-    /// Queues the pushes for holds granted from the queue, with their watch events.
-    fn granted(&mut self, key: &Key, granted: Vec<Granted<Owner>>, now: u64, out: &mut Outbox) {
+    /// Queues the pushes for holds granted from the queue, with their watch events (`key`:
+    /// see [`Shard::watched_key`]).
+    fn granted(
+        &mut self,
+        key: Option<&Key>,
+        granted: Vec<Granted<Owner>>,
+        now: u64,
+        out: &mut Outbox,
+    ) {
         for g in granted {
             self.stats.grants += 1;
             self.stats.wait_ms.observe(now.saturating_sub(g.since));
-            if let Some(watchers) = self.watchers(key) {
+            if let Some((key, watchers)) = key.and_then(|k| Some((k, self.watchers(k)?))) {
                 let change = Change::Granted {
                     fence: g.fence,
                     mode: g.mode,
@@ -531,6 +637,19 @@ fn notify(out: &mut Outbox, watchers: &[Owner], key: &Key, change: Change) {
                 change: change.clone(),
             },
         ));
+    }
+}
+
+/// The shard of a key's hash: bits 32.. (a shard's table picks buckets with the low bits and
+/// tags them with the top seven).
+fn shard_index(hash: u64) -> usize {
+    (hash >> 32) as usize & (SHARDS - 1)
+}
+
+fn hash_of(at: At<'_>) -> u64 {
+    match at {
+        At::Key(k) => k.hash,
+        At::Hold(h) => h.hash,
     }
 }
 

@@ -11,7 +11,7 @@ use lockd_protocol::{
 
 use lockd_protocol::RequestId;
 
-use super::{lock, owner_info, Entry, HoldMeta, LockSpace, Owner};
+use super::{lock, owner_info, Entry, LockSpace, Owner, Stored};
 use crate::clock;
 use crate::stats::ShardStats;
 use crate::table::Holder;
@@ -41,23 +41,26 @@ impl LockSpace {
         from: Option<usize>,
         mut pick: impl FnMut(u64) -> bool,
     ) -> Option<(usize, Vec<Owner>)> {
-        let shard = self.shard(key);
-        let e = shard.table.get(key)?;
-        if e.permits.is_some() {
+        let k = self.hasher.hashed(key);
+        let shard = self.shard(k.hash);
+        let e = shard.table.get(k)?;
+        if e.permits().is_some() {
             return None;
         }
-        if from.is_some_and(|n| n >= e.queue.len()) {
+        if from.is_some_and(|n| n >= e.queue_len()) {
             // The whole queue was expanded already: nothing new ahead of anyone.
-            return Some((e.queue.len(), Vec::new()));
+            return Some((e.queue_len(), Vec::new()));
         }
+        let queue = e.queue()?;
         // From the back: a new wait is the last one.
-        let pos = e
-            .queue
+        let pos = queue
             .iter()
             .rposition(|w| w.request == request && w.owner.id == waiter)?;
         let start = from.unwrap_or(0);
-        let holders = from.is_none().then_some(e.holders.iter().map(|h| &h.owner));
-        let ahead = e.queue.range(start..pos.max(start)).map(|w| &w.owner);
+        let holders = from
+            .is_none()
+            .then_some(e.holders().iter().map(|h| &h.owner));
+        let ahead = queue.range(start..pos.max(start)).map(|w| &w.owner);
         let targets = holders
             .into_iter()
             .flatten()
@@ -77,19 +80,25 @@ impl LockSpace {
         for shard in self.shards.iter() {
             let shard = lock(shard);
             for (key, e) in shard.table.iter() {
-                let holders = e.holders.iter().map(|h| h.owner.id).collect();
-                let queue = e.queue.iter().map(|w| (w.owner.id, w.request)).collect();
-                all.push((key.clone(), holders, queue));
+                let holders = e.holders().iter().map(|h| h.owner.id).collect();
+                let queue = e.waiters().map(|w| (w.owner.id, w.request)).collect();
+                all.push((key.to_key(), holders, queue));
             }
         }
         all
     }
 
+    /// Bytes the shards' tables ask the allocator for (see `Table::heap_bytes`), for tests
+    /// that pin the memory of a held lock.
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).table.heap_bytes()).sum()
+    }
+
     /// The shard `key` lives in (tests pick keys in different shards).
     #[cfg(test)]
     pub fn shard_of(&self, key: &Key) -> usize {
-        use std::hash::BuildHasher;
-        (self.hasher.hash_one(key) as usize) & (super::SHARDS - 1)
+        super::shard_index(self.hasher.hashed(key).hash)
     }
     /// Holders and waiters of `key` (empty lists if it has none), as many as fit in a frame of
     /// `max_frame` bytes: holders first, then waiters in queue order; the rest are counted in
@@ -103,7 +112,8 @@ impl LockSpace {
             }
             ok
         };
-        let shard = self.shard(key);
+        let k = self.hasher.hashed(key);
+        let shard = self.shard(k.hash);
         let mut d = Description {
             key: key.clone(),
             holders: Vec::new(),
@@ -113,21 +123,21 @@ impl LockSpace {
             permits: None,
             delayed_until_ms: None,
         };
-        let Some(e) = shard.table.get(key) else {
+        let Some(e) = shard.table.get(k) else {
             return d;
         };
-        d.permits = e.permits;
+        d.permits = e.permits();
         // The delay's end in wall-clock time: the table keeps it in the caller's clock, which
         // is the wall clock (`clock::now_ms`).
-        d.delayed_until_ms = e.delay.map(|delay| delay.until);
-        for h in &e.holders {
+        d.delayed_until_ms = e.delay().map(|delay| delay.until);
+        for h in e.holders() {
             if d.omitted_holders == 0 && fits(holder_size(h)) {
                 d.holders.push(holder_info(h));
             } else {
                 d.omitted_holders += 1;
             }
         }
-        for w in &e.queue {
+        for w in e.waiters() {
             if d.omitted_waiters == 0 && fits(OWNER_SIZE + w.owner.name.len() + 16) {
                 d.waiters.push(WaiterInfo {
                     mode: w.mode,
@@ -141,18 +151,18 @@ impl LockSpace {
         d
     }
 
-    /// Every hold as (key, fence, ticket, detached, owner id), for tests.
+    /// Every hold as (key, fence, ticket if leased, detached, owner id), for tests.
     #[cfg(test)]
-    pub fn snapshot(&self) -> Vec<(Key, u64, Ticket, bool, u64)> {
+    pub fn snapshot(&self) -> Vec<(Key, u64, Option<Ticket>, bool, u64)> {
         let mut all = Vec::new();
         for shard in self.shards.iter() {
             let shard = lock(shard);
             for (key, e) in shard.table.iter() {
-                for h in &e.holders {
+                for h in e.holders() {
                     all.push((
-                        key.clone(),
+                        key.to_key(),
                         h.fence,
-                        h.payload.ticket,
+                        h.payload.ticket(),
                         h.detached,
                         h.owner.id,
                     ));
@@ -186,24 +196,27 @@ impl LockSpace {
                     .as_ref()
                     .is_none_or(|ns| *ns == key.namespace)
                     && key.name.starts_with(&query.prefix)
-                    && query.after.as_ref().is_none_or(|after| key > after)
-                    && visible(&key.namespace);
+                    && query
+                        .after
+                        .as_ref()
+                        .is_none_or(|after| key.cmp_key(after).is_gt())
+                    && visible(key.namespace);
                 if !wanted {
                     continue;
                 }
                 if best.len() > limit {
                     match best.peek() {
-                        Some(top) if *key < top.0 => {
+                        Some(top) if key.cmp_key(&top.0).is_lt() => {
                             best.pop();
                         }
                         _ => continue,
                     }
                 }
-                let mode = entry.holders.first().map(|h| h.mode);
+                let mode = entry.holders().first().map(|h| h.mode);
                 best.push((
-                    key.clone(),
-                    entry.holders.len() as u32,
-                    entry.queue.len() as u32,
+                    key.to_key(),
+                    entry.holders().len() as u32,
+                    entry.queue_len() as u32,
                     mode,
                 ));
             }
@@ -246,10 +259,10 @@ impl LockSpace {
             t.watches += shard.watches.values().map(|w| w.len() as u64).sum::<u64>();
             for (_, e) in shard.table.iter() {
                 t.keys += 1;
-                t.holds += e.holders.len() as u64;
-                t.waiters += e.queue.len() as u64;
+                t.holds += e.holders().len() as u64;
+                t.waiters += e.queue_len() as u64;
                 t.long_holds += e
-                    .holders
+                    .holders()
                     .iter()
                     .filter(|h| now.saturating_sub(h.granted_at) >= long_after_ms)
                     .count() as u64;
@@ -280,8 +293,8 @@ impl LockSpace {
             let mut here = 0;
             for (key, holder) in shard.table.holders_mut() {
                 let age = now.saturating_sub(holder.granted_at);
-                if age >= threshold_ms && !holder.payload.warned {
-                    holder.payload.warned = true;
+                if age >= threshold_ms && !holder.warned {
+                    holder.warned = true;
                     here += 1;
                     tracing::warn!(
                         key = %key,
@@ -317,59 +330,55 @@ const OWNER_SIZE: usize = 6 + 5 + 5 + 9;
 const SUMMARY_SIZE: usize = 9 + 9 + 5 + 5 + 2;
 
 /// Upper bound of the encoded size of a holder's [`HolderInfo`], bytes.
-fn holder_size(h: &Holder<Owner, HoldMeta>) -> usize {
-    OWNER_SIZE + h.owner.name.len() + 1 + 9 + 9 + 10 + 1 + 9 + h.payload.data.len()
+fn holder_size(h: &Holder<Owner, Stored>) -> usize {
+    OWNER_SIZE + h.owner.name.len() + 1 + 9 + 9 + 10 + 1 + 9 + h.payload.data().len()
 }
 
-fn holder_info(h: &Holder<Owner, HoldMeta>) -> HolderInfo {
+fn holder_info(h: &Holder<Owner, Stored>) -> HolderInfo {
     HolderInfo {
         mode: h.mode,
         fence: h.fence,
         owner: owner_info(&h.owner),
         acquired_at_ms: h.granted_at,
-        expires_at_ms: h
-            .payload
-            .expires_at_ms
-            .as_ref()
-            .map(|e| e.load(Ordering::Relaxed)),
+        expires_at_ms: h.payload.expires_at_ms().map(|e| e.load(Ordering::Relaxed)),
         detached: h.detached,
-        data: h.payload.data.clone(),
+        data: h.payload.data().to_vec(),
     }
 }
 
 /// Why a try was refused: who holds the key, or what else stands in the way.
 pub(super) fn conflict_message(
     key: &Key,
-    entry: Option<&Entry<Owner, HoldMeta>>,
+    entry: Option<&Entry<Owner, Stored>>,
     mode: Mode,
 ) -> String {
     let Some(entry) = entry else {
         return format!("{key} is busy");
     };
-    if let Some(d) = entry.delay {
+    if let Some(d) = entry.delay() {
         let left = d.until.saturating_sub(clock::now_ms());
         return format!(
             "{key} is in lock-delay for {left} ms more (a holder ended without releasing it)"
         );
     }
-    if let Some(n) = entry.permits {
+    if let Some(n) = entry.permits() {
         return format!(
             "{key} has all {n} permits taken ({} holders, {} requests queued)",
-            entry.holders.len(),
-            entry.queue.len()
+            entry.holders().len(),
+            entry.queue_len()
         );
     }
-    match entry.holders.as_slice() {
+    match entry.holders() {
         [h] if h.mode == Mode::Exclusive => format!(
             "{key} is held exclusively by {} (fence {})",
             h.owner.describe(),
             h.fence
         ),
-        [] => format!("{key} has {} requests queued", entry.queue.len()),
+        [] => format!("{key} has {} requests queued", entry.queue_len()),
         holders if mode == Mode::Shared => format!(
             "{key} is held shared by {} holders, and {} requests are queued ahead (an exclusive one first)",
             holders.len(),
-            entry.queue.len()
+            entry.queue_len()
         ),
         holders => format!(
             "{key} is held shared by {} holders (first: {})",

@@ -22,6 +22,7 @@ use crate::peer::{Peer, Push};
 use crate::store::{Change, Job, LeaseRecord, StoreError, Writer};
 
 mod deadlock;
+mod memory;
 mod model;
 mod semantics;
 
@@ -136,13 +137,13 @@ impl Setup {
             assert!(
                 holds
                     .iter()
-                    .any(|h| h.0 == *key && h.1 == *fence && h.2 == *ticket),
+                    .any(|h| h.0 == *key && h.1 == *fence && h.2 == Some(*ticket)),
                 "a lease on {key} (fence {fence}) has no hold in the table"
             );
         }
         for h in holds.iter().filter(|h| h.3) {
             assert!(
-                leases.iter().any(|l| l.0 == h.2),
+                leases.iter().any(|l| Some(l.0) == h.2),
                 "the detached hold on {} (fence {}) has no lease",
                 h.0,
                 h.1
