@@ -12,16 +12,19 @@
 #                  (default: cargo build --release -p lockd in this checkout)
 #   --results DIR  keep every raw output (JSON lines, pgbench and hyperfine output) in DIR
 #
-# Environment: COMPARE_DURATION seconds per cell (5), COMPARE_CLIENTS (1,64), COMPARE_HOLD
-# locks held at once (1000000) over COMPARE_HOLD_CLIENTS connections (100), COMPARE_RUNS
-# runs of each command for lockctl run vs flock (300), TMPDIR where the servers' data goes
-# (the disk measured).
+# Environment: COMPARE_DURATION seconds per cell (5), COMPARE_CLIENTS (1,64), COMPARE_ROUNDS
+# rounds of the throughput and handoff rows, each cell the median (3), COMPARE_HOLD locks
+# held at once (1000000) over COMPARE_HOLD_CLIENTS connections (100), COMPARE_RUNS runs of
+# each command for lockctl run vs flock (300), TMPDIR where the servers' data goes (the disk
+# measured).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 # shellcheck source=bench/compare-lib.sh
 . "$here/compare-lib.sh"
+# shellcheck source=bench/compare-table.sh
+. "$here/compare-table.sh"
 
 install=0 bin_dir= results=
 while [ $# -gt 0 ]; do
@@ -39,7 +42,8 @@ IFS=, read -r -a clients <<< "${COMPARE_CLIENTS:-1,64}"
 hold=${COMPARE_HOLD:-1000000}
 hold_clients=${COMPARE_HOLD_CLIENTS:-100}
 runs=${COMPARE_RUNS:-300}
-for n in "$duration" "${clients[@]}" "$hold" "$hold_clients" "$runs"; do
+rounds=${COMPARE_ROUNDS:-3}
+for n in "$duration" "${clients[@]}" "$hold" "$hold_clients" "$runs" "$rounds"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || die "not a positive whole number: $n"
 done
 client_list=$(IFS=,; echo "${clients[*]}")
@@ -115,7 +119,7 @@ if [ -n "$pg_bin" ] && [ -n "$(pg_tool pgbench)" ] && [ -n "$(pg_tool psql)" ]; 
 fi
 
 # --- the machine -------------------------------------------------------------------------
-say "measuring: ${duration} s per cell, clients $client_list, data under $work"
+say "measuring: $rounds rounds of ${duration} s per cell, clients $client_list, data under $work"
 {
   echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')," \
        "$(free -g | awk '/^Mem:/ {print $2}') GiB RAM, kernel $(uname -r)"
@@ -128,29 +132,41 @@ say "measuring: ${duration} s per cell, clients $client_list, data under $work"
 } > "$out/machine"
 
 # --- the measurements --------------------------------------------------------------------
-bench() { # NAME ARGS...: lockd-bench --json, one JSON object per line, added to $out/NAME
+bench() { # NAME ARGS...: lockd-bench --json, one JSON object per line, added to DIR/NAME
   local name=$1; shift
   say "  lockd-bench $*"
-  "$bin_dir/lockd-bench" --json --duration "$duration" "$@" >> "$out/$name"
+  "$bin_dir/lockd-bench" --json --duration "$duration" "$@" >> "$round_dir/$name"
 }
-# One client count at a time, so that what a row is compared with was measured minutes, not
-# a quarter of an hour, away. PostgreSQL's lease row has no sync floor of its own: it runs
-# between lockd's and Redis's durable rows, each measured just after its own floor.
-for c in "${clients[@]}"; do
-  bench session --socket "$lockd_sock" --clients "$c" --floor
-  bench raw --socket "$lockd_sock" --clients "$c" --raw
-  if [ -n "$redis_sock" ]; then bench redis --redis "$redis_sock" --clients "$c"; fi
-  if [ -n "$pg_sock" ]; then pgbench_run "advisory-$c" "$here/compare-advisory.sql" "$c"; fi
-  bench detached --socket "$lockd_sock" --clients "$c" --lease 30s --detach \
-    --fsync-floor "$work/lockd/data"
-  if [ -n "$pg_sock" ]; then pgbench_run "lease-$c" "$here/compare-lease.sql" "$c"; fi
-  if [ -n "$redis_aof_sock" ]; then
-    bench redis_aof --redis "$redis_aof_sock" --clients "$c" --fsync-floor "$work/redis-aof"
-  fi
+# Rounds, and in each one client count at a time, so that what a row is compared with was
+# measured minutes, not a quarter of an hour, away, and the machine's noise falls on every
+# row. PostgreSQL's lease row has no sync floor of its own: it runs between lockd's and
+# Redis's durable rows, each measured just after its own floor.
+one_round() { # every row but memory and lockctl run, once, into $round_dir
+  local c
+  for c in "${clients[@]}"; do
+    bench session --socket "$lockd_sock" --clients "$c" --floor
+    bench raw --socket "$lockd_sock" --clients "$c" --raw
+    if [ -n "$redis_sock" ]; then bench redis --redis "$redis_sock" --clients "$c"; fi
+    if [ -n "$pg_sock" ]; then pgbench_run "advisory-$c" "$here/compare-advisory.sql" "$c"; fi
+    bench detached --socket "$lockd_sock" --clients "$c" --lease 30s --detach \
+      --fsync-floor "$work/lockd/data"
+    if [ -n "$pg_sock" ]; then pgbench_run "lease-$c" "$here/compare-lease.sql" "$c"; fi
+    if [ -n "$redis_aof_sock" ]; then
+      bench redis_aof --redis "$redis_aof_sock" --clients "$c" --fsync-floor "$work/redis-aof"
+    fi
+  done
+  bench handoff --socket "$lockd_sock" --handoff --clients \
+    "$(for c in "${clients[@]}"; do echo $((c < 2 ? 2 : c)); done | paste -sd,)"
+  bench flock --handoff --flock --clients 2
+}
+for round in $(seq "$rounds"); do
+  round_dir=$out/r$round
+  mkdir "$round_dir"
+  say "round $round of $rounds"
+  one_round
 done
-handoff_clients=$(for c in "${clients[@]}"; do echo $((c < 2 ? 2 : c)); done | paste -sd,)
-bench handoff --socket "$lockd_sock" --handoff --clients "$handoff_clients"
-bench flock --handoff --flock --clients 2
+# Once: memory does not depend on the machine's load; hyperfine makes its own runs.
+round_dir=$out
 bench hold_lockd --socket "$lockd_sock" --hold-many "$hold" --clients "$hold_clients" \
   --depth 16 --rss-watch 5
 if [ -n "$redis_sock" ]; then
