@@ -13,12 +13,18 @@ Workloads (one per run):
   --handoff    all connections queue on one hot key; measures release-to-next-grant
   --hold-many  holds N locks, reports the daemon's memory, releases them
 
+Baselines, measured by the same harness:
+  --floor            an echo server answering lockd's frames (beside each measurement)
+  --fsync-floor DIR  4 KiB overwrite + fdatasync in DIR (beside each measurement)
+  --redis PATH       Redis instead of lockd: SET NX PX + compare-and-delete (EVALSHA)
+  --flock            with --handoff: flock(2) between processes instead of lockd
+
 Output: a progress line on stderr (when it is a terminal), then per measurement
 pairs/s and acquire latency percentiles in microseconds (--json: one JSON object
 per measurement, on stdout).
 
 Exit codes: 0 done, 1 a measurement failed (lockd refused or stopped answering),
-2 usage error, 69 lockd unreachable.
+2 usage error, 69 lockd (or Redis) unreachable.
 
 Examples:
   lockd-bench                                  # 1 connection, 5 s
@@ -26,7 +32,10 @@ Examples:
   lockd-bench --clients 64 --depth 8 --keys 1  # one hot key
   lockd-bench --lease 30s --detach             # detached leases (each one committed)
   lockd-bench --hold-many 100000 --clients 100 # memory per held lock
-  lockd-bench --handoff --clients 16           # release -> next grant latency";
+  lockd-bench --handoff --clients 16           # release -> next grant latency
+  lockd-bench --lease 30s --detach --fsync-floor /var/lib/lockd  # vs the disk's syncs/s
+  lockd-bench --redis /run/redis/redis.sock --clients 1,64       # the same pairs on Redis
+  lockd-bench --handoff --flock --clients 2    # flock(2) handoff between two processes";
 
 /// Measure a running lockd: acquire+release pairs per second, acquire latency, hot-key
 /// handoff latency, memory per held lock.
@@ -99,6 +108,28 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
+    /// Measure Redis at this Unix socket instead of lockd: a lock is `SET key token NX PX`
+    /// (the --lease, default 30s) with a 32-byte random token, its release a compare-and-delete
+    /// script run by EVALSHA; same clients, depth and keys (a taken key is a conflict: Redis
+    /// does not queue). With --hold-many: Redis's memory holding N such keys
+    #[arg(long, value_name = "PATH",
+          conflicts_with_all = ["floor", "handoff", "raw", "detach", "flock"])]
+    pub redis: Option<PathBuf>,
+    /// With --handoff: measure flock(2) instead of lockd, --clients processes taking turns on
+    /// one file in a temporary directory
+    #[arg(long, requires = "handoff", conflicts_with_all = ["raw", "lease", "fsync_floor"])]
+    pub flock: bool,
+    /// Beside each measurement, the disk's floor for durable work: 4 KiB overwrite + fdatasync
+    /// of a file created in DIR (use the daemon's data directory), as many as fit in
+    /// --duration; with --detach or --redis, the ratio pairs/s / (syncs/s / 2)
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["hold_many", "handoff"])]
+    pub fsync_floor: Option<PathBuf>,
+    /// (internal) one contender of --flock, on this file
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub flock_child: Option<PathBuf>,
+    /// (internal) which contender of --flock this is
+    #[arg(long, hide = true, value_name = "I", default_value_t = 0)]
+    pub flock_slot: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -119,6 +150,16 @@ pub enum Workload {
     HoldMany(u64),
 }
 
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Lockd,
+    /// Redis at `Settings::socket`.
+    Redis,
+    /// flock(2) on a temporary file (`--handoff` only).
+    Flock,
+}
+
 /// How acquires pick their key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeySpace {
@@ -131,6 +172,8 @@ pub enum KeySpace {
 /// Everything a run needs, checked.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    pub target: Target,
+    /// lockd's socket, or Redis's.
     pub socket: PathBuf,
     pub workload: Workload,
     pub clients: Vec<usize>,
@@ -147,6 +190,7 @@ pub struct Settings {
     pub raw: bool,
     pub namespace: String,
     pub threads: usize,
+    pub fsync_floor: Option<PathBuf>,
     /// Key names start with this: `lockd-bench-PID-`.
     pub prefix: String,
 }
@@ -173,6 +217,14 @@ impl Args {
         }
         if self.lease.is_some_and(|l| l < Duration::from_millis(1)) {
             return Err("--lease must be at least 1ms".into());
+        }
+        let target = match (&self.redis, self.flock) {
+            (Some(_), _) => Target::Redis,
+            (None, true) => Target::Flock,
+            (None, false) => Target::Lockd,
+        };
+        if target == Target::Redis && self.mode == ModeArg::Shared {
+            return Err("--redis locks are SET NX: exclusive only; drop --mode shared".into());
         }
         lockd_protocol::key::validate_namespace(&self.namespace).map_err(|e| e.to_string())?;
         let mode = match self.mode {
@@ -213,10 +265,14 @@ impl Args {
         let warmup = self
             .warmup
             .unwrap_or_else(|| (self.duration / 5).min(Duration::from_secs(1)));
+        let socket = match (self.redis, self.socket) {
+            (Some(redis), _) => redis,
+            (None, Some(socket)) => socket,
+            (None, None) => lockd_protocol::paths::client_socket_path(),
+        };
         Ok(Settings {
-            socket: self
-                .socket
-                .unwrap_or_else(lockd_protocol::paths::client_socket_path),
+            target,
+            socket,
             workload,
             clients,
             depth: self.depth as usize,
@@ -232,6 +288,7 @@ impl Args {
             raw: self.raw,
             namespace: self.namespace,
             threads: self.threads as usize,
+            fsync_floor: self.fsync_floor,
             prefix: format!("lockd-bench-{}-", std::process::id()),
         })
     }
@@ -302,6 +359,20 @@ mod tests {
         assert!(parse(&["--clients", "0"]).is_err());
         assert!(parse(&["--duration", "0"]).is_err());
         assert!(parse(&["--namespace", "Bad NS"]).is_err());
+        assert!(parse(&["--redis", "/r", "--detach", "--lease", "1s"]).is_err());
+        assert!(parse(&["--redis", "/r", "--mode", "shared"]).is_err());
+        assert!(parse(&["--redis", "/r", "--floor"]).is_err());
+        assert!(parse(&["--flock"]).is_err(), "flock needs --handoff");
+        assert!(parse(&["--fsync-floor", "/d", "--handoff"]).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse(&["--socket", "/l"]).unwrap().target, Target::Lockd);
+        let r = parse(&["--socket", "/l", "--redis", "/r"]).unwrap();
+        assert_eq!((r.target, r.socket), (Target::Redis, PathBuf::from("/r")));
+        let f = parse(&["--handoff", "--flock"]).unwrap();
+        assert_eq!((f.target, f.clients), (Target::Flock, vec![2]));
     }
 
     #[test]

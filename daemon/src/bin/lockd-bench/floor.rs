@@ -137,7 +137,7 @@ impl Drop for EchoServer {
 }
 
 /// A new directory only we can enter, under the system's temporary directory.
-fn private_temp_dir() -> std::io::Result<PathBuf> {
+pub fn private_temp_dir() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     let mut attempt = 0u32;

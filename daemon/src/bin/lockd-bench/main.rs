@@ -6,15 +6,24 @@
 //! - `--floor`: beside each measurement, an echo server run by lockd-bench itself answering
 //!   the same frames, and lockd's ratio to it;
 //! - `--handoff`: release-to-next-grant latency on one hot key;
-//! - `--hold-many N`: the daemon's memory holding N locks and after releasing them.
+//! - `--hold-many N`: the daemon's memory holding N locks and after releasing them;
+//! - baselines in the same harness: `--fsync-floor DIR` (the disk's syncs/s beside each
+//!   measurement), `--redis PATH` (the same pairs and holds on Redis), `--flock` (the handoff
+//!   on flock(2) between processes).
 //!
 //! Modules: `args` (flags, checks), `daemon` (reaching the daemon, its process), `workload`
 //! (the drivers and the measurement timeline), `floor` (the echo server and its driver),
-//! `report` (progress line, text and JSON output).
+//! `fsync_floor` (write + fdatasync), `pipe` (a hand-encoding driver's connection), `redis`
+//! (RESP and Redis connections), `flock` (the flock(2) contenders), `report` (progress line,
+//! text and JSON output).
 
 mod args;
 mod daemon;
+mod flock;
 mod floor;
+mod fsync_floor;
+mod pipe;
+mod redis;
 mod report;
 mod workload;
 
@@ -25,9 +34,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::args::{Args, Settings, Workload};
+use crate::args::{Args, Settings, Target, Workload};
 use crate::daemon::Daemon;
 use crate::floor::{EchoServer, Sizes};
+use crate::fsync_floor::SyncFile;
+use crate::redis::Server;
 use crate::report::{Floor, Measurement, Progress, Refusals, Report};
 use crate::workload::{Control, Which};
 
@@ -41,7 +52,11 @@ pub enum Failure {
 }
 
 fn main() -> ExitCode {
-    let settings = Arc::new(Args::parse().resolve());
+    let args = Args::parse();
+    if let Some(file) = &args.flock_child {
+        return flock::child(file, args.flock_slot);
+    }
+    let settings = Arc::new(args.resolve());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.threads)
         .thread_name("lockd-bench")
@@ -70,7 +85,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(s: &Arc<Settings>) -> Result<(), Failure> {
-    let daemon = Daemon::probe(&s.socket).await?;
+    let (daemon, redis) = match s.target {
+        Target::Lockd => (Daemon::probe(&s.socket).await?, None),
+        Target::Redis => {
+            let server = Server::probe(&s.socket).await?;
+            (server.daemon.clone(), Some(server))
+        }
+        Target::Flock => {
+            let kernel = Daemon {
+                server_version: String::new(),
+                pid: None,
+            };
+            (kernel, None)
+        }
+    };
     let report = Report::new(s, &daemon);
     let progress = Progress::new();
     report.header();
@@ -79,22 +107,39 @@ async fn run(s: &Arc<Settings>) -> Result<(), Failure> {
     } else {
         None
     };
+    let sync_file = match &s.fsync_floor {
+        Some(dir) => Some(Arc::new(SyncFile::create(dir)?)),
+        None => None,
+    };
     for &clients in &s.clients {
-        match s.workload {
-            Workload::Pairs => {
+        match (s.workload, &redis) {
+            (Workload::Pairs, _) => {
                 let floor = match &echo {
                     Some(server) => Some(measure_floor(s, server, clients, &progress).await?),
                     None => None,
                 };
-                let mut m = measure_lockd(s, &daemon, clients, &progress).await?;
+                let fsync_floor = match &sync_file {
+                    Some(f) => Some(fsync_floor::measure(s, f, clients, &progress).await?),
+                    None => None,
+                };
+                let mut m = measure(s, &daemon, redis.as_ref(), clients, &progress).await?;
                 m.floor = floor;
+                m.fsync_floor = fsync_floor;
                 report.pairs(&m);
             }
-            Workload::Handoff => {
-                let m = measure_lockd(s, &daemon, clients, &progress).await?;
+            (Workload::Handoff, _) if s.target == Target::Flock => {
+                let m = tokio::task::block_in_place(|| flock::measure(s, clients, &progress))?;
                 report.handoff(&m);
             }
-            Workload::HoldMany(n) => {
+            (Workload::Handoff, _) => {
+                let m = measure(s, &daemon, None, clients, &progress).await?;
+                report.handoff(&m);
+            }
+            (Workload::HoldMany(n), Some(server)) => {
+                let r = workload::redis::hold_many(s, n, clients, server, &progress).await?;
+                report.hold_many(&r);
+            }
+            (Workload::HoldMany(n), None) => {
                 let r = workload::hold_many::run(s, n, clients, &daemon, &progress).await?;
                 report.hold_many(&r);
             }
@@ -103,20 +148,22 @@ async fn run(s: &Arc<Settings>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One pairs or handoff measurement against lockd.
-async fn measure_lockd(
+/// One pairs or handoff measurement against lockd, or pairs against Redis (`redis`).
+async fn measure(
     s: &Arc<Settings>,
     daemon: &Daemon,
+    redis: Option<&Server>,
     clients: usize,
     progress: &Progress,
 ) -> Result<Measurement, Failure> {
     let ctl = Control::new();
     let label = format!("{clients} clients");
     progress.show(&format!("{label}: connecting"));
-    let workers = match (s.workload, s.raw) {
-        (Workload::Handoff, _) => workload::handoff::start(s, clients, &ctl).await?,
-        (_, true) => workload::raw::start(s, clients, &ctl).await?,
-        (_, false) => workload::pairs::start(s, clients, &ctl).await?,
+    let workers = match (redis, s.workload, s.raw) {
+        (Some(server), _, _) => workload::redis::start(s, clients, server, &ctl).await?,
+        (None, Workload::Handoff, _) => workload::handoff::start(s, clients, &ctl).await?,
+        (None, _, true) => workload::raw::start(s, clients, &ctl).await?,
+        (None, _, false) => workload::pairs::start(s, clients, &ctl).await?,
     };
     let cpu = || daemon.cpu_secs();
     let window = workload::measure(&ctl, workers, s.warmup, s.duration, progress, &label, &cpu)
@@ -135,6 +182,7 @@ async fn measure_lockd(
         refused,
         daemon_cpu_secs: window.cpu_secs,
         floor: None,
+        fsync_floor: None,
     })
 }
 
@@ -149,17 +197,7 @@ async fn measure_floor(
     let sizes = Sizes::of(s, clients);
     let workers = floor::start(server, sizes, clients, s.depth, &ctl).await?;
     let label = format!("floor, {clients} clients");
-    let window = workload::measure(
-        &ctl,
-        workers,
-        s.warmup,
-        s.duration,
-        progress,
-        &label,
-        &|| None,
-    )
-    .await
-    .map_err(Failure::Run)?;
+    let window = workload::measure_baseline(&ctl, workers, s, progress, &label).await?;
     Ok(Floor {
         window,
         acquire: ctl.percentiles(Which::Acquire),

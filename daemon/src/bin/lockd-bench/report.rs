@@ -6,9 +6,11 @@ use std::io::{IsTerminal, Write};
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
-use crate::args::{KeySpace, Settings, Workload};
+use crate::args::{KeySpace, Settings, Target, Workload};
 use crate::daemon::Daemon;
 use crate::floor::Sizes;
+use crate::fsync_floor::FsyncFloor;
+use crate::redis::TOKEN_LEN;
 use crate::workload::hold_many::HoldMany;
 use crate::workload::Window;
 
@@ -39,13 +41,12 @@ impl Percentiles {
     }
 
     fn json(&self) -> Value {
-        let r = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
         json!({
             "count": self.count,
-            "p50": r(self.p50),
-            "p99": r(self.p99),
-            "p999": r(self.p999),
-            "max": r(self.max),
+            "p50": round1(self.p50),
+            "p99": round1(self.p99),
+            "p999": round1(self.p999),
+            "max": round1(self.max),
         })
     }
 }
@@ -109,6 +110,7 @@ pub struct Measurement {
     /// Daemon CPU seconds used during the window.
     pub daemon_cpu_secs: Option<f64>,
     pub floor: Option<Floor>,
+    pub fsync_floor: Option<FsyncFloor>,
 }
 
 impl Measurement {
@@ -125,6 +127,12 @@ impl Measurement {
         (floor > 0.0).then(|| Self::per_sec(&self.window) / floor)
     }
 
+    /// pairs/s over half the syncs/s: a pair commits twice (acquire and release).
+    fn sync_ratio(&self) -> Option<f64> {
+        let half = self.fsync_floor?.syncs_per_sec() / 2.0;
+        (half > 0.0).then(|| Self::per_sec(&self.window) / half)
+    }
+
     fn cpu_us_per_pair(&self) -> Option<f64> {
         let cpu = self.daemon_cpu_secs?;
         (self.window.pairs > 0).then(|| cpu * 1e6 / self.window.pairs as f64)
@@ -139,11 +147,33 @@ pub struct Report<'a> {
 }
 
 fn driver(s: &Settings) -> &'static str {
-    if s.raw {
-        "raw"
-    } else {
-        "client"
+    match s.target {
+        Target::Redis => "resp",
+        Target::Flock => "flock",
+        Target::Lockd if s.raw => "raw",
+        Target::Lockd => "client",
     }
+}
+
+fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Lockd => "lockd",
+        Target::Redis => "redis",
+        Target::Flock => "flock",
+    }
+}
+
+/// Whether pairs commit (so the fsync floor's ratio means something).
+fn durable(s: &Settings) -> bool {
+    s.detach || s.target == Target::Redis
+}
+
+fn round1(v: Option<f64>) -> Option<f64> {
+    v.map(|v| (v * 10.0).round() / 10.0)
+}
+
+fn round3(v: Option<f64>) -> Option<f64> {
+    v.map(|v| (v * 1000.0).round() / 1000.0)
 }
 
 fn opt(v: Option<f64>, width: usize, decimals: usize) -> String {
@@ -178,26 +208,42 @@ impl<'a> Report<'a> {
             .daemon
             .pid
             .map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"));
-        let mut what = match (s.raw, s.workload) {
-            (_, Workload::HoldMany(n)) => format!("holding {n} locks"),
-            (true, Workload::Handoff) => "handoff on one hot key, raw frames".to_string(),
-            (false, Workload::Handoff) => "handoff on one hot key, client crate".to_string(),
-            (true, Workload::Pairs) => "acquire+release pairs, raw frames".to_string(),
-            (false, Workload::Pairs) => "acquire+release pairs, client crate".to_string(),
+        let px = s.lease_ms().unwrap_or(30_000);
+        let mut what = match (s.target, s.raw, s.workload) {
+            (Target::Flock, _, _) => {
+                "handoff between processes on a file in a temporary directory".to_string()
+            }
+            (Target::Redis, _, Workload::HoldMany(n)) => {
+                format!("holding {n} keys (SET NX PX {px}, {TOKEN_LEN}-byte tokens)")
+            }
+            (Target::Redis, _, _) => {
+                format!("SET NX PX {px} + compare-and-delete (EVALSHA) pairs, hand-encoded RESP")
+            }
+            (_, _, Workload::HoldMany(n)) => format!("holding {n} locks"),
+            (_, true, Workload::Handoff) => "handoff on one hot key, raw frames".to_string(),
+            (_, false, Workload::Handoff) => "handoff on one hot key, client crate".to_string(),
+            (_, true, Workload::Pairs) => "acquire+release pairs, raw frames".to_string(),
+            (_, false, Workload::Pairs) => "acquire+release pairs, client crate".to_string(),
         };
-        what.push_str(&format!(", {}", s.mode.as_str()));
-        if let Some(l) = s.lease {
+        if s.target == Target::Lockd {
+            what.push_str(&format!(", {}", s.mode.as_str()));
+        }
+        if let Some(l) = s.lease.filter(|_| s.target == Target::Lockd) {
             what.push_str(&format!(
                 ", {} lease of {:?}",
                 if s.detach { "detached" } else { "session" },
                 l
             ));
         }
-        self.line(&format!(
-            "lockd {} at {} ({pid}): {what}",
-            self.daemon.server_version,
-            s.socket.display()
-        ));
+        self.line(&match s.target {
+            Target::Flock => format!("flock(2): {what}"),
+            Target::Lockd | Target::Redis => format!(
+                "{} {} at {} ({pid}): {what}",
+                target_name(s.target),
+                self.daemon.server_version,
+                s.socket.display()
+            ),
+        });
         match s.workload {
             Workload::HoldMany(_) => {}
             Workload::Pairs | Workload::Handoff => self.line(&format!(
@@ -215,12 +261,22 @@ impl<'a> Report<'a> {
                 if s.floor {
                     cols.push_str(&format!(" {:>10} {:>6}", "floor/s", "ratio"));
                 }
+                if s.fsync_floor.is_some() {
+                    cols.push_str(&format!(" {:>9}", "syncs/s"));
+                    if durable(s) {
+                        cols.push_str(&format!(" {:>7}", "vs sync"));
+                    }
+                }
                 cols.push_str(&format!(" {:>12}", "cpu us/pair"));
                 self.line(&cols);
             }
             Workload::Handoff => self.line(&format!(
                 "{:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9}",
-                "clients",
+                if s.target == Target::Flock {
+                    "procs"
+                } else {
+                    "clients"
+                },
                 "handoffs",
                 "hand p50",
                 "hand p99",
@@ -237,6 +293,7 @@ impl<'a> Report<'a> {
     fn base(&self, workload: &str, clients: usize) -> Map<String, Value> {
         let s = self.s;
         let mut m = Map::new();
+        m.insert("target".into(), json!(target_name(s.target)));
         m.insert("workload".into(), json!(workload));
         m.insert("socket".into(), json!(s.socket.display().to_string()));
         m.insert("server_version".into(), json!(self.daemon.server_version));
@@ -269,7 +326,7 @@ impl<'a> Report<'a> {
         );
         m.insert(
             "daemon_cpu_us_per_pair".into(),
-            json!(meas.cpu_us_per_pair().map(|v| (v * 10.0).round() / 10.0)),
+            json!(round1(meas.cpu_us_per_pair())),
         );
     }
 
@@ -314,10 +371,24 @@ impl<'a> Report<'a> {
                         },
                     }),
                 );
+                m.insert("ratio".into(), json!(round3(meas.ratio())));
+            }
+            if let Some(f) = &meas.fsync_floor {
+                let dir = s.fsync_floor.as_deref().unwrap_or(std::path::Path::new(""));
                 m.insert(
-                    "ratio".into(),
-                    json!(meas.ratio().map(|r| (r * 1000.0).round() / 1000.0)),
+                    "fsync_floor".into(),
+                    json!({
+                        "dir": dir.display().to_string(),
+                        "block_bytes": crate::fsync_floor::BLOCK,
+                        "duration_s": f.window.secs,
+                        "syncs": f.window.pairs,
+                        "syncs_per_sec": f.syncs_per_sec().round(),
+                        "sync_us": f.latency.json(),
+                    }),
                 );
+                if durable(s) {
+                    m.insert("sync_ratio".into(), json!(round3(meas.sync_ratio())));
+                }
             }
             return self.emit(m);
         }
@@ -344,6 +415,12 @@ impl<'a> Report<'a> {
                 opt(meas.ratio(), 6, 3)
             ));
         }
+        if let Some(f) = &meas.fsync_floor {
+            row.push_str(&format!(" {:>9.0}", f.syncs_per_sec()));
+            if durable(s) {
+                row.push_str(&format!(" {}", opt(meas.sync_ratio(), 7, 3)));
+            }
+        }
         row.push_str(&format!(" {}", opt(meas.cpu_us_per_pair(), 12, 1)));
         self.line(&row);
         if let Some(f) = &meas.floor {
@@ -356,6 +433,15 @@ impl<'a> Report<'a> {
                 opt(f.acquire.p50, 0, 1)
             ));
         }
+        if let Some(f) = &meas.fsync_floor {
+            let dir = s.fsync_floor.as_deref().unwrap_or(std::path::Path::new(""));
+            self.line(&format!(
+                "        fsync floor: {} B overwrite + fdatasync in {}, p50 {} us",
+                crate::fsync_floor::BLOCK,
+                dir.display(),
+                opt(f.latency.p50, 0, 1)
+            ));
+        }
         self.refusals(&meas.refused);
     }
 
@@ -363,7 +449,9 @@ impl<'a> Report<'a> {
         let h = meas.handoff.unwrap_or_default();
         if self.s.json {
             let mut m = self.base("handoff", meas.clients);
-            m.insert("key".into(), json!(self.s.hot_key()));
+            if self.s.target == Target::Lockd {
+                m.insert("key".into(), json!(self.s.hot_key()));
+            }
             self.timed(&mut m, meas);
             m.insert("handoffs".into(), json!(h.count));
             m.insert("handoff_us".into(), h.json());

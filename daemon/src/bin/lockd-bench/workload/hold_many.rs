@@ -30,6 +30,62 @@ pub struct HoldMany {
     pub release_secs: f64,
 }
 
+/// The daemon's memory through a `--hold-many` run, read as it goes.
+pub struct RssTimeline<'a> {
+    daemon: &'a Daemon,
+    idle: Option<u64>,
+    connected: Option<u64>,
+    held: Option<u64>,
+    peak: Option<u64>,
+}
+
+impl<'a> RssTimeline<'a> {
+    /// Reads the RSS before anything is connected.
+    pub fn idle(daemon: &'a Daemon) -> RssTimeline<'a> {
+        RssTimeline {
+            daemon,
+            idle: daemon.rss_kib(),
+            connected: None,
+            held: None,
+            peak: None,
+        }
+    }
+
+    /// Reads the RSS with the connections open.
+    pub fn connected(&mut self) {
+        self.connected = self.daemon.rss_kib();
+    }
+
+    /// Reads the RSS and its peak with every lock held.
+    pub fn holding(&mut self) {
+        self.held = self.daemon.rss_kib();
+        self.peak = self.daemon.peak_rss_kib();
+    }
+
+    /// Once everything is released: watches the RSS settle, and puts the figures together.
+    pub async fn finish(
+        self,
+        s: &Settings,
+        (holds, clients): (u64, usize),
+        (acquire_secs, release_secs): (f64, f64),
+        progress: &Progress,
+    ) -> HoldMany {
+        let after = watch_rss(self.daemon, s.rss_watch, self.idle, self.held, progress).await;
+        progress.clear();
+        HoldMany {
+            holds,
+            clients,
+            rss_idle_kib: self.idle,
+            rss_connected_kib: self.connected,
+            rss_held_kib: self.held,
+            rss_peak_kib: self.peak,
+            rss_after_release_kib: after,
+            acquire_secs,
+            release_secs,
+        }
+    }
+}
+
 enum Held {
     Guard(LockGuard),
     Detached(Ticket),
@@ -42,13 +98,13 @@ pub async fn run(
     daemon: &Daemon,
     progress: &Progress,
 ) -> Result<HoldMany, Failure> {
-    let rss_idle_kib = daemon.rss_kib();
+    let mut rss = RssTimeline::idle(daemon);
     let mut conns = Vec::with_capacity(clients);
     for i in 0..clients {
         progress.show(&format!("hold-many: connecting {i}/{clients}"));
         conns.push(daemon::connect(&s.socket).await?);
     }
-    let rss_connected_kib = daemon.rss_kib();
+    rss.connected();
 
     // Acquire: each connection takes its share, `--depth` requests at a time.
     let held = Arc::new(AtomicU64::new(0));
@@ -92,8 +148,7 @@ pub async fn run(
         }
     }
     let acquire_secs = started.elapsed().as_secs_f64();
-    let rss_held_kib = daemon.rss_kib();
-    let rss_peak_kib = daemon.peak_rss_kib();
+    rss.holding();
 
     // Release every hold explicitly, then close the connections.
     progress.show(&format!("hold-many: releasing {n} locks"));
@@ -112,21 +167,8 @@ pub async fn run(
     }
     let release_secs = started.elapsed().as_secs_f64();
     drop(conns);
-
-    let rss_after_release_kib =
-        watch_rss(daemon, s.rss_watch, rss_idle_kib, rss_held_kib, progress).await;
-    progress.clear();
-    Ok(HoldMany {
-        holds: n,
-        clients,
-        rss_idle_kib,
-        rss_connected_kib,
-        rss_held_kib,
-        rss_peak_kib,
-        rss_after_release_kib,
-        acquire_secs,
-        release_secs,
-    })
+    let times = (acquire_secs, release_secs);
+    Ok(rss.finish(s, (n, clients), times, progress).await)
 }
 
 async fn acquire_range(

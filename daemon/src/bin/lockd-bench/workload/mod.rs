@@ -4,12 +4,14 @@
 //! - `pairs`: acquire + release loops through the client crate;
 //! - `raw`: the same with hand-encoded, pipelined frames;
 //! - `handoff`: every connection queued on one hot key;
-//! - `hold_many`: many holds at once and the daemon's memory.
+//! - `hold_many`: many holds at once and the daemon's memory;
+//! - `redis`: the same pairs and many holds against Redis (`--redis`).
 
 pub mod handoff;
 pub mod hold_many;
 pub mod pairs;
 pub mod raw;
+pub mod redis;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +23,9 @@ use lockd_protocol::ErrorCode;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::args::{KeySpace, Settings};
 use crate::report::{Percentiles, Progress};
+use crate::Failure;
 
 /// How long one acquire may wait in its key's queue. Far above any measurement, so a timeout
 /// means something (another program holding a key, a stalled daemon), and is counted.
@@ -65,14 +69,16 @@ pub enum Which {
     Handoff,
 }
 
+/// A latency histogram: nanoseconds, 1 ns to an hour, 3 significant figures (a fixed
+/// ~300 KiB).
+pub fn new_histogram() -> Histogram<u64> {
+    // Constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, sigfig <= 5).
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds")
+}
+
 impl Control {
     pub fn new() -> Arc<Control> {
-        // Nanoseconds, 1 ns to an hour, 3 significant figures (a fixed ~300 KiB each).
-        let histogram = || {
-            // Constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, sigfig <= 5).
-            let h = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
-            Mutex::new(h)
-        };
+        let histogram = || Mutex::new(new_histogram());
         Arc::new(Control {
             stop: AtomicBool::new(false),
             recording: AtomicBool::new(false),
@@ -260,6 +266,22 @@ pub async fn measure(
     })
 }
 
+/// [`measure`] for a baseline that lockd-bench runs itself (no daemon CPU time to read),
+/// with the run's warm-up and duration.
+pub async fn measure_baseline(
+    ctl: &Control,
+    workers: Vec<Worker>,
+    s: &Settings,
+    progress: &Progress,
+    label: &str,
+) -> Result<Window, Failure> {
+    measure(ctl, workers, s.warmup, s.duration, progress, label, &|| {
+        None
+    })
+    .await
+    .map_err(Failure::Run)
+}
+
 /// Waits for every worker, at most [`DRAIN_LIMIT`] in all.
 async fn join(workers: Vec<Worker>) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
@@ -313,7 +335,7 @@ impl Rng {
         Rng(t ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -324,6 +346,23 @@ impl Rng {
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// The key of request slot `i` of connection `c` for its next acquire: the slot's own
+/// (per-slot keys) or one drawn at random; with `busy`, one this connection is not using
+/// (then added to it; see [`LocalKeys`]), `None` if a few draws all hit busy keys.
+pub fn slot_key(
+    s: &Settings,
+    c: usize,
+    i: usize,
+    rng: &mut Rng,
+    busy: Option<&mut HashSet<u64>>,
+) -> Option<u64> {
+    match (s.keys, busy) {
+        (KeySpace::PerSlot, _) => Some((c * s.depth + i) as u64),
+        (KeySpace::Random(n), Some(busy)) => (0..8).map(|_| rng.below(n)).find(|&k| busy.insert(k)),
+        (KeySpace::Random(n), None) => Some(rng.below(n)),
     }
 }
 

@@ -13,21 +13,19 @@ use lockd_protocol::{
     Acquire, ClientCodec, ClientMessage, Event, Hello, Key, Mode, Op, Reply, Response,
     ServerMessage, Wait, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::codec::{Decoder, Encoder};
 
-use super::{spawn_worker, Control, Rng, Which, Worker, ACQUIRE_WAIT};
+use super::{slot_key, spawn_worker, Control, Rng, Which, Worker, ACQUIRE_WAIT};
 use crate::args::{KeySpace, Settings};
 use crate::daemon::CLIENT_NAME;
+use crate::pipe::Pipe;
 use crate::Failure;
 
 /// A connection speaking frames by hand.
 pub struct RawConn {
-    stream: UnixStream,
+    pipe: Pipe,
     codec: ClientCodec,
-    inbuf: BytesMut,
-    out: BytesMut,
 }
 
 impl RawConn {
@@ -42,17 +40,15 @@ impl RawConn {
                 ))
             })?;
             let mut conn = RawConn {
-                stream,
+                pipe: Pipe::new(stream, "lockd"),
                 codec: ClientCodec::default(),
-                inbuf: BytesMut::with_capacity(8192),
-                out: BytesMut::with_capacity(8192),
             };
             let hello = ClientMessage::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,
                 client_name: CLIENT_NAME.to_string(),
             });
             conn.codec
-                .encode(&hello, &mut conn.out)
+                .encode(&hello, &mut conn.pipe.out)
                 .map_err(|e| Failure::Run(e.to_string()))?;
             conn.flush().await.map_err(Failure::Run)?;
             match conn.next().await.map_err(Failure::Run)? {
@@ -79,43 +75,31 @@ impl RawConn {
     /// namespace, generated names, no data), so they always fit in a frame.
     pub fn push(&mut self, id: u64, op: &Op) {
         self.codec
-            .encode_request(id, op, &mut self.out)
+            .encode_request(id, op, &mut self.pipe.out)
             .expect("a benchmark request fits in a frame");
     }
 
     /// Writes everything pending.
     pub async fn flush(&mut self) -> Result<(), String> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        self.stream
-            .write_all(&self.out)
-            .await
-            .map_err(|e| format!("write to lockd failed: {e}"))?;
-        self.out.clear();
-        Ok(())
+        self.pipe.flush().await
     }
 
     /// The next message, reading as needed.
     pub async fn next(&mut self) -> Result<ServerMessage, String> {
-        loop {
-            if let Some(m) = self.buffered()? {
-                return Ok(m);
-            }
-            match self.stream.read_buf(&mut self.inbuf).await {
-                Ok(0) => return Err("lockd closed the connection".into()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("read from lockd failed: {e}")),
-            }
-        }
+        let codec = &mut self.codec;
+        self.pipe.next(|inbuf| decode(codec, inbuf)).await
     }
 
     /// The next message already read, if any.
     pub fn buffered(&mut self) -> Result<Option<ServerMessage>, String> {
-        self.codec
-            .decode(&mut self.inbuf)
-            .map_err(|e| format!("undecodable answer from lockd: {e}"))
+        decode(&mut self.codec, &mut self.pipe.inbuf)
     }
+}
+
+fn decode(codec: &mut ClientCodec, inbuf: &mut BytesMut) -> Result<Option<ServerMessage>, String> {
+    codec
+        .decode(inbuf)
+        .map_err(|e| format!("undecodable answer from lockd: {e}"))
 }
 
 /// The acquire every raw driver sends; its key name is rewritten in place per request.
@@ -203,15 +187,9 @@ async fn conn_loop(
                 if !matches!(slot, Slot::Idle) {
                     continue;
                 }
-                let key = match s.keys {
-                    KeySpace::PerSlot => (c * depth + i) as u64,
-                    KeySpace::Random(n) if exclusive_random => {
-                        match (0..8).map(|_| rng.below(n)).find(|k| busy.insert(*k)) {
-                            Some(k) => k,
-                            None => continue,
-                        }
-                    }
-                    KeySpace::Random(n) => rng.below(n),
+                let busy = exclusive_random.then_some(&mut busy);
+                let Some(key) = slot_key(&s, c, i, &mut rng, busy) else {
+                    continue;
                 };
                 set_key(&mut op, &s, key);
                 conn.push(i as u64, &op);
