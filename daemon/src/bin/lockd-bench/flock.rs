@@ -3,9 +3,11 @@
 //! FILE`) loop flock(LOCK_EX) + flock(LOCK_UN) on one file in a private temporary directory.
 //!
 //! The processes alternate, as lockd's clients queued on one key do: a holder releases only
-//! once another process has announced it is asking (it waits, yielding the CPU), so that every
-//! release has a waiter to hand over to. Without that, flock(2)'s critical section is so short
-//! that nobody is ever waiting, and the releaser takes the lock straight back.
+//! once another process is blocked in flock(2) on the file (listed as a waiter in /proc/locks;
+//! the holder yields the CPU while it looks), so that every release wakes a sleeping waiter.
+//! Without that, flock(2)'s critical section is so short that nobody is ever waiting, and the
+//! releaser takes the lock straight back. flock(2) is also not fair, so after a release the
+//! releaser asks again only once the waiter has the lock (it clears the release stamp).
 //!
 //! The file carries what the processes share, as 8-byte words: the last release's stamp
 //! (CLOCK_MONOTONIC nanoseconds, written by the holder just before LOCK_UN, as lockd's handoff
@@ -87,16 +89,23 @@ pub fn child(path: &Path, slot: u64) -> ExitCode {
     }
 }
 
-/// Whether any process but `slot` asks for the lock, or the phase is stop.
-fn someone_waits(file: &File, slot: u64, words: &mut [u8]) -> std::io::Result<bool> {
-    file.read_exact_at(words, AT_PHASE)?;
-    let word = |i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&words[8 * i..8 * i + 8]);
-        u64::from_le_bytes(w)
-    };
-    let others = (0..words.len() / 8 - 2).filter(|&i| i as u64 != slot);
-    Ok(word(0) == PHASE_STOP || others.into_iter().any(|i| word(2 + i) != 0))
+/// Whether another process is blocked in flock(2) on the file (the kernel lists it in
+/// /proc/locks as a waiter, `->`, on the file's inode), or the phase is stop. Only a blocked
+/// waiter makes a release a handoff: a process that announced itself but has not entered the
+/// kernel yet would take a free lock without being woken, which measures nothing.
+fn someone_waits(file: &File, inode: u64, buf: &mut String) -> std::io::Result<bool> {
+    if read_u64(file, AT_PHASE)? == PHASE_STOP {
+        return Ok(true);
+    }
+    buf.clear();
+    std::io::Read::read_to_string(&mut File::open("/proc/locks")?, buf)?;
+    let suffix = format!(":{inode}");
+    Ok(buf.lines().any(|line| {
+        line.contains("->")
+            && line
+                .split_whitespace()
+                .any(|field| field.ends_with(&suffix))
+    }))
 }
 
 fn contend(path: &Path, slot: u64) -> std::io::Result<()> {
@@ -110,8 +119,8 @@ fn contend(path: &Path, slot: u64) -> std::io::Result<()> {
             "slot {slot} of {processes} processes"
         )));
     }
-    // The phase, the count and every process's word, read at once.
-    let mut words = vec![0u8; 8 * (2 + processes as usize)];
+    let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+    let mut locks = String::new();
     let (mut acquire, mut handoff) = (new_histogram(), new_histogram());
     let mut pairs = 0u64;
     loop {
@@ -120,6 +129,8 @@ fn contend(path: &Path, slot: u64) -> std::io::Result<()> {
         flock(&file, libc::LOCK_EX)?;
         let granted = mono_ns();
         let released = read_u64(&file, AT_RELEASED)?;
+        // Tells the releaser the lock changed hands (see below).
+        file.write_all_at(&[0; 8], AT_RELEASED)?;
         let phase = read_u64(&file, AT_PHASE)?;
         file.write_all_at(&[0; 8], AT_ASKING + 8 * slot)?;
         if phase == PHASE_STOP {
@@ -133,11 +144,16 @@ fn contend(path: &Path, slot: u64) -> std::io::Result<()> {
             }
             pairs += 1;
         }
-        while !someone_waits(&file, slot, &mut words)? {
+        while !someone_waits(&file, inode, &mut locks)? {
             std::thread::yield_now();
         }
         file.write_all_at(&mono_ns().to_le_bytes(), AT_RELEASED)?;
         flock(&file, libc::LOCK_UN)?;
+        // flock(2) is not fair: asking again at once would usually take the lock back before
+        // the woken waiter runs. Wait until it has the lock, so the processes alternate.
+        while read_u64(&file, AT_RELEASED)? != 0 && read_u64(&file, AT_PHASE)? != PHASE_STOP {
+            std::thread::yield_now();
+        }
     }
     let mut out = format!("pairs {pairs}\n");
     for (tag, h) in [("a", &acquire), ("h", &handoff)] {
