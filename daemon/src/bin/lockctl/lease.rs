@@ -28,7 +28,6 @@ Examples:
   lockctl renew \"$LOCKD_TICKET\" --lease 10m
   lockctl release \"$LOCKD_TICKET\"";
 
-/// Take a detached lease and print its ticket and fence.
 #[derive(Args, Debug)]
 #[command(after_help = ACQUIRE_HELP)]
 pub struct AcquireArgs {
@@ -63,7 +62,6 @@ pub struct AcquireArgs {
     name: String,
 }
 
-/// Extend a lease by its ticket.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  lockctl renew \"$LOCKD_TICKET\" --lease 10m\n\nTICKET may be - to read it from stdin (keeps it out of the process list)."
@@ -79,7 +77,6 @@ pub struct RenewArgs {
     json: bool,
 }
 
-/// Release a lease (or any hold of your uid) by its ticket.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  lockctl release \"$LOCKD_TICKET\"\n\nTICKET may be - to read it from stdin."

@@ -44,16 +44,29 @@ struct Cli {
     command: Command,
 }
 
+// Each subcommand's arguments are built only when it is the one invoked or help needs them
+// (`defer`): the others cost nothing at start. So a subcommand's one-line description is its
+// variant's doc comment here, not its arguments struct's (which would be built too late).
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 enum Command {
+    /// Hold a lock while a command runs (flock(1)'s options and shapes work too)
     Run(run::RunArgs),
+    /// Take a detached lease and print its ticket and fence
     Acquire(lease::AcquireArgs),
+    /// Extend a lease by its ticket
     Renew(lease::RenewArgs),
+    /// Release a lease (or any hold of your uid) by its ticket
     Release(lease::ReleaseArgs),
+    /// Who holds a lock and who waits for it (never tickets)
     Describe(admin::DescribeArgs),
+    /// Locks that have holders or waiters
     List(admin::ListArgs),
+    /// End every hold on a lock (root or a configured admin); holders are told they lost it
     ForceRelease(admin::ForceArgs),
+    /// Print one line per event on a lock until interrupted
     Watch(admin::WatchArgs),
+    /// Counters, gauges and latency distributions
     Stats(admin::StatsArgs),
     /// Print the daemon's statistics in Prometheus text format (lockd_ prefix)
     #[command(
@@ -85,13 +98,28 @@ pub(crate) async fn connect(
         .map_err(|e| exit::report(&e))
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Parsed before the runtime exists: --help, --version and usage errors need none.
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lockctl: cannot start: {e}");
+            return ExitCode::from(exit::INTERNAL);
+        }
+    };
+    ExitCode::from(runtime.block_on(dispatch(cli)))
+}
+
+/// Runs the subcommand; returns lockctl's exit code.
+async fn dispatch(cli: Cli) -> u8 {
     let socket = cli
         .socket
         .unwrap_or_else(lockd_protocol::paths::client_socket_path);
-    let code = match cli.command {
+    match cli.command {
         Command::Run(args) => run::run(&socket, args).await,
         Command::Acquire(args) => lease::acquire(&socket, args).await,
         Command::Renew(args) => lease::renew(&socket, args).await,
@@ -112,6 +140,5 @@ async fn main() -> ExitCode {
             );
             0
         }
-    };
-    ExitCode::from(code)
+    }
 }

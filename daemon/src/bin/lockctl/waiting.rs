@@ -7,7 +7,8 @@ use clap::Args;
 use lockd::duration;
 use lockd_client::AcquireBuilder;
 
-/// `-n/--nonblock` and `-w/--wait SECS`, shared by `run` and `acquire`.
+// `-n/--nonblock` and `-w/--wait SECS`, shared by `run` and `acquire`. (A `///` comment here
+// would become the about text of the subcommands that flatten it.)
 #[derive(Args, Debug, Clone, Copy)]
 pub struct Waiting {
     /// Fail at once if the lock is held [default: wait as long as it takes]

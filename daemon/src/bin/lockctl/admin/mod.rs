@@ -21,7 +21,6 @@ pub struct KeyArgs {
     pub json: bool,
 }
 
-/// Who holds a lock and who waits for it (never tickets).
 #[derive(Args, Debug)]
 #[command(
     after_help = "Example:\n  lockctl describe nightly-backup\n  lockctl describe --json --namespace ops deploy | jq '.holders[0].pid'"
@@ -31,7 +30,6 @@ pub struct DescribeArgs {
     pub key: KeyArgs,
 }
 
-/// Locks that have holders or waiters.
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  lockctl list --namespace ops --prefix deploy-")]
 pub struct ListArgs {
@@ -46,7 +44,6 @@ pub struct ListArgs {
     pub json: bool,
 }
 
-/// End every hold on a lock (root or a configured admin); holders are told they lost it.
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  lockctl force-release stuck-job")]
 pub struct ForceArgs {
@@ -54,7 +51,6 @@ pub struct ForceArgs {
     pub key: KeyArgs,
 }
 
-/// Print one line per event on a lock until interrupted.
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  lockctl watch leader --json | while read -r ev; do ...; done")]
 pub struct WatchArgs {
@@ -62,7 +58,6 @@ pub struct WatchArgs {
     pub key: KeyArgs,
 }
 
-/// Counters, gauges and latency distributions.
 #[derive(Args, Debug)]
 #[command(after_help = "Example:\n  lockctl stats --json | jq .gauges.holds")]
 pub struct StatsArgs {

@@ -1,7 +1,7 @@
 //! The command under the lock: spawning it (with the connection inherited, or exec in place),
 //! forwarding signals, reaping what it leaves behind, and its exit status.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use lockd_client::{Client, LockGuard};
@@ -9,6 +9,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::RunArgs;
 use crate::exit;
+
+mod child;
 
 /// The signals lockctl forwards to the command.
 pub(super) struct Signals {
@@ -86,11 +88,20 @@ pub(super) async fn supervise(
     if args.verbose {
         eprintln!("lockctl: executing {}", argv.join(" "));
     }
+    let mut vars = vec![
+        ("LOCKD_FENCE", guard.fence().to_string()),
+        ("LOCKD_LOCK", guard.key().name.clone()),
+        ("LOCKD_NAMESPACE", guard.key().namespace.clone()),
+    ];
     let spawned = if pass_fd {
-        // The descriptor stays open while the closure runs (it forks the command).
-        client.with_socket_fd(|fd| spawn(argv, &guard, own_group, Some(fd.as_raw_fd())))
+        // The descriptor stays open while the closure runs (it starts the command).
+        client.with_socket_fd(|fd| {
+            let fd = fd.as_raw_fd();
+            vars.push(("LOCKD_FD", fd.to_string()));
+            child::spawn(argv, &vars, own_group, Some(fd))
+        })
     } else {
-        Some(spawn(argv, &guard, own_group, None))
+        Some(child::spawn(argv, &vars, own_group, None))
     };
     let mut child = match spawned {
         Some(Ok(c)) => c,
@@ -105,7 +116,7 @@ pub(super) async fn supervise(
         }
     };
     let target = Target {
-        pid: child.id().and_then(|p| i32::try_from(p).ok()),
+        pid: Some(child.id()),
         group: own_group,
     };
     let mut lost = false;
@@ -176,7 +187,8 @@ pub(super) fn become_subreaper() -> bool {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 }
 }
 
-/// Reaps the orphans that have exited, leaving the command's own exit to tokio (stops at it).
+/// Reaps the orphans that have exited, leaving the command's own exit to [`child::Child::wait`]
+/// (stops at it).
 pub(super) fn reap_orphans(command: Option<i32>) {
     loop {
         // SAFETY: siginfo_t is plain data; zeroed is its "nothing found" state for WNOHANG.
@@ -227,50 +239,6 @@ pub(super) fn descendants_remain() -> bool {
             _ => return false, // ECHILD: nobody left
         }
     }
-}
-
-pub(super) fn spawn(
-    argv: &[String],
-    guard: &LockGuard,
-    own_group: bool,
-    fd: Option<RawFd>,
-) -> std::io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("LOCKD_FENCE", guard.fence().to_string())
-        .env("LOCKD_LOCK", &guard.key().name)
-        .env("LOCKD_NAMESPACE", &guard.key().namespace);
-    if let Some(fd) = fd {
-        cmd.env("LOCKD_FD", fd.to_string());
-    }
-    // SAFETY: getpid is async-signal-safe; we call it before forking.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe functions
-    // (setpgid, fcntl, prctl, getppid, _exit).
-    unsafe {
-        cmd.pre_exec(move || {
-            if own_group && libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The command inherits the connection (in this child only: lockctl's copy stays
-            // close-on-exec), so the lock lives until it, too, has closed it.
-            if let Some(fd) = fd {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // If lockctl dies, the command gets SIGTERM.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // lockctl died between fork and prctl: do not start at all.
-            if libc::getppid() != parent {
-                libc::_exit(exit::LOST as i32);
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
 }
 
 /// `-F`: replaces lockctl with the command, which inherits the connection and so holds the

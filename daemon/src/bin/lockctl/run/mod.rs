@@ -71,7 +71,6 @@ Examples:
   # The command sees its fencing token:
   lockctl run deploy -- sh -c 'echo \"fence $LOCKD_FENCE for $LOCKD_LOCK\"'";
 
-/// Hold a lock while a command runs (flock(1)'s options and shapes work too).
 #[derive(Args, Debug)]
 #[command(
     after_help = AFTER_HELP,
