@@ -131,6 +131,13 @@ fn parse(text: &str) -> Result<Loaded, String> {
     let long_hold = dur(&file.long_hold, "long_hold")?;
     let max_lease = dur(&file.limits.max_lease, "limits.max_lease")?;
     let max_lock_delay = dur(&file.limits.max_lock_delay, "limits.max_lock_delay")?;
+    // The lock table keeps lock-delays as 32-bit milliseconds (about 49 days).
+    if max_lock_delay.is_some_and(|d| d.as_millis() > u128::from(u32::MAX)) {
+        return Err(
+            "limits.max_lock_delay: at most 49 days (the table keeps lock-delays in 32-bit milliseconds)"
+                .to_string(),
+        );
+    }
     let write_timeout = dur(&file.limits.write_timeout, "limits.write_timeout")?;
     let mut namespaces = HashMap::new();
     for (ns, members) in &file.namespaces {
@@ -293,6 +300,16 @@ mod tests {
         loaded.apply(&mut config, &CliOverrides::default());
         assert_eq!(config.limits.max_connections, 100);
         assert!(config.authz.is_admin(1001, &[]));
+    }
+
+    #[test]
+    fn a_lock_delay_limit_beyond_the_tables_width_is_refused() {
+        assert!(parse("[limits]\nmax_lock_delay = \"49d\"\n").is_ok());
+        let err = parse("[limits]\nmax_lock_delay = \"50d\"\n").err().unwrap();
+        assert!(
+            err.contains("max_lock_delay") && err.contains("49 days"),
+            "{err}"
+        );
     }
 
     #[test]
