@@ -17,6 +17,9 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedC
 
 use crate::{ClientMessage, Op, RequestId, ServerMessage};
 
+mod fast;
+pub use fast::FastDecode;
+
 /// Default largest frame payload, in bytes (64 KiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 /// Hard ceiling for any configured frame size and the bincode decode limit, in bytes (1 MiB).
@@ -96,7 +99,7 @@ impl<In, Out> Default for FrameCodec<In, Out> {
     }
 }
 
-impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
+impl<In: DeserializeOwned + FastDecode, Out> Decoder for FrameCodec<In, Out> {
     type Item = In;
     type Error = CodecError;
 
@@ -106,6 +109,9 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
             Ok(None) => return Ok(None),
             Err(e) => return Err(self.framing_error(e, src)),
         };
+        if let Some(message) = In::fast_decode(&frame) {
+            return Ok(Some(message));
+        }
         decode_payload(&frame).map(Some)
     }
 

@@ -391,3 +391,102 @@ proptest! {
         let _ = server.decode(&mut buf);
     }
 }
+
+/// Requests of the kinds the fast decoder reads, with every field arbitrary.
+fn hot_requests() -> impl Strategy<Value = ClientMessage> {
+    let wait = prop_oneof![
+        Just(Wait::No),
+        any::<u64>().prop_map(Wait::Millis),
+        Just(Wait::Forever),
+    ];
+    let acquire = (
+        ("\\PC{0,12}", "\\PC{0,24}"),
+        any::<bool>(),
+        wait,
+        any::<Option<u64>>(),
+        any::<bool>(),
+        any::<Option<u32>>(),
+        any::<u64>(),
+        proptest::collection::vec(any::<u8>(), 0..40),
+    )
+        .prop_map(
+            |((namespace, name), shared, wait, lease_ms, detach, permits, lock_delay_ms, data)| {
+                Op::Acquire(Acquire {
+                    key: Key { namespace, name },
+                    mode: if shared {
+                        Mode::Shared
+                    } else {
+                        Mode::Exclusive
+                    },
+                    wait,
+                    lease_ms,
+                    detach,
+                    permits,
+                    lock_delay_ms,
+                    data,
+                })
+            },
+        );
+    let release = any::<[u8; crate::ticket::TICKET_LEN]>().prop_map(|b| Op::Release {
+        ticket: Ticket::from_bytes(b),
+    });
+    (any::<u64>(), prop_oneof![acquire, release])
+        .prop_map(|(id, op)| ClientMessage::Request(Request { id, op }))
+}
+
+/// The payload bincode writes for `msg` (the frame without its length prefix).
+fn payload_of(msg: &ClientMessage) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    ClientCodec::default().encode(msg, &mut buf).unwrap();
+    buf[LEN_BYTES..].to_vec()
+}
+
+/// The fast decoder's contract: `Some` only with bincode's own answer.
+fn agrees_with_bincode(payload: &[u8]) -> Result<(), TestCaseError> {
+    if let Some(fast) = ClientMessage::fast_decode(payload) {
+        let slow: ClientMessage = decode_payload(payload).map_err(|e| {
+            TestCaseError::fail(format!("fast path accepted what bincode refuses: {e}"))
+        })?;
+        prop_assert_eq!(fast, slow);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_fast_decoder_reads_every_hot_request_as_bincode_does(msg in hot_requests()) {
+        let payload = payload_of(&msg);
+        prop_assert_eq!(ClientMessage::fast_decode(&payload), Some(msg));
+    }
+
+    #[test]
+    fn the_fast_decoder_never_accepts_a_damaged_request_differently(
+        msg in hot_requests(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        cut in any::<prop::sample::Index>(),
+        extra in proptest::collection::vec(any::<u8>(), 0..3),
+    ) {
+        let mut payload = payload_of(&msg);
+        for (at, byte) in edits {
+            let i = at.index(payload.len());
+            payload[i] = byte;
+        }
+        agrees_with_bincode(&payload)?;
+        agrees_with_bincode(&payload[..cut.index(payload.len() + 1)])?;
+        payload.extend_from_slice(&extra);
+        agrees_with_bincode(&payload)?;
+    }
+
+    #[test]
+    fn the_fast_decoder_never_accepts_arbitrary_bytes_differently(
+        tail in proptest::collection::vec(any::<u8>(), 0..80),
+        op in 0u8..3,
+    ) {
+        // A Request (variant 1) with request id 7 and operation `op`, then anything.
+        let mut payload = vec![1, 7, op];
+        payload.extend_from_slice(&tail);
+        agrees_with_bincode(&payload)?;
+    }
+}
