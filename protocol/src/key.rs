@@ -86,7 +86,14 @@ pub fn validate_namespace(ns: &str) -> Result<(), KeyError> {
 /// # Errors
 /// [`KeyError::BadName`].
 pub fn validate_name(name: &str) -> Result<(), KeyError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+    // ASCII names (nearly all) are checked a byte at a time; only the others need decoding
+    // (C1 controls, U+0080 to U+009F, are two bytes in UTF-8).
+    let control = if name.is_ascii() {
+        name.bytes().any(|b| b.is_ascii_control())
+    } else {
+        name.chars().any(char::is_control)
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN || control {
         Err(KeyError::BadName { len: name.len() })
     } else {
         Ok(())
@@ -116,7 +123,14 @@ mod tests {
 
     #[test]
     fn refuses_bad_names_without_truncating() {
-        for name in ["", "tab\there", "nl\n", &"n".repeat(257)] {
+        for name in [
+            "",
+            "tab\there",
+            "nl\n",
+            "del\u{7f}",
+            "c1 \u{85} é",
+            &"n".repeat(257),
+        ] {
             assert!(
                 matches!(Key::new("default", name), Err(KeyError::BadName { .. })),
                 "{name:?}"

@@ -18,7 +18,7 @@ use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedC
 use crate::{ClientMessage, Op, RequestId, ServerMessage};
 
 mod fast;
-pub use fast::FastDecode;
+pub use fast::{FastDecode, FastEncode};
 
 /// Default largest frame payload, in bytes (64 KiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
@@ -185,19 +185,22 @@ fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> 
     Ok(value)
 }
 
-impl<In, Out: Serialize> Encoder<&Out> for FrameCodec<In, Out> {
+impl<In, Out: Serialize + FastEncode> Encoder<&Out> for FrameCodec<In, Out> {
     type Error = CodecError;
 
     fn encode(&mut self, item: &Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        if item.fast_encode(dst, self.max_frame) {
+            return Ok(());
+        }
         encode_frame(item, dst, self.max_frame)
     }
 }
 
-impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
+impl<In, Out: Serialize + FastEncode> Encoder<Out> for FrameCodec<In, Out> {
     type Error = CodecError;
 
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        encode_frame(&item, dst, self.max_frame)
+        self.encode(&item, dst)
     }
 }
 

@@ -490,3 +490,60 @@ proptest! {
         agrees_with_bincode(&payload)?;
     }
 }
+
+/// Answers of the kinds the fast encoder writes, with every field arbitrary.
+fn hot_answers() -> impl Strategy<Value = ServerMessage> {
+    let granted = (
+        any::<[u8; crate::ticket::TICKET_LEN]>(),
+        any::<u64>(),
+        any::<bool>(),
+        any::<Option<u64>>(),
+    )
+        .prop_map(|(t, fence, shared, expires_at_ms)| {
+            Reply::Granted(Grant {
+                ticket: Ticket::from_bytes(t),
+                fence,
+                mode: if shared {
+                    Mode::Shared
+                } else {
+                    Mode::Exclusive
+                },
+                expires_at_ms,
+            })
+        });
+    let reply = prop_oneof![granted, Just(Reply::Released), Just(Reply::Pong)];
+    (any::<u64>(), reply).prop_map(|(id, reply)| {
+        ServerMessage::Response(Response {
+            id,
+            result: Ok(reply),
+        })
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_fast_encoder_writes_bincodes_bytes_or_nothing(
+        msg in hot_answers(),
+        max_frame in 16usize..64,
+        prefix in proptest::collection::vec(any::<u8>(), 0..4),
+    ) {
+        let mut slow = BytesMut::from(&prefix[..]);
+        let slow_result = encode_frame(&msg, &mut slow, max_frame);
+        let mut fast = BytesMut::from(&prefix[..]);
+        if msg.fast_encode(&mut fast, max_frame) {
+            prop_assert!(slow_result.is_ok());
+            prop_assert_eq!(&fast[..], &slow[..]);
+        } else {
+            prop_assert_eq!(&fast[..], &prefix[..]);
+        }
+        // Through the codec, the bytes are bincode's either way.
+        let mut via_codec = BytesMut::from(&prefix[..]);
+        let codec_result = ServerCodec::new(max_frame).encode(&msg, &mut via_codec);
+        prop_assert_eq!(codec_result.is_ok(), slow_result.is_ok());
+        if slow_result.is_ok() {
+            prop_assert_eq!(&via_codec[..], &slow[..]);
+        }
+    }
+}
