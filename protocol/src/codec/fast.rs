@@ -1,10 +1,10 @@
-//! A hand-written decoder for the two requests that make up almost all traffic, `Acquire` and
-//! `Release`, reading the same bytes as bincode (standard configuration, big-endian varints),
-//! and a hand-written encoder for their answers, `Granted` and `Released`, writing the same
-//! bytes as bincode.
+//! Hand-written decoding and encoding of the two requests that make up almost all traffic,
+//! `Acquire` and `Release`, and of their answers, `Granted` and `Released`: the same bytes as
+//! bincode (standard configuration, big-endian varints).
 //!
 //! Encoding contract: [`FastEncode::fast_encode`] either writes exactly the frame bincode would
-//! write and answers `true`, or writes nothing and answers `false` (property-tested).
+//! write and answers `true`, or writes nothing and answers `false` (property-tested). Both
+//! directions are covered, so the client crate gains as much as the daemon.
 //!
 //! Contract: [`FastDecode::fast_decode`] answers `Some(message)` only when bincode would decode
 //! the payload to the same message; for anything else (another message, a non-canonical varint,
@@ -33,7 +33,33 @@ pub trait FastDecode: Sized {
     }
 }
 
-impl FastDecode for ServerMessage {}
+impl FastDecode for ServerMessage {
+    fn fast_decode(payload: &[u8]) -> Option<Self> {
+        let mut r = Reader(payload);
+        // ServerMessage::Response is variant 2, `Ok` variant 0.
+        if r.varint_u32()? != 2 {
+            return None;
+        }
+        let id = r.varint()?;
+        if r.varint_u32()? != 0 {
+            return None;
+        }
+        let reply = match r.varint_u32()? {
+            0 => Reply::Granted(Grant {
+                ticket: Ticket::from_bytes(r.take(TICKET_LEN)?.try_into().ok()?),
+                fence: r.varint()?,
+                mode: r.mode()?,
+                expires_at_ms: if r.option()? { Some(r.varint()?) } else { None },
+            }),
+            1 => Reply::Released,
+            _ => return None,
+        };
+        r.0.is_empty().then_some(ServerMessage::Response(Response {
+            id,
+            result: Ok(reply),
+        }))
+    }
+}
 
 /// A message type with an optional fast encoding path.
 pub trait FastEncode {
@@ -44,7 +70,48 @@ pub trait FastEncode {
     }
 }
 
-impl FastEncode for ClientMessage {}
+impl FastEncode for ClientMessage {
+    fn fast_encode(&self, dst: &mut BytesMut, max_frame: usize) -> bool {
+        match self {
+            ClientMessage::Request(Request { id, op }) => encode_request(*id, op, dst, max_frame),
+            ClientMessage::Hello(_) => false,
+        }
+    }
+}
+
+/// [`FastEncode::fast_encode`] of `ClientMessage::Request(Request { id, op })`, by reference.
+pub(super) fn encode_request(id: u64, op: &Op, dst: &mut BytesMut, max_frame: usize) -> bool {
+    let mut w = Writer::start(dst);
+    w.varint(1); // ClientMessage::Request
+    w.varint(id);
+    match op {
+        Op::Acquire(a) => {
+            w.varint(0);
+            w.bytes_with_len(a.key.namespace.as_bytes());
+            w.bytes_with_len(a.key.name.as_bytes());
+            w.mode(a.mode);
+            match a.wait {
+                Wait::No => w.varint(0),
+                Wait::Millis(ms) => {
+                    w.varint(1);
+                    w.varint(ms);
+                }
+                Wait::Forever => w.varint(2),
+            }
+            w.option(a.lease_ms);
+            w.raw(&[u8::from(a.detach)]);
+            w.option(a.permits.map(u64::from));
+            w.varint(a.lock_delay_ms);
+            w.bytes_with_len(&a.data);
+        }
+        Op::Release { ticket } => {
+            w.varint(1);
+            w.raw(&ticket.bytes());
+        }
+        _ => return w.abandon(),
+    }
+    w.finish(max_frame)
+}
 
 impl FastEncode for ServerMessage {
     fn fast_encode(&self, dst: &mut BytesMut, max_frame: usize) -> bool {
@@ -55,9 +122,7 @@ impl FastEncode for ServerMessage {
         else {
             return false;
         };
-        // Longest answer here: 1 + 9 + 1 + 1 + 16 + 9 + 1 + 1 + 9 bytes.
-        let mut p = [0u8; 48];
-        let mut w = Writer { buf: &mut p, at: 0 };
+        let mut w = Writer::start(dst);
         w.varint(2); // ServerMessage::Response
         w.varint(*id);
         w.varint(0); // Ok
@@ -69,59 +134,90 @@ impl FastEncode for ServerMessage {
                 expires_at_ms,
             }) => {
                 w.varint(0);
-                w.bytes(&ticket.bytes());
+                w.raw(&ticket.bytes());
                 w.varint(*fence);
-                w.varint(match mode {
-                    Mode::Exclusive => 0,
-                    Mode::Shared => 1,
-                });
-                match expires_at_ms {
-                    None => w.bytes(&[0]),
-                    Some(ms) => {
-                        w.bytes(&[1]);
-                        w.varint(*ms);
-                    }
-                }
+                w.mode(*mode);
+                w.option(*expires_at_ms);
             }
             Reply::Released => w.varint(1),
-            _ => return false,
+            _ => return w.abandon(),
         }
-        let len = w.at;
-        if len > max_frame {
-            return false; // bincode's path reports it
-        }
-        dst.reserve(super::LEN_BYTES + len);
-        dst.put_u32(len as u32);
-        dst.extend_from_slice(&p[..len]);
-        true
+        w.finish(max_frame)
     }
 }
 
-/// Writes into a fixed buffer large enough for every message [`FastEncode`] writes.
+/// Writes one frame at the end of a buffer: a length prefix, patched by [`Writer::finish`].
 struct Writer<'a> {
-    buf: &'a mut [u8],
-    at: usize,
+    dst: &'a mut BytesMut,
+    start: usize,
 }
 
-impl Writer<'_> {
-    fn bytes(&mut self, b: &[u8]) {
-        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
-        self.at += b.len();
+impl<'a> Writer<'a> {
+    fn start(dst: &'a mut BytesMut) -> Writer<'a> {
+        let start = dst.len();
+        dst.put_u32(0);
+        Writer { dst, start }
+    }
+
+    fn raw(&mut self, b: &[u8]) {
+        self.dst.extend_from_slice(b);
     }
 
     /// bincode's varint (see [`Reader::varint`]), big-endian.
     fn varint(&mut self, v: u64) {
         if v < 251 {
-            self.bytes(&[v as u8]);
+            self.dst.put_u8(v as u8);
         } else if let Ok(v) = u16::try_from(v) {
-            self.bytes(&[251]);
-            self.bytes(&v.to_be_bytes());
+            self.dst.put_u8(251);
+            self.dst.put_u16(v);
         } else if let Ok(v) = u32::try_from(v) {
-            self.bytes(&[252]);
-            self.bytes(&v.to_be_bytes());
+            self.dst.put_u8(252);
+            self.dst.put_u32(v);
         } else {
-            self.bytes(&[253]);
-            self.bytes(&v.to_be_bytes());
+            self.dst.put_u8(253);
+            self.dst.put_u64(v);
+        }
+    }
+
+    fn bytes_with_len(&mut self, b: &[u8]) {
+        self.varint(b.len() as u64);
+        self.raw(b);
+    }
+
+    fn mode(&mut self, mode: Mode) {
+        self.varint(match mode {
+            Mode::Exclusive => 0,
+            Mode::Shared => 1,
+        });
+    }
+
+    fn option(&mut self, v: Option<u64>) {
+        match v {
+            None => self.raw(&[0]),
+            Some(v) => {
+                self.raw(&[1]);
+                self.varint(v);
+            }
+        }
+    }
+
+    /// Takes back what was written; the caller encodes with bincode.
+    fn abandon(self) -> bool {
+        self.dst.truncate(self.start);
+        false
+    }
+
+    /// Patches the length prefix, or takes everything back if the payload is over
+    /// `max_frame` (bincode's path then reports it).
+    fn finish(self, max_frame: usize) -> bool {
+        let len = self.dst.len() - self.start - super::LEN_BYTES;
+        match u32::try_from(len) {
+            Ok(n) if len <= max_frame => {
+                self.dst[self.start..self.start + super::LEN_BYTES]
+                    .copy_from_slice(&n.to_be_bytes());
+                true
+            }
+            _ => self.abandon(),
         }
     }
 }
@@ -206,17 +302,21 @@ impl<'a> Reader<'a> {
         self.bool()
     }
 
+    fn mode(&mut self) -> Option<Mode> {
+        match self.varint_u32()? {
+            0 => Some(Mode::Exclusive),
+            1 => Some(Mode::Shared),
+            _ => None,
+        }
+    }
+
     /// The fields of [`Acquire`], in declaration order.
     fn acquire(&mut self) -> Option<Acquire> {
         let key = Key {
             namespace: self.string()?,
             name: self.string()?,
         };
-        let mode = match self.varint_u32()? {
-            0 => Mode::Exclusive,
-            1 => Mode::Shared,
-            _ => return None,
-        };
+        let mode = self.mode()?;
         let wait = match self.varint_u32()? {
             0 => Wait::No,
             1 => Wait::Millis(self.varint()?),

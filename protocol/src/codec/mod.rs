@@ -250,6 +250,9 @@ impl<In> FrameCodec<In, ClientMessage> {
         op: &Op,
         dst: &mut BytesMut,
     ) -> Result<(), CodecError> {
+        if fast::encode_request(id, op, dst, self.max_frame) {
+            return Ok(());
+        }
         encode_frame(
             &ClientMessageRef::Request(RequestRef { id, op }),
             dst,

@@ -547,3 +547,43 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_client_side_fast_paths_write_and_read_bincodes_bytes(
+        request in hot_requests(),
+        answer in hot_answers(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        // Encoding a request: the same frame as bincode's.
+        let mut fast = BytesMut::new();
+        let mut slow = BytesMut::new();
+        let wrote = request.fast_encode(&mut fast, DEFAULT_MAX_FRAME);
+        encode_frame(&request, &mut slow, DEFAULT_MAX_FRAME).unwrap();
+        prop_assert!(wrote);
+        prop_assert_eq!(&fast[..], &slow[..]);
+        if let ClientMessage::Request(Request { id, op }) = &request {
+            let mut by_ref = BytesMut::new();
+            ClientCodec::default().encode_request(*id, op, &mut by_ref).unwrap();
+            prop_assert_eq!(&by_ref[..], &slow[..]);
+        }
+        // Decoding an answer: bincode's reading, also of damaged bytes.
+        let mut payload = BytesMut::new();
+        encode_frame(&answer, &mut payload, DEFAULT_MAX_FRAME).unwrap();
+        let mut payload = payload[LEN_BYTES..].to_vec();
+        if matches!(answer, ServerMessage::Response(Response { result: Ok(Reply::Granted(_) | Reply::Released), .. })) {
+            prop_assert_eq!(ServerMessage::fast_decode(&payload), Some(answer.clone()));
+        }
+        for (at, byte) in edits {
+            let i = at.index(payload.len());
+            payload[i] = byte;
+        }
+        if let Some(fast) = ServerMessage::fast_decode(&payload) {
+            let slow: ServerMessage = decode_payload(&payload)
+                .map_err(|e| TestCaseError::fail(format!("fast path accepted what bincode refuses: {e}")))?;
+            prop_assert_eq!(fast, slow);
+        }
+    }
+}
