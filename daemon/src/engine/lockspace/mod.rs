@@ -10,8 +10,6 @@
 //! - counters live inside the shards and are updated under the shard lock the operation takes
 //!   anyway: statistics add no shared atomic to the hot path.
 
-use std::borrow::Cow;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,9 +21,14 @@ use crate::clock;
 use crate::fence::Fences;
 use crate::peer::{Owner, Push};
 use crate::stats::ShardStats;
-use crate::table::{Acquired, At, Delay, Entry, Granted, Holder, KeyHasher, Table, Want};
+use crate::table::{Acquired, At, Delay, Entry, Holder, KeyHasher, Table, Want};
 
+mod shard;
+mod stored;
 mod view;
+
+use shard::{notify, Shard};
+pub use stored::{HoldMeta, Stored};
 
 use view::conflict_message;
 
@@ -39,69 +42,6 @@ pub const SHARDS: usize = 64;
 /// are refused, and a longer one recovered from storage is cut to it.
 pub const MAX_LOCK_DELAY_MS: u64 = u32::MAX as u64;
 
-/// What a hold carries besides what the table tracks, as an acquire gives it. Never shown with
-/// its ticket.
-#[derive(Debug, Clone)]
-pub struct HoldMeta {
-    /// Opaque bytes shown by describe.
-    pub data: Vec<u8>,
-    /// The hold's ticket, so administrative actions can end its lease too.
-    pub ticket: Ticket,
-    /// Lease end (wall-clock ms), shared with the lease registry so renewals show.
-    pub expires_at_ms: Option<Arc<AtomicU64>>,
-    /// A long-hold warning was logged for it.
-    pub warned: bool,
-}
-
-/// What the table keeps of a [`HoldMeta`]: nothing (a null pointer) for a session hold with
-/// no lease and no data, the common case; the rest in one block otherwise.
-#[derive(Debug, Clone, Default)]
-pub struct Stored(Option<Box<Extra>>);
-
-#[derive(Debug, Clone)]
-struct Extra {
-    /// Kept for leased holds only: only they have a lease to end with the hold.
-    ticket: Option<Ticket>,
-    /// The acquire that was granted (a detached grant its connection never learned of is
-    /// found by it).
-    request: RequestId,
-    data: Box<[u8]>,
-    expires_at_ms: Option<Arc<AtomicU64>>,
-}
-
-impl Stored {
-    fn new(meta: HoldMeta, request: RequestId) -> Stored {
-        let leased = meta.expires_at_ms.is_some();
-        if !leased && meta.data.is_empty() {
-            return Stored(None);
-        }
-        Stored(Some(Box::new(Extra {
-            ticket: leased.then_some(meta.ticket),
-            request,
-            data: meta.data.into_boxed_slice(),
-            expires_at_ms: meta.expires_at_ms,
-        })))
-    }
-
-    /// The hold's ticket, if it has a lease.
-    pub fn ticket(&self) -> Option<Ticket> {
-        self.0.as_ref().and_then(|e| e.ticket)
-    }
-
-    /// The granted acquire's id (leased holds and holds with data only).
-    pub fn request(&self) -> Option<RequestId> {
-        self.0.as_ref().map(|e| e.request)
-    }
-
-    pub fn data(&self) -> &[u8] {
-        self.0.as_ref().map_or(&[], |e| &e.data)
-    }
-
-    pub fn expires_at_ms(&self) -> Option<&Arc<AtomicU64>> {
-        self.0.as_ref().and_then(|e| e.expires_at_ms.as_ref())
-    }
-}
-
 /// A lock-delay in the table's width (see [`MAX_LOCK_DELAY_MS`]).
 fn delay_ms(ms: u64) -> u32 {
     u32::try_from(ms).unwrap_or(u32::MAX)
@@ -112,13 +52,6 @@ fn delay_ms(ms: u64) -> u32 {
 pub enum Ended {
     Released,
     Expired,
-}
-
-struct Shard {
-    table: Table<Owner, Stored>,
-    /// Connections watching each key (kept even while the key has no holders or waiters).
-    watches: HashMap<Key, Vec<Owner>>,
-    stats: ShardStats,
 }
 
 /// How an acquire wants its hold.
@@ -563,80 +496,6 @@ impl LockSpace {
     pub fn inspect<R>(&self, key: &Key, f: impl FnOnce(Option<&Entry<Owner, Stored>>) -> R) -> R {
         let k = self.hasher.hashed(key);
         f(self.shard(k.hash).table.get(k))
-    }
-}
-
-impl Shard {
-    /// Watchers of `key`; skips hashing when nobody in this shard watches anything (the hot
-    /// path).
-    fn watchers(&self, key: &Key) -> Option<&Vec<Owner>> {
-        if self.watches.is_empty() {
-            None
-        } else {
-            self.watches.get(key)
-        }
-    }
-
-    /// The key of the entry `at` finds, if anybody in this shard watches anything (events
-    /// need it then): `key` when the caller has it, else the table's copy.
-    fn watched_key<'k>(&self, key: Option<&'k Key>, at: At<'_>) -> Option<Cow<'k, Key>> {
-        if self.watches.is_empty() {
-            return None;
-        }
-        match key {
-            Some(key) => Some(Cow::Borrowed(key)),
-            None => self.table.key_at(at).map(Cow::Owned),
-        }
-    }
-
-    /// Queues the watch event for a hold that ended (`key`: see [`Shard::watched_key`]).
-    fn ended(&mut self, key: Option<&Key>, change: Change, out: &mut Outbox) {
-        if let Some((key, watchers)) = key.and_then(|k| Some((k, self.watchers(k)?))) {
-            notify(out, watchers, key, change);
-        }
-    }
-
-    /// Queues the pushes for holds granted from the queue, with their watch events (`key`:
-    /// see [`Shard::watched_key`]).
-    fn granted(
-        &mut self,
-        key: Option<&Key>,
-        granted: Vec<Granted<Owner>>,
-        now: u64,
-        out: &mut Outbox,
-    ) {
-        for g in granted {
-            self.stats.grants += 1;
-            self.stats.wait_ms.observe(now.saturating_sub(g.since));
-            if let Some((key, watchers)) = key.and_then(|k| Some((k, self.watchers(k)?))) {
-                let change = Change::Granted {
-                    fence: g.fence,
-                    mode: g.mode,
-                    owner: owner_info(&g.owner),
-                };
-                notify(out, watchers, key, change);
-            }
-            out.0.push((
-                g.owner,
-                Push::Granted {
-                    request: g.request,
-                    fence: g.fence,
-                    mode: g.mode,
-                },
-            ));
-        }
-    }
-}
-
-fn notify(out: &mut Outbox, watchers: &[Owner], key: &Key, change: Change) {
-    for w in watchers {
-        out.0.push((
-            w.clone(),
-            Push::Watch {
-                key: key.clone(),
-                change: change.clone(),
-            },
-        ));
     }
 }
 
