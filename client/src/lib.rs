@@ -18,13 +18,15 @@
 //! share it, and a waiting acquire never delays other requests. Every hold ends when the
 //! connection closes, so a crashed program never leaves a lock behind.
 
+mod acquire;
 mod client;
 mod connection;
 mod election;
 mod error;
 mod guard;
 
-pub use client::{AcquireBuilder, Client, ConnectOptions, DetachedLease, Watch};
+pub use acquire::{AcquireBuilder, DetachedLease};
+pub use client::{Client, ConnectOptions, Watch};
 pub use election::{Election, Leader, Leadership, Observer};
 pub use error::Error;
 pub use guard::{LockGuard, Lost};
