@@ -30,6 +30,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::codec::{Decoder, Encoder};
 
+#[path = "doc_examples/encoding.rs"]
+mod encoding;
 #[path = "doc_examples/tables.rs"]
 mod tables;
 
