@@ -39,8 +39,12 @@ pub fn for_error(err: &Error, not_acquired: u8) -> u8 {
     }
 }
 
-/// Prints `err` for the user and returns its exit code (conflict and timeout: 1).
+/// Prints `err` for the user (escaped: daemon messages quote peer-supplied names) and returns
+/// its exit code (conflict and timeout: 1).
 pub fn report(err: &Error) -> u8 {
-    eprintln!("lockctl: {err}");
+    eprintln!(
+        "lockctl: {}",
+        lockd_protocol::display::escape(&err.to_string())
+    );
     for_error(err, NOT_ACQUIRED)
 }
