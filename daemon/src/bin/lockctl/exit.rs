@@ -20,7 +20,7 @@ pub const PERMISSION: u8 = 77;
 /// The exit code for `err`; `not_acquired` is the code for conflict/timeout (`-E`).
 pub fn for_error(err: &Error, not_acquired: u8) -> u8 {
     match err {
-        Error::Connect { .. } | Error::Disconnected => UNAVAILABLE,
+        Error::Connect { .. } | Error::Disconnected | Error::Untrusted(_) => UNAVAILABLE,
         Error::InvalidKey(_) => USAGE,
         Error::Protocol(_) => INTERNAL,
         Error::Lock(e) | Error::Rejected(e) => match e.code {
