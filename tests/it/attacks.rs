@@ -99,7 +99,8 @@ struct ForeignDaemon {
 
 impl ForeignDaemon {
     /// Starts a copy of lockd as `uid` (its primary group the same number), listening on
-    /// `socket` (whose directory `uid` owns), with its state in `state` (created for `uid`).
+    /// `socket` (whose directory `uid` owns) for everyone (mode 666), with its state in
+    /// `state` (created for `uid`).
     async fn start(uid: u32, socket: &Path, state: &Path, bin_dir: &Path) -> ForeignDaemon {
         let bin = bin_dir.join("lockd");
         if !bin.exists() {
@@ -115,6 +116,8 @@ impl ForeignDaemon {
             .arg(socket)
             .arg("--data-dir")
             .arg(state.join("data"))
+            // An impostor wants every user to find it.
+            .args(["--socket-mode", "666"])
             .env("RUST_LOG", "lockd=debug,info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
