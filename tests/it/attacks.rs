@@ -102,30 +102,20 @@ impl ForeignDaemon {
     /// `socket` (whose directory `uid` owns) for everyone (mode 666), with its state in
     /// `state` (created for `uid`).
     async fn start(uid: u32, socket: &Path, state: &Path, bin_dir: &Path) -> ForeignDaemon {
-        let bin = bin_dir.join("lockd");
-        if !bin.exists() {
-            std::fs::copy(crate::LOCKD, &bin).unwrap();
-            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
         std::fs::create_dir_all(state).unwrap();
         std::os::unix::fs::chown(state, Some(uid), Some(uid)).unwrap();
         let log = state.join("lockd.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(&bin)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--data-dir")
-            .arg(state.join("data"))
+        let data = state.join("data");
+        let args = [
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
             // An impostor wants every user to find it.
-            .args(["--socket-mode", "666"])
-            .env("RUST_LOG", "lockd=debug,info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .uid(uid)
-            .gid(uid)
-            .spawn()
-            .unwrap();
+            "--socket-mode".as_ref(),
+            "666".as_ref(),
+        ];
+        let child = lockd_as(uid, bin_dir, &args, &log);
         let mut d = ForeignDaemon {
             child,
             socket: socket.to_owned(),
@@ -150,6 +140,38 @@ impl ForeignDaemon {
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Spawns a copy of lockd (placed in `bin_dir`) as `uid` with `args`, its output to `log`,
+/// without the environment variables that choose its default paths.
+fn lockd_as(uid: u32, bin_dir: &Path, args: &[&std::ffi::OsStr], log: &Path) -> Child {
+    let bin = bin_dir.join("lockd");
+    if !bin.exists() {
+        std::fs::copy(crate::LOCKD, &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let file = std::fs::File::create(log).unwrap();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(args)
+        .env("RUST_LOG", "lockd=debug,info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .uid(uid)
+        .gid(uid);
+    for var in [
+        "HOME",
+        "XDG_STATE_HOME",
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+        "XDG_RUNTIME_DIR",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "NOTIFY_SOCKET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.spawn().unwrap()
 }
 
 impl Drop for ForeignDaemon {
@@ -312,4 +334,84 @@ async fn issue_12_a_daemon_of_another_uid_is_refused_and_ones_own_accepted() {
         .ping()
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn issue_12_the_tmp_data_dir_fallback_is_created_private_and_refused_if_anothers() {
+    if !root_with_setpriv() {
+        return;
+    }
+    // A daemon of uid OWNER with no $HOME nor state directory keeps its state in
+    // /tmp/lockd-OWNER/state.
+    const OWNER: u32 = 4244;
+    let base = PathBuf::from(format!("/tmp/lockd-{OWNER}"));
+    let _ = std::fs::remove_dir_all(&base);
+    let _cleanup = RemoveOnDrop(base.clone());
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock_dir = work.path().join("run");
+    dir_for(&sock_dir, OWNER, 0o700);
+    let socket = sock_dir.join("lockd.sock");
+    let args = ["--socket".as_ref(), socket.as_os_str()];
+    let log = work.path().join("lockd.log");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Nothing there: both directories are created 0700 and the daemon serves.
+    let mut child = lockd_as(OWNER, work.path(), &args, &log);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "lockd exited: {}",
+            log_text()
+        );
+        assert!(Instant::now() < deadline, "lockd not ready: {}", log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for dir in [base.clone(), base.join("state")] {
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o7777),
+            (OWNER, 0o700),
+            "{}",
+            dir.display()
+        );
+    }
+
+    // Made first by another user (writable for the victim, with state the attacker chose):
+    // refused with a clear message, before anything is read from it.
+    std::fs::remove_dir_all(&base).unwrap();
+    dir_for(&base, OTHER, 0o777);
+    dir_for(&base.join("state"), OTHER, 0o777);
+    let _ = std::fs::remove_file(&socket);
+    let mut child = lockd_as(OWNER, work.path(), &args, &log);
+    let status = lockd_tests::wait_child(&mut child, PROMPT).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("lockd used another user's state directory: {}", log_text())
+    });
+    let out = log_text();
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains(&format!("refusing {}", base.display()))
+            && out.contains(&format!("belongs to uid {OTHER}")),
+        "{out}"
+    );
+
+    // Its own, but writable by others: refused too.
+    std::os::unix::fs::chown(&base, Some(OWNER), Some(OWNER)).unwrap();
+    let mut child = lockd_as(OWNER, work.path(), &args, &log);
+    let status = lockd_tests::wait_child(&mut child, PROMPT).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "lockd used a world-writable state directory: {}",
+            log_text()
+        )
+    });
+    let out = log_text();
+    assert!(!status.success() && out.contains("chmod go-w"), "{out}");
 }
