@@ -5,10 +5,12 @@
 
 mod admin;
 mod bench;
+mod blocking;
 mod client;
 mod counter;
 mod crash;
 mod durability;
+mod examples;
 mod fences;
 mod flock;
 mod fuzz;
