@@ -98,6 +98,13 @@ impl Drop for Inner {
 impl Client {
     /// Connects to the daemon at `path`.
     ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), lockd_client::Error> {
+    /// let client = lockd_client::Client::connect("/run/lockd/lockd.sock").await?;
+    /// client.ping().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// [`Error::Connect`] if nothing listens there; [`Error::Rejected`] on a version mismatch.
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, Error> {
@@ -313,6 +320,16 @@ impl Client {
 
     /// A stream of every change on `key` from now on (granted, released, expired, forced,
     /// disconnected). Dropping the stream stops the watch.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+    /// let key = lockd_client::Key::in_default("nightly-backup")?;
+    /// let mut watch = client.watch(&key).await?;
+    /// while let Some(change) = watch.next().await {
+    ///     println!("{} fence={}", change.kind(), change.fence());
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// `PermissionDenied` if the namespace is not yours.
