@@ -119,6 +119,11 @@ impl Leadership {
         self.guard.fence()
     }
 
+    /// True once leadership has been lost without resigning (never blocks).
+    pub fn is_lost(&self) -> bool {
+        self.guard.is_lost()
+    }
+
     /// Resolves when leadership is lost without resigning (lease expired, force-released,
     /// daemon gone): stop acting as leader at once.
     pub async fn lost(&self) -> Lost {

@@ -168,3 +168,52 @@ fn blocking_watch_and_detached_lease() {
         }
     });
 }
+
+#[test]
+fn blocking_election_hands_leadership_on_and_observers_follow() {
+    use lockd_client::blocking::Election;
+
+    let d = start_daemon();
+    let socket = d.socket.clone();
+    bounded(PROMPT * 3, move || {
+        let a = Client::connect(&socket).expect("connect a");
+        let b = Client::connect(&socket).expect("connect b");
+        let watcher = Client::connect(&socket).expect("connect watcher");
+        let on = |c: &Client| Election::new(c, "default", "leader").expect("valid key");
+        let mut observer = on(&watcher).observe().expect("observe");
+        assert_eq!(
+            observer
+                .next_timeout(PROMPT)
+                .expect("first report")
+                .unwrap(),
+            None
+        );
+
+        let first = on(&a).campaign("a", None).expect("a leads");
+        let leader = observer.next_timeout(PROMPT).expect("a report").unwrap();
+        assert_eq!(
+            leader.map(|l| (l.identity, l.fence)),
+            Some((b"a".to_vec(), first.fence()))
+        );
+
+        // b waits in line on its own thread while a leads.
+        let waiting = std::thread::spawn(move || on(&b).campaign("b", None).map(|l| (b, l)));
+        assert!(!first.is_lost());
+        assert_eq!(first.wait_lost(Duration::from_millis(50)), None);
+        first.resign().expect("a resigns");
+        let (_b, second) = waiting.join().expect("b's thread").expect("b leads");
+        let mut seen = None;
+        while seen
+            .as_ref()
+            .map(|l: &lockd_client::Leader| l.identity.clone())
+            != Some(b"b".to_vec())
+        {
+            seen = observer
+                .next_timeout(PROMPT)
+                .expect("a report within the bound")
+                .expect("describe");
+        }
+        assert_eq!(seen.map(|l| l.fence), Some(second.fence()));
+        assert!(second.fence() > 0);
+    });
+}

@@ -19,7 +19,8 @@
 //!
 //! The guarantees are the async client's: one [`Client`] is one connection, every hold ends
 //! when it closes, a [`LockGuard`] releases its hold when dropped, and a lost hold is reported
-//! ([`LockGuard::is_lost`], [`LockGuard::wait_lost`]).
+//! ([`LockGuard::is_lost`], [`LockGuard::wait_lost`]). [`Election`] is leader election, the
+//! same way.
 //!
 //! Each connection runs a private current-thread tokio runtime on a background thread
 //! (`lockd-client`), which reads the socket, delivers lost-hold signals and renews leases while
@@ -43,8 +44,10 @@ use crate::{
     ConnectOptions, Description, Error, Key, KeySummary, Limits, ListPage, ListQuery, Stats, Ticket,
 };
 
+mod election;
 mod guard;
 
+pub use election::{Election, Leadership, Observer};
 pub use guard::{AcquireBuilder, LockGuard, Watch};
 
 /// A connection to lockd with blocking calls. Cheap to clone; clones share the connection.
