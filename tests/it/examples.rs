@@ -1,5 +1,9 @@
 //! The client crate's examples (`client/examples/`), built by cargo and run against a test
 //! daemon as a user runs them, so that they cannot rot.
+//!
+//! The examples are not binaries of this package, so Cargo sets no `CARGO_BIN_EXE_*` for them:
+//! the first test to need one runs `cargo build -p lockd-client --examples` (the cargo running
+//! these tests, same target directory, bounded) and takes each path from its JSON messages.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
