@@ -76,7 +76,11 @@ impl Client {
     /// # Errors
     /// As [`Client::connect`].
     pub fn connect_default() -> Result<Client, Error> {
-        Client::connect(lockd_protocol::paths::client_socket_path())
+        // The async client resolves the path (and checks it) as it always does.
+        Client::start(
+            Path::new("the default socket"),
+            crate::Client::connect_default(),
+        )
     }
 
     /// Connects with explicit options.
@@ -85,12 +89,21 @@ impl Client {
     /// As [`Client::connect`].
     pub fn connect_with(path: impl AsRef<Path>, options: ConnectOptions) -> Result<Client, Error> {
         let path = path.as_ref();
+        Client::start(path, crate::Client::connect_with(path, options))
+    }
+
+    /// Starts the connection's runtime and runs `connect` on it; `path` names the socket in
+    /// the error if the runtime cannot start.
+    fn start(
+        path: &Path,
+        connect: impl Future<Output = Result<crate::Client, Error>>,
+    ) -> Result<Client, Error> {
         let rt = Runtime::start().map_err(|source| Error::Connect {
             path: PathBuf::from(path),
             source,
         })?;
         let rt = Arc::new(rt);
-        let inner = rt.block_on(crate::Client::connect_with(path, options))?;
+        let inner = rt.block_on(connect)?;
         Ok(Client { inner, rt })
     }
 
