@@ -3,7 +3,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use lockd_protocol::{Acquire, Key, Mode, Op, Reply, Ticket, Wait};
 
@@ -39,17 +39,25 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A detached lease: it outlives the connection and ends when released by ticket or when its
-/// time runs out without a renewal. Nothing renews or releases it automatically.
+/// A detached lease: it outlives the connection and ends when released by ticket
+/// ([`Client::release`]) or when its time runs out without a renewal ([`Client::renew`]).
+/// Nothing renews or releases it automatically.
+///
+/// Any connection of the same uid, in any process, may renew or release it with its ticket.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DetachedLease {
+    /// The leased key.
     pub key: Key,
-    /// The capability to renew and release it: a secret; [`Ticket::to_text`] for scripts.
+    /// The capability to renew and release it: a secret (its `Debug` is redacted); hand it on
+    /// only through a private channel. [`Ticket::to_text`] for scripts.
     pub ticket: Ticket,
+    /// The fencing token of the hold.
     pub fence: u64,
+    /// The mode granted.
     pub mode: Mode,
-    /// Milliseconds since the Unix epoch.
-    pub expires_at_ms: u64,
+    /// When the lease ends unless renewed (wall clock).
+    pub expires_at: SystemTime,
 }
 
 impl AcquireBuilder {
@@ -71,19 +79,21 @@ impl AcquireBuilder {
         self
     }
 
+    /// Ask for `mode` (same as [`AcquireBuilder::shared`] or [`AcquireBuilder::exclusive`]).
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
     }
 
-    /// Wait in the key's FIFO queue for at most `d` (zero means do not wait).
+    /// Wait in the key's FIFO queue for at most `d` (zero means do not wait), measured by the
+    /// daemon from when it receives the request; then fail with `Timeout`.
     pub fn wait(mut self, d: Duration) -> Self {
         let ms = duration_ms(d);
         self.wait = if ms == 0 { Wait::No } else { Wait::Millis(ms) };
         self
     }
 
-    /// Wait until granted.
+    /// Wait until granted (or until the future is dropped, which withdraws the request).
     pub fn wait_forever(mut self) -> Self {
         self.wait = Wait::Forever;
         self
@@ -119,7 +129,21 @@ impl AcquireBuilder {
         self
     }
 
-    /// Takes a detached lease instead of a guard (requires [`AcquireBuilder::lease`]).
+    /// Takes a detached lease instead of a guard (requires [`AcquireBuilder::lease`]). When
+    /// this returns, the lease is stored: it survives this connection and a daemon restart.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+    /// use std::time::Duration;
+    /// let lease = client
+    ///     .acquire("deploy")
+    ///     .lease(Duration::from_secs(600))
+    ///     .detached()
+    ///     .await?;
+    /// // Hand `lease.ticket.to_text()` to the process that finishes the work (privately).
+    /// client.release(&lease.ticket).await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As for the guard; also `Unavailable` if the lease could not be stored.
@@ -138,7 +162,8 @@ impl AcquireBuilder {
             ticket: grant.ticket,
             fence: grant.fence,
             mode: grant.mode,
-            expires_at_ms: grant.expires_at_ms.unwrap_or(0),
+            // A detached grant always carries its lease's end; the epoch if a daemon forgot it.
+            expires_at: grant.expires_at().unwrap_or(std::time::UNIX_EPOCH),
         })
     }
 

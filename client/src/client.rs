@@ -1,16 +1,16 @@
-//! [`Client`]: one multiplexed connection to lockd, and the acquire builder.
+//! [`Client`]: one multiplexed connection to lockd, and [`ConnectOptions`].
 
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use lockd_protocol::{
-    Change, ClientCodec, ClientMessage, Description, Hello, Key, KeySummary, Limits, ListPage,
-    ListQuery, Mode, Op, Reply, ServerMessage, Stats, Ticket, Wait, DEFAULT_NAMESPACE,
-    PROTOCOL_VERSION,
+    system_time_from_ms, Change, ClientCodec, ClientMessage, Description, Hello, Key, KeySummary,
+    Limits, ListPage, ListQuery, Mode, Op, Reply, ServerMessage, Stats, Ticket, Wait,
+    DEFAULT_NAMESPACE, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -22,13 +22,37 @@ use crate::connection::{Answer, Conn};
 use crate::guard::LockGuard;
 use crate::Error;
 
-/// How to connect.
+/// How to connect: build from [`ConnectOptions::default`] and the setters.
+///
+/// ```
+/// use std::time::Duration;
+/// let options = lockd_client::ConnectOptions::default()
+///     .client_name("backup-job")
+///     .timeout(Duration::from_secs(3));
+/// assert_eq!(options.client_name, "backup-job");
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConnectOptions {
-    /// Shown by describe next to this connection's holds. Defaults to the program's name.
+    /// Shown by describe next to this connection's holds (at most 256 bytes). Defaults to the
+    /// program's name.
     pub client_name: String,
-    /// Bound on connecting plus the handshake.
+    /// Bound on connecting plus the handshake. Defaults to 10 s.
     pub timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Sets the name describe shows next to this connection's holds.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+
+    /// Sets the bound on connecting plus the handshake.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
 }
 
 impl Default for ConnectOptions {
@@ -73,6 +97,13 @@ impl Drop for Inner {
 
 impl Client {
     /// Connects to the daemon at `path`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), lockd_client::Error> {
+    /// let client = lockd_client::Client::connect("/run/lockd/lockd.sock").await?;
+    /// client.ping().await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`Error::Connect`] if nothing listens there; [`Error::Rejected`] on a version mismatch.
@@ -121,7 +152,7 @@ impl Client {
         })
     }
 
-    /// Limits the daemon announced.
+    /// Limits the daemon announced in the handshake.
     pub fn limits(&self) -> Limits {
         self.inner.limits
     }
@@ -131,7 +162,20 @@ impl Client {
         &self.inner.server_version
     }
 
-    /// Starts building an acquire of `name` (namespace `default`, exclusive, no wait).
+    /// Starts building an acquire of `name` (namespace `default`, exclusive, no wait); see
+    /// [`AcquireBuilder`] for the options, and `.await` it.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+    /// use std::time::Duration;
+    /// let guard = client
+    ///     .acquire("reports")
+    ///     .namespace("default")
+    ///     .shared()
+    ///     .wait(Duration::from_secs(5))
+    ///     .await?;
+    /// # drop(guard); Ok(()) }
+    /// ```
     pub fn acquire(&self, name: impl Into<String>) -> AcquireBuilder {
         AcquireBuilder {
             client: self.clone(),
@@ -147,19 +191,23 @@ impl Client {
     }
 
     /// Extends the lease with `ticket` to `lease` from now (default: its original length), from
-    /// any connection of the acquirer's uid. Returns the new end, in milliseconds since the Unix
-    /// epoch.
+    /// any connection of the acquirer's uid. Returns the lease's new end (wall clock). For a
+    /// detached lease, the renewal is stored when this returns.
     ///
     /// # Errors
     /// [`Error::Lock`] with `NotHolder` if the lease has ended; `Unavailable` if the renewal of
     /// a detached lease could not be stored.
-    pub async fn renew(&self, ticket: &Ticket, lease: Option<Duration>) -> Result<u64, Error> {
+    pub async fn renew(
+        &self,
+        ticket: &Ticket,
+        lease: Option<Duration>,
+    ) -> Result<SystemTime, Error> {
         let op = Op::Renew {
             ticket: *ticket,
             lease_ms: lease.map(duration_ms),
         };
         match self.call(&op).await?.reply {
-            Reply::Renewed { expires_at_ms } => Ok(expires_at_ms),
+            Reply::Renewed { expires_at_ms } => Ok(system_time_from_ms(expires_at_ms)),
             other => Err(Error::Protocol(format!("expected Renewed, got {other:?}"))),
         }
     }
@@ -272,6 +320,16 @@ impl Client {
 
     /// A stream of every change on `key` from now on (granted, released, expired, forced,
     /// disconnected). Dropping the stream stops the watch.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+    /// let key = lockd_client::Key::in_default("nightly-backup")?;
+    /// let mut watch = client.watch(&key).await?;
+    /// while let Some(change) = watch.next().await {
+    ///     println!("{} fence={}", change.kind(), change.fence());
+    /// }
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// `PermissionDenied` if the namespace is not yours.

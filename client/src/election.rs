@@ -10,16 +10,29 @@ use crate::{Client, Error, LockGuard, Lost, Watch};
 
 /// The leader of an election, as observers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Leader {
     /// What the leader passed to [`Election::campaign`].
     pub identity: Vec<u8>,
     /// Its fencing token: pass it to whatever the leader writes to.
     pub fence: u64,
+    /// The leader's process id, when the daemon knows it.
     pub pid: Option<i32>,
+    /// The leader's user id.
     pub uid: u32,
 }
 
 /// One election: a lock key whose exclusive holder is the leader.
+///
+/// ```no_run
+/// # async fn demo(client: lockd_client::Client) -> Result<(), lockd_client::Error> {
+/// use std::time::Duration;
+/// let election = lockd_client::Election::new(&client, "default", "scheduler")?;
+/// let leadership = election.campaign("host-a:8080", Some(Duration::from_secs(30))).await?;
+/// // Lead: pass leadership.fence() to whatever the leader writes to ...
+/// leadership.resign().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Election {
     client: Client,
@@ -101,8 +114,14 @@ pub struct Leadership {
 }
 
 impl Leadership {
+    /// The fencing token of this term: pass it to whatever the leader writes to.
     pub fn fence(&self) -> u64 {
         self.guard.fence()
+    }
+
+    /// True once leadership has been lost without resigning (never blocks).
+    pub fn is_lost(&self) -> bool {
+        self.guard.is_lost()
     }
 
     /// Resolves when leadership is lost without resigning (lease expired, force-released,

@@ -5,12 +5,18 @@ use std::path::PathBuf;
 use lockd_protocol::{ErrorCode, KeyError, WireError};
 
 /// Everything a client call can fail with.
+///
+/// New variants may be added in a minor release: match with a wildcard arm, or use the
+/// predicates ([`Error::code`], [`Error::is_conflict`], ...).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The socket could not be reached.
     #[error("cannot connect to lockd at {}: {source}; is lockd running there? (pass the socket path or set LOCKD_SOCKET)", path.display())]
     Connect {
+        /// The socket path tried.
         path: PathBuf,
+        /// Why it failed.
         source: std::io::Error,
     },
     /// The daemon refused the handshake (e.g. a protocol version mismatch).

@@ -9,7 +9,10 @@ use crate::connection::HoldState;
 use crate::{Client, Error};
 
 /// Why a hold ended without being released.
+///
+/// New reasons may be added in a minor release: match with a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Lost {
     /// Its lease ran out.
     Expired,
@@ -37,6 +40,10 @@ impl std::fmt::Display for Lost {
 
 /// A granted hold. While it lives (and [`LockGuard::lost`] has not resolved) the holder may use
 /// the protected resource, passing [`LockGuard::fence`] along so stale holders can be refused.
+///
+/// Dropping the guard releases the hold in the background (the release is sent without
+/// waiting for its answer); [`LockGuard::release`] waits for the daemon's confirmation. A
+/// leased hold is renewed in the background while the guard lives.
 #[derive(Debug)]
 pub struct LockGuard {
     client: Client,
@@ -79,10 +86,12 @@ impl LockGuard {
         self.fence
     }
 
+    /// The held key.
     pub fn key(&self) -> &Key {
         &self.key
     }
 
+    /// The mode granted.
     pub fn mode(&self) -> Mode {
         self.mode
     }

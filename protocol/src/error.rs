@@ -2,9 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Every failure the daemon reports on the wire. The set is closed: clients may match on it
-/// exhaustively, and a new code is a protocol version bump.
+/// Every failure the daemon reports on the wire.
+///
+/// A new code comes only with a protocol version bump (an old peer never receives one), but
+/// this crate may add codes in a minor release: match with a wildcard arm.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// The lock is held in a conflicting mode and the request did not wait.
     Conflict,
@@ -59,11 +62,14 @@ impl std::fmt::Display for ErrorCode {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct WireError {
+    /// What went wrong, to match on.
     pub code: ErrorCode,
+    /// What went wrong, for humans (may name keys and owners: peer-supplied text).
     pub message: String,
 }
 
 impl WireError {
+    /// An error with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         WireError {
             code,

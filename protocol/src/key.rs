@@ -11,18 +11,26 @@ pub const MAX_NAME_LEN: usize = 256;
 
 /// Why a namespace or name was refused. Nothing is ever truncated or normalised.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
+    /// The namespace is empty, too long, or has a character outside `[a-z0-9._-]`.
     #[error("namespace must be 1 to {MAX_NAMESPACE_LEN} bytes of [a-z0-9._-], got {0:?}")]
     BadNamespace(String),
+    /// The name is empty, too long, or has a control character.
     #[error("lock name must be 1 to {MAX_NAME_LEN} bytes of UTF-8 without control characters, got {len} bytes")]
-    BadName { len: usize },
+    BadName {
+        /// The refused name's length in bytes.
+        len: usize,
+    },
 }
 
 /// A lock's identity. Decoding does not validate; call [`Key::validate`] (the daemon does on
 /// every request) or build one with [`Key::new`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
+    /// The namespace (1–64 bytes of `[a-z0-9._-]`); who may use a key is decided per namespace.
     pub namespace: String,
+    /// The lock's name within its namespace.
     pub name: String,
 }
 

@@ -14,6 +14,8 @@
 //! layout of [`Hello`], [`Welcome`] and [`WireError`] never change, so a version mismatch can
 //! always be reported.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod display;
 pub mod error;

@@ -338,10 +338,7 @@ async fn flock_forms_without_an_equivalent_are_refused_with_what_to_use() {
 #[tokio::test]
 async fn verbose_names_the_holder_and_the_time_waited() {
     let d = daemon().await;
-    let options = ConnectOptions {
-        client_name: "the-holder".into(),
-        ..ConnectOptions::default()
-    };
+    let options = ConnectOptions::default().client_name("the-holder");
     let holder = Client::connect_with(&d.socket, options).await.unwrap();
     let guard = holder.lock("vb").await.unwrap();
 

@@ -6,10 +6,12 @@
 mod admin;
 mod attacks;
 mod bench;
+mod blocking;
 mod client;
 mod counter;
 mod crash;
 mod durability;
+mod examples;
 mod fences;
 mod flock;
 mod fuzz;
@@ -60,7 +62,15 @@ pub fn lockctl_for_others(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let copy = dir.join("lockctl");
     if !copy.exists() {
-        std::fs::copy(LOCKCTL, &copy).expect("copy lockctl");
+        // Copied by `cp`, not by this process: a child that another test forks while the copy
+        // is open for writing would inherit that descriptor until its exec, and executing the
+        // copy meanwhile fails with ETXTBSY ("Text file busy"). Only `cp` ever holds it.
+        let status = std::process::Command::new("cp")
+            .arg(LOCKCTL)
+            .arg(&copy)
+            .status()
+            .expect("run cp");
+        assert!(status.success(), "cp lockctl: {status}");
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     copy

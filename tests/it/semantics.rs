@@ -22,10 +22,7 @@ fn key(name: &str) -> Key {
 
 /// A client connection whose handshake name is `name` (describe and deadlock messages show it).
 async fn named(d: &TestDaemon, name: &str) -> Client {
-    let options = ConnectOptions {
-        client_name: name.into(),
-        ..ConnectOptions::default()
-    };
+    let options = ConnectOptions::default().client_name(name);
     Client::connect_with(&d.socket, options)
         .await
         .unwrap_or_else(|e| panic!("connect: {e}; log:\n{}", d.log_tail()))

@@ -177,6 +177,9 @@ impl Task {
             w.wr = None;
             w.out.clear();
         }
+        // Closed before anyone is told: whoever learns of the end (a lost hold, a failed
+        // call, an ended watch) finds `is_closed()` true.
+        self.conn.closed.cancel();
         drop(watches); // the watch streams end
         for (_, hold) in holds {
             hold.lose(why);
@@ -185,7 +188,6 @@ impl Task {
             let _ = call.reply.send(Err(Error::Disconnected));
         }
         self.conn.drained.notify_waiters();
-        self.conn.closed.cancel();
     }
 }
 

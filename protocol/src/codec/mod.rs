@@ -41,13 +41,23 @@ fn config<const LIMIT: usize>() -> Config<LIMIT> {
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
+    /// Reading or writing the socket failed.
     #[error("socket error: {0}")]
     Io(#[from] io::Error),
+    /// A length prefix (or an encoded message) exceeds the frame limit.
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
-    FrameTooLarge { len: usize, max: usize },
+    FrameTooLarge {
+        /// The frame's length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// A frame's payload is not a valid message.
     #[error("undecodable frame: {0}")]
     Decode(String),
+    /// A message could not be encoded (e.g. a field too large).
     #[error("message cannot be encoded: {0}")]
     Encode(String),
 }
@@ -88,6 +98,7 @@ impl<In, Out> FrameCodec<In, Out> {
         }
     }
 
+    /// The largest frame payload this codec accepts, in bytes.
     pub fn max_frame(&self) -> usize {
         self.max_frame
     }

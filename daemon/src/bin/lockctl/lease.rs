@@ -130,6 +130,7 @@ pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
         Ok(l) => l,
         Err(e) => return exit::report(&e),
     };
+    let expires_at_ms = lockd_protocol::ms_from_system_time(lease.expires_at);
     if args.json {
         println!(
             "{}",
@@ -139,13 +140,13 @@ pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
                 "namespace": lease.key.namespace,
                 "name": lease.key.name,
                 "mode": lease.mode.as_str(),
-                "expires_at_ms": lease.expires_at_ms,
+                "expires_at_ms": expires_at_ms,
             })
         );
     } else {
         println!("LOCKD_TICKET={}", lease.ticket.to_text());
         println!("LOCKD_FENCE={}", lease.fence);
-        println!("LOCKD_EXPIRES_AT_MS={}", lease.expires_at_ms);
+        println!("LOCKD_EXPIRES_AT_MS={expires_at_ms}");
     }
     0
 }
@@ -160,7 +161,8 @@ pub async fn renew(socket: &Path, args: RenewArgs) -> u8 {
         Err(code) => return code,
     };
     match client.renew(&ticket, args.lease).await {
-        Ok(expires_at_ms) => {
+        Ok(expires_at) => {
+            let expires_at_ms = lockd_protocol::ms_from_system_time(expires_at);
             if args.json {
                 println!("{}", serde_json::json!({ "expires_at_ms": expires_at_ms }));
             } else {

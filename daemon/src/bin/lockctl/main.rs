@@ -89,10 +89,7 @@ pub(crate) async fn connect(
     socket: &std::path::Path,
     what: &str,
 ) -> Result<lockd_client::Client, u8> {
-    let options = lockd_client::ConnectOptions {
-        client_name: format!("lockctl {what}"),
-        ..lockd_client::ConnectOptions::default()
-    };
+    let options = lockd_client::ConnectOptions::default().client_name(format!("lockctl {what}"));
     lockd_client::Client::connect_with(socket, options)
         .await
         .map_err(|e| exit::report(&e))

@@ -14,10 +14,9 @@ pub const CLIENT_NAME: &str = "lockd-bench";
 
 /// Connects through the client crate; an unreachable daemon is [`Failure::Unreachable`].
 pub async fn connect(socket: &Path) -> Result<Client, Failure> {
-    let options = ConnectOptions {
-        client_name: CLIENT_NAME.to_string(),
-        timeout: Duration::from_secs(10),
-    };
+    let options = ConnectOptions::default()
+        .client_name(CLIENT_NAME)
+        .timeout(Duration::from_secs(10));
     Client::connect_with(socket, options)
         .await
         .map_err(|e| match e {

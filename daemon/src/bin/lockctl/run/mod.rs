@@ -240,10 +240,7 @@ async fn acquire(
     args: &RunArgs,
     argv: &[String],
 ) -> Result<(Client, LockGuard), Error> {
-    let options = ConnectOptions {
-        client_name: format!("lockctl run {}", argv[0]),
-        ..ConnectOptions::default()
-    };
+    let options = ConnectOptions::default().client_name(format!("lockctl run {}", argv[0]));
     let client = Client::connect_with(socket, options).await?;
     let mut acquire = client
         .acquire(args.name.clone())
