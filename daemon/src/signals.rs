@@ -54,7 +54,10 @@ impl Signals {
     }
 }
 
+/// Reloads the configuration, wrapped in systemd's reload protocol (`RELOADING=1` before,
+/// `READY=1` after, whatever the outcome: see [`systemd`]).
 fn reload_config(shared: &Shared, reload: &Reload) {
+    systemd::reloading();
     match reload() {
         Ok(config) => {
             let old = shared.config.get();
@@ -63,8 +66,11 @@ fn reload_config(shared: &Shared, reload: &Reload) {
             }
             shared.config.replace(config);
             tracing::info!("configuration reloaded");
-            systemd::status("configuration reloaded");
+            systemd::reloaded(Ok(()));
         }
-        Err(e) => tracing::error!("configuration reload failed, keeping the old one: {e}"),
+        Err(e) => {
+            tracing::error!("configuration reload failed, keeping the old one: {e}");
+            systemd::reloaded(Err(&e));
+        }
     }
 }
