@@ -15,6 +15,7 @@ mod fuzz;
 mod hostile;
 mod leases;
 mod lockctl;
+mod man;
 mod queue;
 mod regressions;
 mod security;

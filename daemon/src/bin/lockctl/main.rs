@@ -35,7 +35,7 @@ Examples:
 
 /// Take lockd locks from the shell: flock(1) for a whole host, with fencing tokens.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = AFTER_HELP)]
+#[command(name = "lockctl", version, after_help = AFTER_HELP)]
 struct Cli {
     /// lockd's socket [default: $LOCKD_SOCKET, else the daemon's default path]
     #[arg(long, global = true, value_name = "PATH", env = "LOCKD_SOCKET")]
@@ -81,7 +81,31 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages lockctl.1 and lockctl-SUBCOMMAND.1 into DIR (for packaging)
+    #[command(hide = true)]
+    GenerateMan {
+        /// Directory to write the pages into
+        dir: PathBuf,
+    },
 }
+
+/// What lockctl(1) says besides its options, subcommands, exit codes and examples.
+const MAN_EXTRA: &str = r#".SH ENVIRONMENT
+.TP
+\fBLOCKD_SOCKET\fR
+lockd's socket, unless \fB\-\-socket\fR is given. Without either, lockctl uses
+\fI/run/lockd/lockd.sock\fR as root, and otherwise a per\-user daemon's socket
+(\fI$XDG_RUNTIME_DIR/lockd/lockd.sock\fR) when there is one it may trust, else the system socket.
+.TP
+\fBLOCKD_FENCE\fR, \fBLOCKD_LOCK\fR, \fBLOCKD_NAMESPACE\fR, \fBLOCKD_FD\fR
+Given by \fBlockctl run\fR to its command; see \fBlockctl\-run\fR(1).
+.TP
+\fBLOCKD_TICKET\fR
+Printed by \fBlockctl acquire\fR for the shell to keep: the secret that renews and releases a
+lease. Keep it out of logs and process lists (pass \fB\-\fR to read it from standard input).
+.SH "SEE ALSO"
+\fBlockd\fR(8), \fBlockd.toml\fR(5), \fBflock\fR(1)
+"#;
 
 /// Connects for subcommand `what` (shown by describe as the client name); on failure prints
 /// why and returns the exit code.
@@ -130,6 +154,24 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Watch(args) => admin::watch(&socket, args).await,
         Command::Stats(args) => admin::stats(&socket, args).await,
         Command::Metrics => admin::metrics(&socket).await,
+        Command::GenerateMan { dir } => {
+            use clap::CommandFactory;
+            let extra = lockd::man::Extra {
+                section: "1",
+                after_help_heading: "EXIT STATUS AND EXAMPLES",
+                roff: MAN_EXTRA,
+            };
+            match lockd::man::write_pages(Cli::command(), &extra, &dir) {
+                Ok(_) => 0,
+                Err(e) => {
+                    eprintln!(
+                        "lockctl: cannot write the manual pages into {}: {e}",
+                        dir.display()
+                    );
+                    exit::INTERNAL
+                }
+            }
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
