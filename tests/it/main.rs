@@ -16,6 +16,7 @@ mod hostile;
 mod leases;
 mod lockctl;
 mod man;
+mod package;
 mod queue;
 mod regressions;
 mod security;
