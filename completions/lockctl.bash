@@ -28,9 +28,6 @@ _lockctl() {
             lockctl,force-release)
                 cmd="lockctl__subcmd__force__subcmd__release"
                 ;;
-            lockctl,generate-man)
-                cmd="lockctl__subcmd__generate__subcmd__man"
-                ;;
             lockctl,help)
                 cmd="lockctl__subcmd__help"
                 ;;
@@ -67,9 +64,6 @@ _lockctl() {
             lockctl__subcmd__help,force-release)
                 cmd="lockctl__subcmd__help__subcmd__force__subcmd__release"
                 ;;
-            lockctl__subcmd__help,generate-man)
-                cmd="lockctl__subcmd__help__subcmd__generate__subcmd__man"
-                ;;
             lockctl__subcmd__help,help)
                 cmd="lockctl__subcmd__help__subcmd__help"
                 ;;
@@ -101,7 +95,7 @@ _lockctl() {
 
     case "${cmd}" in
         lockctl)
-            opts="-h -V --socket --help --version run acquire renew release describe list force-release watch stats metrics completions generate-man help"
+            opts="-h -V --socket --help --version run acquire renew release describe list force-release watch stats metrics completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -230,26 +224,8 @@ _lockctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        lockctl__subcmd__generate__subcmd__man)
-            opts="-h --socket --help"
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
         lockctl__subcmd__help)
-            opts="run acquire renew release describe list force-release watch stats metrics completions generate-man help"
+            opts="run acquire renew release describe list force-release watch stats metrics completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -305,20 +281,6 @@ _lockctl() {
             return 0
             ;;
         lockctl__subcmd__help__subcmd__force__subcmd__release)
-            opts=""
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        lockctl__subcmd__help__subcmd__generate__subcmd__man)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

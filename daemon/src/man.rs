@@ -1,7 +1,7 @@
 //! Manual pages rendered from the binaries' clap definitions (clap_mangen), plus the sections
 //! clap knows nothing of (signals, environment, files, see also), written as roff by the caller.
 //!
-//! Reached through each binary's hidden `--generate-man DIR` (`lockctl generate-man DIR`). The
+//! Reached through each binary's hidden `--generate-man DIR`. The
 //! pages under `man/` in the repository are this output: `LOCKD_BLESS=1 cargo test -p lockd
 //! --test it man::` rewrites them, and the same test fails while they are stale.
 

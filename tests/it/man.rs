@@ -34,7 +34,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
     run(LOCKD, &["--generate-man", dir]);
-    run(LOCKCTL, &["generate-man", dir]);
+    run(LOCKCTL, &["--generate-man", dir]);
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(tmp.path()).unwrap() {
         let path = entry.unwrap().path();

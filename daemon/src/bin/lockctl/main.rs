@@ -81,12 +81,6 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
-    /// Write the manual pages lockctl.1 and lockctl-SUBCOMMAND.1 into DIR (for packaging)
-    #[command(hide = true)]
-    GenerateMan {
-        /// Directory to write the pages into
-        dir: PathBuf,
-    },
 }
 
 /// What lockctl(1) says besides its options, subcommands, exit codes and examples.
@@ -122,7 +116,42 @@ pub(crate) async fn connect(
         .map_err(|e| exit::report(&e))
 }
 
+/// `lockctl --generate-man DIR` (for packaging: see man/) writes lockctl.1 and
+/// lockctl-SUBCOMMAND.1 into DIR. It is read before clap parses, so that neither help nor the
+/// shell completions (which list hidden subcommands too) ever offer it.
+fn generate_man() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    let (Some(flag), Some(dir), None) = (args.next(), args.next(), args.next()) else {
+        return None;
+    };
+    if flag != "--generate-man" {
+        return None;
+    }
+    use clap::CommandFactory;
+    let extra = lockd::man::Extra {
+        section: "1",
+        after_help_heading: "EXIT STATUS AND EXAMPLES",
+        roff: MAN_EXTRA,
+    };
+    let dir = PathBuf::from(dir);
+    Some(
+        match lockd::man::write_pages(Cli::command(), &extra, &dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "lockctl: cannot write the manual pages into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(exit::INTERNAL)
+            }
+        },
+    )
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = generate_man() {
+        return code;
+    }
     // Parsed before the runtime exists: --help, --version and usage errors need none.
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -154,24 +183,6 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Watch(args) => admin::watch(&socket, args).await,
         Command::Stats(args) => admin::stats(&socket, args).await,
         Command::Metrics => admin::metrics(&socket).await,
-        Command::GenerateMan { dir } => {
-            use clap::CommandFactory;
-            let extra = lockd::man::Extra {
-                section: "1",
-                after_help_heading: "EXIT STATUS AND EXAMPLES",
-                roff: MAN_EXTRA,
-            };
-            match lockd::man::write_pages(Cli::command(), &extra, &dir) {
-                Ok(_) => 0,
-                Err(e) => {
-                    eprintln!(
-                        "lockctl: cannot write the manual pages into {}: {e}",
-                        dir.display()
-                    );
-                    exit::INTERNAL
-                }
-            }
-        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
