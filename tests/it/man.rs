@@ -91,7 +91,7 @@ fn man_pages_and_completions_are_current() {
         eprintln!("wrote {} files under man/ and completions/", want.len());
         return;
     }
-    let differ: Vec<&String> = want
+    let differ: std::collections::BTreeSet<&String> = want
         .keys()
         .chain(have.keys())
         .filter(|k| want.get(*k) != have.get(*k))
