@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod fence;
 pub mod listener;
+pub mod man;
 pub mod peer;
 pub mod server;
 pub mod session;

@@ -8,7 +8,7 @@ use lockd::config::Config;
 
 /// A single-host lock daemon: exclusive and shared locks, FIFO waits, fencing tokens.
 #[derive(Parser, Debug, Clone)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Unix socket to listen on [default: $RUNTIME_DIRECTORY/lockd.sock under systemd,
     /// /run/lockd/lockd.sock as root, else $XDG_RUNTIME_DIR/lockd/lockd.sock]
@@ -40,10 +40,68 @@ struct Args {
     /// Log filter in RUST_LOG syntax (overrides $RUST_LOG), e.g. `info` or `lockd=debug`
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Write the manual page lockd.8 into DIR and exit (for packaging; see man/)
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
 }
+
+/// What lockd(8) says besides its options.
+const MAN_EXTRA: &str = r#".SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Shut down gracefully: every client is told \fBShuttingDown\fR, connections get the configured
+grace period to close, and what was acknowledged is on disk before the process exits.
+A second such signal during shutdown exits at once.
+.TP
+\fBSIGHUP\fR
+Reload the configuration (defaults, then the file, then the command line, as at start).
+A file that does not load is refused and the running configuration kept; the log says why.
+The socket and the data directory change only with a restart.
+Under systemd the reload is announced with \fBRELOADING=1\fR and ended with \fBREADY=1\fR
+(\fBType=notify\-reload\fR), whose \fBSTATUS=\fR says whether it failed.
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+Log filter, unless \fB\-\-log\-level\fR is given (default \fBinfo\fR). Logs go to standard error.
+.TP
+\fBJOURNAL_STREAM\fR
+Set by systemd: log lines carry syslog priorities (\fB<3>\fR..\fB<7>\fR) and no timestamps.
+.TP
+\fBRUNTIME_DIRECTORY\fR, \fBSTATE_DIRECTORY\fR
+Set by systemd: the default socket directory and data directory.
+.TP
+\fBXDG_RUNTIME_DIR\fR, \fBXDG_STATE_HOME\fR, \fBHOME\fR
+The default socket and data directory of a daemon not run as root.
+.TP
+\fBLISTEN_FDS\fR, \fBLISTEN_PID\fR
+Socket activation: lockd serves on the socket systemd passed and never removes it.
+.TP
+\fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR
+Readiness, reload, status and watchdog notifications to systemd.
+.SH FILES
+.TP
+\fI/etc/lockd/lockd.toml\fR
+The configuration file, read when it exists and no \fB\-\-config\fR is given; see \fBlockd.toml\fR(5).
+.TP
+\fI/run/lockd/lockd.sock\fR
+The socket of a daemon run as root (with the packaged units, created by \fIlockd.socket\fR).
+.TP
+\fI/var/lib/lockd/\fR
+The data directory of a daemon run as root: \fIlockd.redb\fR (the fence ceiling and detached
+leases) and the write\-ahead log \fIlockd.log.0\fR, \fIlockd.log.1\fR.
+Session holds are never written to disk.
+.SH "EXIT STATUS"
+0 after a clean shutdown (or a valid \fB\-\-check\-config\fR file); 1 on any error, which is
+printed to standard error.
+.SH "SEE ALSO"
+\fBlockctl\fR(1), \fBlockd.toml\fR(5), \fBsystemd.service\fR(5), \fBsd_notify\fR(3)
+"#;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        return generate_man(dir);
+    }
     if let Some(path) = &args.check_config {
         return match lockd::config_file::load(path) {
             Ok(_) => {
@@ -71,6 +129,26 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("lockd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes lockd.8 into `dir` (the hidden `--generate-man`).
+fn generate_man(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let extra = lockd::man::Extra {
+        section: "8",
+        after_help_heading: "NOTES",
+        roff: MAN_EXTRA,
+    };
+    match lockd::man::write_pages(Args::command(), &extra, dir) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "lockd: cannot write the manual page into {}: {e}",
+                dir.display()
+            );
             ExitCode::FAILURE
         }
     }

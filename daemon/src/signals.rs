@@ -65,9 +65,12 @@ impl Signals {
     }
 }
 
-/// Reloads the configuration. `reload` reads files and resolves user and group names (which
-/// may block on NSS), so it runs on a blocking thread, never on an async worker.
+/// Reloads the configuration, wrapped in systemd's reload protocol (`RELOADING=1` before,
+/// `READY=1` after, whatever the outcome: see [`systemd`]). `reload` reads files and resolves
+/// user and group names (which may block on NSS), so it runs on a blocking thread, never on an
+/// async worker.
 async fn reload_config(shared: &Shared, reload: &Arc<Reload>) {
+    systemd::reloading();
     let reload = Arc::clone(reload);
     let loaded = tokio::task::spawn_blocking(move || reload())
         .await
@@ -80,8 +83,11 @@ async fn reload_config(shared: &Shared, reload: &Arc<Reload>) {
             }
             shared.config.replace(config);
             tracing::info!("configuration reloaded");
-            systemd::status("configuration reloaded");
+            systemd::reloaded(Ok(()));
         }
-        Err(e) => tracing::error!("configuration reload failed, keeping the old one: {e}"),
+        Err(e) => {
+            tracing::error!("configuration reload failed, keeping the old one: {e}");
+            systemd::reloaded(Err(&e));
+        }
     }
 }

@@ -1,7 +1,16 @@
-//! systemd integration: socket activation (`LISTEN_FDS`), readiness and status
+//! systemd integration: socket activation (`LISTEN_FDS`), readiness, reload and status
 //! notifications (`NOTIFY_SOCKET`), and the watchdog (`WATCHDOG_USEC`).
 //!
 //! Everything here is a no-op outside systemd: `sd_notify` ignores a missing `NOTIFY_SOCKET`.
+//!
+//! Reload follows `Type=notify-reload` (systemd.service(5)): on the reload signal the daemon
+//! sends `RELOADING=1` with `MONOTONIC_USEC=` (systemd counts a reload only if that time is not
+//! before it sent the signal), reloads, then sends `READY=1`. The protocol has no "reload
+//! failed" message: `READY=1` always ends the reload cycle, and leaving it out makes systemd
+//! wait for `TimeoutStartSec=` (and, before systemd 258, stay stuck in "reloading": systemd
+//! issue 37515). So a failed reload still ends with `READY=1` (the daemon serves, with its
+//! previous configuration) and says why in `STATUS=`; `systemctl reload` fails visibly through
+//! the unit's `ExecReload=`, which checks the file with `lockd --check-config` first.
 
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
@@ -73,6 +82,41 @@ pub fn ready(status: &str) {
 /// A STATUS line.
 pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
+}
+
+/// RELOADING=1 with MONOTONIC_USEC (now, by `CLOCK_MONOTONIC`, in µs) and a STATUS: a reload
+/// begins. Must be followed by [`reloaded`].
+pub fn reloading() {
+    let status = NotifyState::Status("reloading the configuration");
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now, status]),
+        // Without the timestamp systemd ignores RELOADING=1 and waits for its timeout; say so.
+        Err(e) => {
+            tracing::warn!("cannot read CLOCK_MONOTONIC for systemd's reload protocol: {e}");
+            send(&[NotifyState::Reloading, status]);
+        }
+    }
+}
+
+/// READY=1 after a reload, with a STATUS saying how it went: `Err(why)` if the new
+/// configuration was refused (the previous one stays in force).
+pub fn reloaded(outcome: Result<(), &str>) {
+    let status = match outcome {
+        Ok(()) => "configuration reloaded".to_string(),
+        Err(why) => format!(
+            "configuration reload failed, still using the previous one: {}",
+            one_line(why)
+        ),
+    };
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// `text` fit for one `KEY=value` line of a notification: control characters (a newline
+/// would start a new assignment) become spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// STOPPING=1.

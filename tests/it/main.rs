@@ -18,6 +18,8 @@ mod fuzz;
 mod hostile;
 mod leases;
 mod lockctl;
+mod man;
+mod package;
 mod queue;
 mod regressions;
 mod security;

@@ -53,14 +53,85 @@ fn unit_files_pass_systemd_analyze_verify() {
         dir.path().join("myapp-leader@a.service"),
     )
     .unwrap();
-    let out = std::process::Command::new(analyze)
+    let out = std::process::Command::new(&analyze)
         .current_dir(dir.path())
         .args(["verify", "--man=no", "./lockd.socket", "./lockd.service"])
         .args(["./nightly-backup.service", "./myapp-leader@a.service"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(out.stderr.is_empty(), "warnings: {}", text(&out.stderr));
+    let mut warnings = text(&out.stderr);
+    // Type=notify-reload is systemd 253's; older ones warn about it (and run the unit as
+    // Type=simple). Only that warning is tolerated, and only there.
+    let version = systemd_version(&analyze);
+    if version < 253 {
+        let known = "Failed to parse service type, ignoring: notify-reload";
+        eprintln!("NOTE: systemd {version} predates Type=notify-reload; tolerating {known:?}");
+        warnings = warnings
+            .lines()
+            .filter(|l| !l.ends_with(known))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    assert!(warnings.trim().is_empty(), "warnings: {warnings}");
+}
+
+/// The major version of the systemd `analyze` belongs to ("systemd 252 (252.38-1)").
+fn systemd_version(analyze: &Path) -> u32 {
+    let out = std::process::Command::new(analyze)
+        .arg("--version")
+        .output()
+        .unwrap();
+    text(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {:?}", text(&out.stdout)))
+}
+
+/// The unit's `ExecReload=` line, run as systemd would run it (through `sh -c`, which parses its
+/// quotes the same way), with the installed paths replaced by `config` and the built `lockd`.
+fn exec_reload(config: &Path) -> std::process::Output {
+    let unit = std::fs::read_to_string(repo().join("systemd/lockd.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecReload="))
+        .expect("lockd.service has ExecReload=");
+    let line = line
+        .replace("/etc/lockd/lockd.toml", config.to_str().unwrap())
+        .replace("/usr/bin/lockd ", &format!("{LOCKD} "));
+    std::process::Command::new("/bin/sh")
+        .args(["-c", &line])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn exec_reload_fails_on_a_broken_config_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lockd.toml");
+    let out = exec_reload(&config);
+    assert!(
+        out.status.success(),
+        "no file is no error: {}",
+        text(&out.stderr)
+    );
+    std::fs::write(&config, "[limits]\nmax_data = 2048\n").unwrap();
+    let out = exec_reload(&config);
+    assert!(
+        out.status.success(),
+        "a good file passes: {}",
+        text(&out.stderr)
+    );
+    std::fs::write(&config, "[limits]\nmax_data = \"lots\"\n").unwrap();
+    let out = exec_reload(&config);
+    assert!(!out.status.success(), "a broken file fails the reload");
+    assert!(
+        text(&out.stderr).contains("max_data"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -166,6 +237,88 @@ async fn notifies_ready_watchdog_and_stopping() {
     let status = d.terminate(PROMPT);
     assert!(status.success());
     notify.expect("STOPPING=1");
+}
+
+/// CLOCK_MONOTONIC in µs, as systemd reads it.
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The value of `key=` in a notification.
+fn field<'a>(msg: &'a str, key: &str) -> Option<&'a str> {
+    msg.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Sends SIGHUP and checks systemd's notify-reload cycle: `RELOADING=1` with a
+/// `MONOTONIC_USEC` taken after the signal, then `READY=1`; returns the READY message.
+fn reload_cycle(notify: &Notify, pid: u32) -> String {
+    let before = monotonic_usec();
+    signal(pid, libc::SIGHUP);
+    let reloading = notify.expect("RELOADING=1");
+    assert!(!reloading.contains("READY=1"), "{reloading}");
+    let usec: u64 = field(&reloading, "MONOTONIC_USEC")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(
+        (before..=monotonic_usec()).contains(&usec),
+        "MONOTONIC_USEC={usec} is not CLOCK_MONOTONIC after the signal ({before})"
+    );
+    notify.expect("READY=1")
+}
+
+#[tokio::test]
+async fn sighup_speaks_the_notify_reload_protocol_and_reports_a_failed_reload() {
+    let notify = Notify::new();
+    let path = notify.path.to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lockd.toml");
+    std::fs::write(&config, "[limits]\nmax_data = 2048\n").unwrap();
+    let config_arg = config.to_str().unwrap().to_string();
+    let mut d = TestDaemon::start_full(
+        LOCKD,
+        &["--config", &config_arg],
+        &[("NOTIFY_SOCKET", path.as_str())],
+    )
+    .await;
+    notify.expect("READY=1");
+
+    std::fs::write(&config, "[limits]\nmax_data = 4096\n").unwrap();
+    let ready = reload_cycle(&notify, d.pid());
+    assert_eq!(
+        field(&ready, "STATUS"),
+        Some("configuration reloaded"),
+        "{ready}"
+    );
+
+    // A broken file: the cycle still ends (systemd would otherwise wait for its timeout), and
+    // the status says the reload failed and why.
+    std::fs::write(&config, "[limits]\nmax_data = \"lots\"\nfake = 1\n").unwrap();
+    let ready = reload_cycle(&notify, d.pid());
+    let status = field(&ready, "STATUS").unwrap_or_default();
+    assert!(
+        status.starts_with("configuration reload failed, still using the previous one: "),
+        "{ready}"
+    );
+    assert!(status.contains("max_data"), "{ready}");
+    assert_eq!(
+        ready.lines().count(),
+        2,
+        "one STATUS line, no other: {ready:?}"
+    );
+
+    // And the daemon still serves.
+    d.client().await.ping().await.unwrap();
+    assert!(d.terminate(PROMPT).success());
 }
 
 #[tokio::test]

@@ -35,7 +35,7 @@ Examples:
 
 /// Take lockd locks from the shell: flock(1) for a whole host, with fencing tokens.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = AFTER_HELP)]
+#[command(name = "lockctl", version, after_help = AFTER_HELP)]
 struct Cli {
     /// lockd's socket [default: $LOCKD_SOCKET, else the daemon's default path]
     #[arg(long, global = true, value_name = "PATH", env = "LOCKD_SOCKET")]
@@ -83,6 +83,24 @@ enum Command {
     },
 }
 
+/// What lockctl(1) says besides its options, subcommands, exit codes and examples.
+const MAN_EXTRA: &str = r#".SH ENVIRONMENT
+.TP
+\fBLOCKD_SOCKET\fR
+lockd's socket, unless \fB\-\-socket\fR is given. Without either, lockctl uses
+\fI/run/lockd/lockd.sock\fR as root, and otherwise a per\-user daemon's socket
+(\fI$XDG_RUNTIME_DIR/lockd/lockd.sock\fR) when there is one it may trust, else the system socket.
+.TP
+\fBLOCKD_FENCE\fR, \fBLOCKD_LOCK\fR, \fBLOCKD_NAMESPACE\fR, \fBLOCKD_FD\fR
+Given by \fBlockctl run\fR to its command; see \fBlockctl\-run\fR(1).
+.TP
+\fBLOCKD_TICKET\fR
+Printed by \fBlockctl acquire\fR for the shell to keep: the secret that renews and releases a
+lease. Keep it out of logs and process lists (pass \fB\-\fR to read it from standard input).
+.SH "SEE ALSO"
+\fBlockd\fR(8), \fBlockd.toml\fR(5), \fBflock\fR(1)
+"#;
+
 /// Connects for subcommand `what` (shown by describe as the client name); on failure prints
 /// why and returns the exit code.
 pub(crate) async fn connect(
@@ -95,7 +113,42 @@ pub(crate) async fn connect(
         .map_err(|e| exit::report(&e))
 }
 
+/// `lockctl --generate-man DIR` (for packaging: see man/) writes lockctl.1 and
+/// lockctl-SUBCOMMAND.1 into DIR. It is read before clap parses, so that neither help nor the
+/// shell completions (which list hidden subcommands too) ever offer it.
+fn generate_man() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    let (Some(flag), Some(dir), None) = (args.next(), args.next(), args.next()) else {
+        return None;
+    };
+    if flag != "--generate-man" {
+        return None;
+    }
+    use clap::CommandFactory;
+    let extra = lockd::man::Extra {
+        section: "1",
+        after_help_heading: "EXIT STATUS AND EXAMPLES",
+        roff: MAN_EXTRA,
+    };
+    let dir = PathBuf::from(dir);
+    Some(
+        match lockd::man::write_pages(Cli::command(), &extra, &dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "lockctl: cannot write the manual pages into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(exit::INTERNAL)
+            }
+        },
+    )
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = generate_man() {
+        return code;
+    }
     // Parsed before the runtime exists: --help, --version and usage errors need none.
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
