@@ -55,7 +55,9 @@ pub enum TrustError {
     /// The kernel did not say who answers (SO_PEERCRED failed).
     #[error("cannot tell who answers at {}: {source}", path.display())]
     Credentials {
+        /// The socket.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
     /// `$LOCKD_DAEMON_USER` names no user, or the user database could not be read.

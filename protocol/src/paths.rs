@@ -23,19 +23,40 @@ pub const SYSTEM_SOCKET: &str = "/run/lockd/lockd.sock";
 
 /// Why a per-user directory is not used. Each message names the directory and what to do.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum UnsafeDir {
     /// Someone else owns it: they may have made it to impersonate lockd.
     #[error("refusing {}: it belongs to uid {owner}, not to you (uid {me}), so another user may have made it to impersonate lockd; remove it (as its owner or root) or name a path explicitly ({SOCKET_ENV} or --socket for clients, --data-dir for lockd)", dir.display())]
-    NotOwned { dir: PathBuf, owner: u32, me: u32 },
+    NotOwned {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
     /// Group or others may write to it, so they may replace what is inside.
     #[error("refusing {}: its mode {mode:o} lets group or others write to it; run `chmod go-w {}` (or remove it)", dir.display(), dir.display())]
-    Writable { dir: PathBuf, mode: u32 },
+    Writable {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// It is a symbolic link (which could point anywhere), or not a directory at all.
     #[error("refusing {}: it is not a plain directory (a symbolic link or another kind of file); remove it, or name a path explicitly ({SOCKET_ENV} or --socket for clients, --data-dir for lockd)", dir.display())]
-    NotADirectory { dir: PathBuf },
+    NotADirectory {
+        /// The path.
+        dir: PathBuf,
+    },
     /// It could not be inspected or created.
     #[error("cannot create or inspect {}: {source}", dir.display())]
-    Io { dir: PathBuf, source: io::Error },
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
 }
 
 /// Where the daemon listens by default: `$RUNTIME_DIRECTORY/lockd.sock` under systemd,

@@ -16,6 +16,7 @@ const MAX_BUFFER: usize = 1 << 20;
 
 /// Why a name could not be looked up (an unknown name is not an error: it is `Ok(None)`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LookupError {
     /// The name contains a NUL byte, so no entry can have it.
     #[error("{0:?} is not a valid user or group name (it contains a NUL byte)")]
@@ -23,7 +24,9 @@ pub enum LookupError {
     /// The user database could not be read.
     #[error("cannot look up {name:?} in the user database: {source}")]
     Io {
+        /// The name looked up.
         name: String,
+        /// What the system said.
         source: std::io::Error,
     },
 }

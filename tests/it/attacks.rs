@@ -35,10 +35,7 @@ fn root_with_setpriv() -> bool {
 #[tokio::test]
 async fn issue_12_peer_supplied_names_reach_no_terminal_and_no_log_line_raw() {
     let d = daemon().await;
-    let options = ConnectOptions {
-        client_name: EVIL.into(),
-        ..ConnectOptions::default()
-    };
+    let options = ConnectOptions::default().client_name(EVIL);
     let evil = Client::connect_with(&d.socket, options.clone())
         .await
         .unwrap();
