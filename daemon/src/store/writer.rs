@@ -27,8 +27,8 @@ use super::{Batch, Change, Store, StoreError};
 /// Answer to a change: `Ok` once it (and everything queued before it) is durable.
 ///
 /// Awaiting it is what gets the change committed: the first poll commits the queue right there,
-/// on the awaiting thread, when no commit is running and the queue is short (one `fdatasync`
-/// with no thread hand-off, the common case of a lone client); otherwise it wakes the writer
+/// on the awaiting thread, when no commit is running and this change is alone, as the last one
+/// was (one `fdatasync` with no thread hand-off: the case of a lone client); otherwise it wakes the writer
 /// thread, which commits everything queued as one batch. Dropping it unpolled also wakes the
 /// writer, so a change is never left waiting for a poll that does not come.
 pub struct Done {
@@ -117,9 +117,6 @@ struct Queue {
     handles: usize,
 }
 
-/// A poll commits inline only while the queue holds at most this many jobs: under load the
-/// writer thread batches, and no async worker blocks for a batch of other clients' changes.
-const INLINE_MAX_JOBS: usize = 2;
 /// Delay before retrying a failed append or checkpoint when nothing else wakes the thread.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// An epoch is handed to the checkpointer once its file holds this many bytes…
@@ -179,6 +176,7 @@ impl Writer {
                 waiters: Vec::new(),
                 failing: false,
                 epoch_started: Instant::now(),
+                last_batch_jobs: 0,
             }),
         });
         let thread_shared = Arc::clone(&shared);
@@ -293,7 +291,10 @@ impl Shared {
         };
         let jobs = {
             let mut queue = lock(&self.queue);
-            if queue.jobs.len() > INLINE_MAX_JOBS {
+            // Inline only for a lone change after a lone change: under concurrent load the
+            // writer thread batches, and no async worker blocks its other connections for a
+            // sync (inline commits at 64 clients halved throughput).
+            if queue.jobs.len() > 1 || committer.last_batch_jobs > 1 {
                 drop(queue);
                 drop(committer);
                 self.wake_writer();
@@ -362,12 +363,17 @@ struct Committer {
     /// The last append failed.
     failing: bool,
     epoch_started: Instant,
+    /// How many jobs the last commit took: more than one means concurrent writers.
+    last_batch_jobs: usize,
 }
 
 impl Committer {
     /// Appends `jobs` (and a failed batch's leftovers) as one record, answers their waiters,
     /// and hands the epoch to the checkpointer when it is due.
     fn commit(&mut self, jobs: Vec<Job>) {
+        if !jobs.is_empty() {
+            self.last_batch_jobs = jobs.len();
+        }
         for job in jobs {
             self.batch.add(job.change, job.done.is_some());
             self.waiters.extend(job.done);
