@@ -254,3 +254,62 @@ async fn sigterm_while_waiting_ends_lockctl_without_running_the_command() {
     assert_eq!(code(&out), 128 + libc::SIGTERM, "{}", text(&out.stderr));
     assert!(!marker.exists(), "the command must not run");
 }
+
+/// A standard output whose reader is already gone: every write fails with EPIPE.
+fn stdout_nobody_reads() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`; each is owned exactly once below.
+    // Close-on-exec, so no process other tests start meanwhile keeps the read end open.
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
+        0,
+        "pipe2"
+    );
+    // SAFETY: as above.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Stdio::from(write)
+}
+
+async fn lockctl_into_closed_pipe(d: &TestDaemon, args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(LOCKCTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout_nobody_reads())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start lockctl")
+        .wait_with_output(); // not `output()`, which would replace stdout with its own pipe
+    within(Duration::from_secs(60), "lockctl finished", run)
+        .await
+        .expect("run lockctl")
+}
+
+/// `lockctl stats | head -0`: a reader that went away ends lockctl quietly with status 0 (no
+/// panic, no 101); `lockctl acquire` whose ticket cannot be printed releases the lease rather
+/// than leave it held with nobody knowing its ticket, and says so.
+#[tokio::test]
+async fn a_reader_that_went_away_ends_output_quietly_and_an_unprintable_ticket_is_released() {
+    let d = daemon().await;
+    for args in [&["stats"][..], &["list"], &["describe", "k"], &["metrics"]] {
+        let out = lockctl_into_closed_pipe(&d, args).await;
+        assert_eq!(code(&out), 0, "{args:?}: {}", text(&out.stderr));
+        assert!(!text(&out.stderr).contains("panicked"), "{args:?}");
+    }
+    let out = lockctl_into_closed_pipe(&d, &["acquire", "--lease", "10m", "-n", "orphan"]).await;
+    assert_eq!(code(&out), 70, "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("released"),
+        "{}",
+        text(&out.stderr)
+    );
+    let client = d.client().await;
+    let g = client
+        .try_lock("orphan")
+        .await
+        .expect("the lease was released");
+    drop(g);
+}

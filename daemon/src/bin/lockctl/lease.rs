@@ -23,7 +23,7 @@ Waiting: as `lockctl run` and flock(1), lockctl waits as long as it takes unless
 once if held, exit 1) or -w SECS (give up after SECS, exit 1).
 
 Examples:
-  eval \"$(lockctl acquire --lease 10m -n nightly-report)\" || exit 1
+  lease=$(lockctl acquire --lease 10m -n nightly-report) || exit 1; eval \"$lease\"
   ./build-report.sh --fence \"$LOCKD_FENCE\"
   lockctl renew \"$LOCKD_TICKET\" --lease 10m
   lockctl release \"$LOCKD_TICKET\"";
@@ -131,22 +131,42 @@ pub async fn acquire(socket: &Path, args: AcquireArgs) -> u8 {
         Err(e) => return exit::report(&e),
     };
     let expires_at_ms = lockd_protocol::ms_from_system_time(lease.expires_at);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "ticket": lease.ticket.to_text(),
-                "fence": lease.fence,
-                "namespace": lease.key.namespace,
-                "name": lease.key.name,
-                "mode": lease.mode.as_str(),
-                "expires_at_ms": expires_at_ms,
-            })
-        );
+    let text = if args.json {
+        let json = serde_json::json!({
+            "ticket": lease.ticket.to_text(),
+            "fence": lease.fence,
+            "namespace": lease.key.namespace,
+            "name": lease.key.name,
+            "mode": lease.mode.as_str(),
+            "expires_at_ms": expires_at_ms,
+        });
+        format!("{json}\n")
     } else {
-        println!("LOCKD_TICKET={}", lease.ticket.to_text());
-        println!("LOCKD_FENCE={}", lease.fence);
-        println!("LOCKD_EXPIRES_AT_MS={expires_at_ms}");
+        format!(
+            "LOCKD_TICKET={}\nLOCKD_FENCE={}\nLOCKD_EXPIRES_AT_MS={expires_at_ms}\n",
+            lease.ticket.to_text(),
+            lease.fence
+        )
+    };
+    // The ticket is the only way to the lease: if it cannot be handed over, end the lease
+    // rather than leave it held, unreachable, until it expires.
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        drop(stdout);
+        let released = client.release(&lease.ticket).await;
+        eprintln!(
+            "lockctl: cannot print the ticket ({e}); the lease was {}",
+            if released.is_ok() {
+                "released"
+            } else {
+                "NOT released: it ends when it expires"
+            }
+        );
+        return exit::INTERNAL;
     }
     0
 }
@@ -164,9 +184,9 @@ pub async fn renew(socket: &Path, args: RenewArgs) -> u8 {
         Ok(expires_at) => {
             let expires_at_ms = lockd_protocol::ms_from_system_time(expires_at);
             if args.json {
-                println!("{}", serde_json::json!({ "expires_at_ms": expires_at_ms }));
+                outln!("{}", serde_json::json!({ "expires_at_ms": expires_at_ms }));
             } else {
-                println!("LOCKD_EXPIRES_AT_MS={expires_at_ms}");
+                outln!("LOCKD_EXPIRES_AT_MS={expires_at_ms}");
             }
             0
         }

@@ -1,5 +1,23 @@
 //! `lockctl`: lockd from the shell. Argument parsing lives here; each subcommand in its module.
 
+/// `println!` for lockctl's standard output: when the reader has gone (`lockctl list | head`),
+/// lockctl exits 0 quietly instead of panicking on the broken pipe (as ripgrep does).
+macro_rules! outln {
+    () => {
+        $crate::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for lockctl's standard output; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod exit;
 mod lease;
@@ -28,7 +46,7 @@ Examples:
   lockctl run -n nightly-backup -- /usr/local/bin/backup.sh
   lockctl run -w 30 -s reports -- ./read-reports.sh
   lockctl run -n /run/lock/backup.lock -c 'backup.sh --full'    # a flock(1) line
-  eval \"$(lockctl acquire --lease 10m -n report)\" && lockctl release \"$LOCKD_TICKET\"
+  lease=$(lockctl acquire --lease 10m -n report) && eval \"$lease\" && lockctl release \"$LOCKD_TICKET\"
   lockctl describe nightly-backup
   lockctl list --namespace ops
   lockctl metrics > /var/lib/node_exporter/lockd.prom";

@@ -50,7 +50,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -65,6 +65,19 @@ pub fn data(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) if !s.chars().any(needs_escape) => s.to_string(),
         _ => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+/// Writes to standard output; exits 0 at once if the reader has gone (a broken pipe), with
+/// status 74 (EX_IOERR) on any other write error.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("lockctl: cannot write to standard output: {e}");
+        std::process::exit(74);
     }
 }
 

@@ -84,7 +84,7 @@ pub async fn describe(socket: &Path, args: DescribeArgs) -> u8 {
     };
     match client.describe(&k).await {
         Ok(d) if args.key.json => {
-            println!("{}", describe_json(&d));
+            outln!("{}", describe_json(&d));
             0
         }
         Ok(d) => {
@@ -163,12 +163,12 @@ fn utc(ms: u64) -> String {
 fn print_omitted(n: u32, singular: &str, plural: &str) {
     if n > 0 {
         let what = if n == 1 { singular } else { plural };
-        println!("... and {n} more {what} (not shown: the answer must fit one frame)");
+        outln!("... and {n} more {what} (not shown: the answer must fit one frame)");
     }
 }
 
 fn print_description(d: &Description) {
-    println!(
+    outln!(
         "{}: {} holder(s), {} waiter(s)",
         d.key,
         d.holders.len() + d.omitted_holders as usize,
@@ -176,10 +176,10 @@ fn print_description(d: &Description) {
     );
     if let Some(n) = d.permits {
         let taken = d.holders.len() + d.omitted_holders as usize;
-        println!("semaphore: {taken} of {n} permits taken");
+        outln!("semaphore: {taken} of {n} permits taken");
     }
     if let Some(until) = d.delayed_until_ms {
-        println!(
+        outln!(
             "lock-delay until {} ({}): nobody is granted before then",
             utc(until),
             output::relative(until)
@@ -202,7 +202,7 @@ fn print_description(d: &Description) {
                 ]
             })
             .collect();
-        println!();
+        outln!();
         output::table(
             &[
                 "MODE", "FENCE", "PID", "UID", "CLIENT", "ACQUIRED", "EXPIRES", "DATA",
@@ -227,7 +227,7 @@ fn print_description(d: &Description) {
                 ]
             })
             .collect();
-        println!();
+        outln!();
         output::table(
             &["#", "MODE", "PID", "UID", "CLIENT", "WAITING SINCE"],
             &rows,
@@ -258,7 +258,7 @@ pub async fn list(socket: &Path, args: ListArgs) -> u8 {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(v));
+        outln!("{}", serde_json::Value::Array(v));
         return 0;
     }
     let rows: Vec<Vec<String>> = keys
@@ -288,14 +288,14 @@ pub async fn force_release(socket: &Path, args: ForceArgs) -> u8 {
     };
     match client.force_release(&k).await {
         Ok(n) if args.key.json => {
-            println!(
+            outln!(
                 "{}",
                 json!({ "namespace": k.namespace, "name": k.name, "ended": n })
             );
             0
         }
         Ok(n) => {
-            println!("{k}: ended {n} hold(s)");
+            outln!("{k}: ended {n} hold(s)");
             0
         }
         Err(e) => exit::report(&e),
@@ -404,7 +404,7 @@ pub async fn stats(socket: &Path, args: StatsArgs) -> u8 {
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
         let hist = |h: &lockd_protocol::Histogram| json!({ "bounds_ms": h.bounds_ms, "counts": h.counts, "sum_ms": h.sum_ms });
-        println!(
+        outln!(
             "{}",
             json!({
                 "uptime_ms": s.uptime_ms,
@@ -446,7 +446,7 @@ pub async fn metrics(socket: &Path) -> u8 {
     };
     match client.stats().await {
         Ok(s) => {
-            print!("{}", prometheus(&s));
+            out!("{}", prometheus(&s));
             0
         }
         Err(e) => exit::report(&e),
