@@ -16,6 +16,7 @@ mod hostile;
 mod leases;
 mod lockctl;
 mod queue;
+mod readme;
 mod regressions;
 mod security;
 mod semantics;
