@@ -85,7 +85,7 @@ impl Client {
     /// # Errors
     /// As [`Client::connect`].
     pub async fn connect_default() -> Result<Client, Error> {
-        Client::connect(lockd_protocol::paths::client_socket_path()).await
+        Client::connect(lockd_protocol::paths::client_socket_path()?).await
     }
 
     /// Connects with explicit options.
@@ -422,6 +422,7 @@ async fn handshake(
         source,
     };
     let stream = UnixStream::connect(path).await.map_err(connect_err)?;
+    crate::trust::check_daemon(&stream, path).await?;
     let hello = ClientMessage::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         client_name,

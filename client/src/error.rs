@@ -28,6 +28,10 @@ pub enum Error {
     /// The daemon sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The socket's directory, or the process answering on the socket, is not trusted (see
+    /// [`crate::TrustError`]); nothing was sent.
+    #[error(transparent)]
+    Untrusted(#[from] crate::TrustError),
 }
 
 impl Error {
@@ -37,7 +41,7 @@ impl Error {
             Error::Lock(e) | Error::Rejected(e) => Some(e.code),
             Error::InvalidKey(_) => Some(ErrorCode::InvalidArgument),
             Error::Protocol(_) => Some(ErrorCode::Protocol),
-            Error::Connect { .. } | Error::Disconnected => None,
+            Error::Connect { .. } | Error::Disconnected | Error::Untrusted(_) => None,
         }
     }
 

@@ -24,6 +24,7 @@ mod connection;
 mod election;
 mod error;
 mod guard;
+mod trust;
 
 pub use acquire::{AcquireBuilder, DetachedLease};
 pub use client::{Client, ConnectOptions, Watch};
@@ -34,3 +35,4 @@ pub use lockd_protocol::{
     Change, Description, ErrorCode, HolderInfo, Key, KeySummary, ListPage, ListQuery, Mode,
     OwnerInfo, Stats, Ticket, WaiterInfo, WireError,
 };
+pub use trust::{TrustError, DAEMON_USER_ENV};

@@ -2,10 +2,10 @@
 //! ids, and merged into [`Config`]. Every key and its default is documented in docs/config.md.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lockd_protocol::users;
 use serde::Deserialize;
 
 use crate::auth::{Allowed, Authz};
@@ -173,40 +173,28 @@ fn resolve(m: &Members, section: &str) -> Result<Allowed, String> {
     Ok(Allowed { uids, gids })
 }
 
+/// Resolves a user; a name is looked up with the thread-safe `getpwnam_r` (a reload runs on a
+/// blocking thread, beside the daemon's other threads).
 fn uid(id: &Id, context: &str) -> Result<u32, String> {
     match id {
         Id::Number(n) => Ok(*n),
-        Id::Name(name) => {
-            let c = CString::new(name.as_str())
-                .map_err(|_| format!("{context}: bad user name {name:?}"))?;
-            // SAFETY: getpwnam reads a NUL-terminated string; the result is used immediately
-            // (configuration is loaded before the daemon starts threads that call it).
-            let pw = unsafe { libc::getpwnam(c.as_ptr()) };
-            if pw.is_null() {
-                Err(format!("{context}: unknown user {name:?}"))
-            } else {
-                // SAFETY: non-null result of getpwnam.
-                Ok(unsafe { (*pw).pw_uid })
-            }
-        }
+        Id::Name(name) => match users::uid_by_name(name) {
+            Ok(Some(uid)) => Ok(uid),
+            Ok(None) => Err(format!("{context}: unknown user {name:?}")),
+            Err(e) => Err(format!("{context}: {e}")),
+        },
     }
 }
 
+/// Resolves a group, as [`uid`] does (with `getgrnam_r`).
 fn gid(id: &Id, context: &str) -> Result<u32, String> {
     match id {
         Id::Number(n) => Ok(*n),
-        Id::Name(name) => {
-            let c = CString::new(name.as_str())
-                .map_err(|_| format!("{context}: bad group name {name:?}"))?;
-            // SAFETY: as for getpwnam above.
-            let gr = unsafe { libc::getgrnam(c.as_ptr()) };
-            if gr.is_null() {
-                Err(format!("{context}: unknown group {name:?}"))
-            } else {
-                // SAFETY: non-null result of getgrnam.
-                Ok(unsafe { (*gr).gr_gid })
-            }
-        }
+        Id::Name(name) => match users::gid_by_name(name) {
+            Ok(Some(gid)) => Ok(gid),
+            Ok(None) => Err(format!("{context}: unknown group {name:?}")),
+            Err(e) => Err(format!("{context}: {e}")),
+        },
     }
 }
 
@@ -327,5 +315,14 @@ mod tests {
         assert!(err.contains("no-such-user-xyz"), "{err}");
         let err = parse("[namespaces.BAD]\n").err().unwrap();
         assert!(err.contains("BAD"), "{err}");
+    }
+
+    #[test]
+    fn names_resolve_on_many_threads_at_once() {
+        let text = "[admins]\nusers = [\"root\"]\ngroups = [\"root\"]\n";
+        let threads: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(move || (0..100).all(|_| parse(text).is_ok())))
+            .collect();
+        assert!(threads.into_iter().all(|t| t.join().unwrap()));
     }
 }

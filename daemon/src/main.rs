@@ -82,9 +82,10 @@ fn build_config(args: &Args) -> Result<Config, String> {
         args.socket
             .clone()
             .unwrap_or_else(lockd_protocol::paths::default_socket_path),
-        args.data_dir
-            .clone()
-            .unwrap_or_else(lockd_protocol::paths::default_data_dir),
+        match args.data_dir.clone() {
+            Some(dir) => dir,
+            None => lockd_protocol::paths::default_data_dir().map_err(|e| e.to_string())?,
+        },
         args.socket_mode.unwrap_or_else(lockd::default_socket_mode),
     );
     if let Some(secs) = args.long_hold {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use lockd_protocol::display::Escaped;
 use lockd_protocol::{Change, Key, LostReason, Mode, RequestId};
 use tokio::sync::mpsc;
 
@@ -138,10 +139,12 @@ impl Peer {
         }
     }
 
-    /// "pid 123 uid 1000 'name'" for messages and logs.
+    /// "pid 123 uid 1000 'name'" for messages and logs, the peer-supplied name escaped
+    /// ([`lockd_protocol::display`]): no control character of a client's choosing reaches a log
+    /// line, a terminal or another client's error message.
     pub fn describe(&self) -> String {
         let pid = self.pid.map_or_else(|| "?".to_string(), |p| p.to_string());
-        format!("pid {pid} uid {} '{}'", self.uid, self.name)
+        format!("pid {pid} uid {} '{}'", self.uid, Escaped(&self.name))
     }
 }
 
@@ -159,5 +162,21 @@ impl std::ops::Deref for Owner {
     type Target = Peer;
     fn deref(&self) -> &Peer {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_escapes_the_peer_supplied_name() {
+        let (owner, _rx) = Peer::open(1, Some(7), 1000, 1000, "x\x1b[31mRED\nfake-line".into());
+        let d = owner.describe();
+        assert_eq!(d, "pid 7 uid 1000 'x\\x1b[31mRED\\nfake-line'");
+        assert_eq!(
+            owner.name, "x\x1b[31mRED\nfake-line",
+            "the name itself stays exact"
+        );
     }
 }

@@ -36,9 +36,20 @@ impl Signals {
 
     /// Acts on signals until the channel closes.
     pub async fn handle(mut self, shared: Arc<Shared>, reload: Reload) {
+        let reload = Arc::new(reload);
+        // Reloads run one at a time, in their own task: a SIGTERM is acted on at once even
+        // while a reload waits on a slow user database.
+        let one_reload = Arc::new(tokio::sync::Mutex::new(()));
         while let Some(sig) = self.rx.recv().await {
             match sig {
-                SIGHUP => reload_config(&shared, &reload),
+                SIGHUP => {
+                    let (shared, reload) = (Arc::clone(&shared), Arc::clone(&reload));
+                    let one_reload = Arc::clone(&one_reload);
+                    tokio::spawn(async move {
+                        let _only = one_reload.lock().await;
+                        reload_config(&shared, &reload).await;
+                    });
+                }
                 _ => {
                     let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                     if shared.shutdown.is_cancelled() {
@@ -54,8 +65,14 @@ impl Signals {
     }
 }
 
-fn reload_config(shared: &Shared, reload: &Reload) {
-    match reload() {
+/// Reloads the configuration. `reload` reads files and resolves user and group names (which
+/// may block on NSS), so it runs on a blocking thread, never on an async worker.
+async fn reload_config(shared: &Shared, reload: &Arc<Reload>) {
+    let reload = Arc::clone(reload);
+    let loaded = tokio::task::spawn_blocking(move || reload())
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload panicked: {e}")));
+    match loaded {
         Ok(config) => {
             let old = shared.config.get();
             if config.socket != old.socket || config.data_dir != old.data_dir {

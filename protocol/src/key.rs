@@ -58,9 +58,12 @@ impl Key {
     }
 }
 
+/// `namespace/name`, with the characters [`crate::display`] escapes escaped (a decoded key may
+/// not be valid, and a valid name may still hold bidirectional controls).
 impl std::fmt::Display for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        use crate::display::Escaped;
+        write!(f, "{}/{}", Escaped(&self.namespace), Escaped(&self.name))
     }
 }
 

@@ -15,11 +15,13 @@
 //! always be reported.
 
 pub mod codec;
+pub mod display;
 pub mod error;
 pub mod key;
 pub mod message;
 pub mod paths;
 pub mod ticket;
+pub mod users;
 
 pub use codec::{ClientCodec, CodecError, ServerCodec, DEFAULT_MAX_FRAME};
 pub use error::{ErrorCode, WireError};

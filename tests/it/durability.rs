@@ -238,6 +238,7 @@ async fn failing_disk_answers_unavailable_keeps_session_locks_and_recovers() {
 async fn detached_grant_to_a_closing_connection_is_not_orphaned() {
     use lockd_protocol::{Acquire, Key, Mode, Op, Wait};
     use lockd_tests::raw::RawConn;
+    use std::os::fd::AsRawFd;
     let d = TestDaemon::start(LOCKD).await;
     let holder = d.client().await;
     let other = d.client().await;
@@ -261,7 +262,13 @@ async fn detached_grant_to_a_closing_connection_is_not_orphaned() {
         .await;
         raw.request(2, Op::Ping).await;
         let _ = raw.recv(PROMPT).await; // the Pong: the acquire is queued
-                                        // Release and vanish at the same moment: the grant races the disconnect.
+                                        // This client will never read again: from here the daemon's writes to it fail. (A grant
+                                        // that did reach its socket would be the client's lease: the daemon cannot tell whether
+                                        // a peer read what it was sent before closing, so that is no orphan to find.)
+                                        // SAFETY: shutdown on a descriptor the stream owns and keeps open.
+        let rc = unsafe { libc::shutdown(raw.stream.as_raw_fd(), libc::SHUT_RD) };
+        assert_eq!(rc, 0, "shutdown(SHUT_RD)");
+        // Release and vanish at the same moment: the grant races the disconnect.
         let (released, ()) = tokio::join!(held.release(), async { drop(raw) });
         released.unwrap();
         // Either the waiter was gone before the grant, or it got a detached lease whose

@@ -4,6 +4,7 @@
 //! data directory; every wait is bounded.
 
 mod admin;
+mod attacks;
 mod bench;
 mod client;
 mod counter;

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use lockd_protocol::display::Escaped;
 use lockd_protocol::{ErrorCode, ServerMessage, Welcome, WireError, PROTOCOL_VERSION};
 use tokio::net::UnixStream;
 
@@ -62,7 +63,8 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         Ok(hello) => hello,
         Err(why) => {
             Global::inc(&shared.global.protocol_errors);
-            tracing::warn!(conn = id, "handshake with {who} failed: {why}");
+            // `why` may quote what the peer sent.
+            tracing::warn!(conn = id, "handshake with {who} failed: {}", Escaped(&why));
             return;
         }
     };

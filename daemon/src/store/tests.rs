@@ -249,6 +249,64 @@ async fn the_writer_across_many_checkpoints_converges_to_the_last_change_of_each
     assert_eq!(sorted(store.load_leases().unwrap()), want);
 }
 
+/// Tasks on two async workers and a plain thread commit at once, some inline (the first poll
+/// of a lone change), some through the writer thread (a busy log, a long queue, a blocking
+/// wait, a dropped answer): each lease's last change is the one stored, whoever committed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_and_writer_thread_commits_keep_each_lease_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = Writer::start_tuned(Store::open(dir.path()).unwrap(), 4096).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let leases: Vec<LeaseRecord> = (0..5).map(|i| record(t * 1000 + i)).collect();
+            let mut last = HashMap::new();
+            for step in 0..150u64 {
+                let mut r = leases[(step % 5) as usize].clone();
+                r.expires_at_ms = step;
+                let change = if step % 11 == 3 {
+                    last.remove(&r.ticket);
+                    Change::Delete(r.ticket)
+                } else {
+                    last.insert(r.ticket, r.clone());
+                    Change::Put(r)
+                };
+                match step % 4 {
+                    0 => writer.submit_quiet(change),
+                    1 => drop(writer.submit(change)),
+                    _ => outcome(writer.submit(change).await).unwrap(),
+                }
+            }
+            last
+        }));
+    }
+    let blocking = {
+        let writer = writer.clone();
+        std::thread::spawn(move || {
+            let leases: Vec<LeaseRecord> = (0..3).map(|i| record(9000 + i)).collect();
+            let mut last = HashMap::new();
+            for step in 0..50u64 {
+                let mut r = leases[(step % 3) as usize].clone();
+                r.expires_at_ms = step;
+                last.insert(r.ticket, r.clone());
+                outcome(writer.submit(Change::Put(r)).blocking_recv()).unwrap();
+            }
+            last
+        })
+    };
+    let mut model: HashMap<Ticket, LeaseRecord> = HashMap::new();
+    for task in tasks {
+        model.extend(task.await.unwrap());
+    }
+    model.extend(blocking.join().unwrap());
+    outcome(writer.sync().await).unwrap();
+    drop(writer);
+    let mut store = reopen_when_released(dir.path());
+    let want = sorted(model.into_values().collect());
+    assert_eq!(sorted(store.load_leases().unwrap()), want);
+}
+
 /// A rough figure, not a check: `cargo test -p lockd --release -- --ignored --nocapture
 /// recovery_of_100k`.
 #[test]

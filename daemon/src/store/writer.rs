@@ -12,7 +12,11 @@
 //! - the writer starts rewriting a log file only after the checkpointer reported the epoch that
 //!   file held as folded ([`super::log`]'s invariant).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -21,7 +25,61 @@ use super::log::Log;
 use super::{Batch, Change, Store, StoreError};
 
 /// Answer to a change: `Ok` once it (and everything queued before it) is durable.
-pub type Done = oneshot::Receiver<Result<(), StoreError>>;
+///
+/// Awaiting it is what gets the change committed: the first poll commits the queue right there,
+/// on the awaiting thread, when no commit is running and the queue is short (one `fdatasync`
+/// with no thread hand-off, the common case of a lone client); otherwise it wakes the writer
+/// thread, which commits everything queued as one batch. Dropping it unpolled also wakes the
+/// writer, so a change is never left waiting for a poll that does not come.
+pub struct Done {
+    rx: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    /// Set until the first poll (or drop) has committed or handed the queue on.
+    kick: Option<Arc<Shared>>,
+}
+
+/// What [`Done`] yields: an `Err` outside means the writer is gone.
+pub type DoneResult = Result<Result<(), StoreError>, oneshot::error::RecvError>;
+
+impl Done {
+    /// Blocks the calling (non-async) thread until the change is durable or failed. The
+    /// writer thread commits it.
+    pub fn blocking_recv(mut self) -> DoneResult {
+        if let Some(shared) = self.kick.take() {
+            shared.wake_writer();
+        }
+        match self.rx.take() {
+            Some(rx) => rx.blocking_recv(),
+            None => Ok(Err(StoreError::WriterGone)),
+        }
+    }
+}
+
+impl Future for Done {
+    type Output = DoneResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<DoneResult> {
+        if let Some(shared) = self.kick.take() {
+            shared.commit_here_or_wake();
+        }
+        match self.rx.as_mut() {
+            Some(rx) => Pin::new(rx).poll(cx),
+            None => Poll::Ready(Ok(Err(StoreError::WriterGone))),
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(shared) = self.kick.take() {
+            shared.wake_writer();
+        }
+    }
+}
+
+/// Maps a finished [`Done`] to a result.
+pub fn outcome(r: DoneResult) -> Result<(), StoreError> {
+    r.unwrap_or(Err(StoreError::WriterGone))
+}
 
 /// One change for the writer, with whom to tell when it is durable.
 pub(crate) struct Job {
@@ -29,12 +87,39 @@ pub(crate) struct Job {
     pub(crate) done: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
 
-/// Handle to the writer thread. Cloning is cheap; the thread stops when every handle is gone.
-#[derive(Clone)]
+/// Handle to the writer. Cloning is cheap; the writer thread stops once every handle is gone
+/// and everything queued is committed.
 pub struct Writer {
-    tx: std_mpsc::Sender<Job>,
+    inner: Inner,
 }
 
+enum Inner {
+    Threads(Arc<Shared>),
+    /// The engine's tests take the jobs themselves.
+    #[cfg(test)]
+    Manual(std_mpsc::Sender<Job>),
+}
+
+/// State shared by the handles, the writer thread and whoever commits inline.
+///
+/// Lock order: `committer` before `queue`. Jobs leave the queue only while `committer` is
+/// held, so batches reach the log in the order their changes were queued.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when jobs arrive for the writer thread or the last handle goes.
+    wake: Condvar,
+    committer: Mutex<Committer>,
+}
+
+struct Queue {
+    jobs: Vec<Job>,
+    /// Live [`Writer`] handles.
+    handles: usize,
+}
+
+/// A poll commits inline only while the queue holds at most this many jobs: under load the
+/// writer thread batches, and no async worker blocks for a batch of other clients' changes.
+const INLINE_MAX_JOBS: usize = 2;
 /// Delay before retrying a failed append or checkpoint when nothing else wakes the thread.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// An epoch is handed to the checkpointer once its file holds this many bytes…
@@ -44,9 +129,13 @@ const CHECKPOINT_AFTER: Duration = Duration::from_secs(1);
 /// How often a due rotation is retried while the checkpointer is still folding.
 const ROTATE_POLL: Duration = Duration::from_millis(50);
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Writer {
-    /// Moves `store` to two new threads: the writer (which owns the log) and the checkpointer
-    /// (which owns redb).
+    /// Moves `store` to two new threads: the writer (which commits to the log when no awaiting
+    /// task does) and the checkpointer (which owns redb).
     ///
     /// # Errors
     /// A thread could not be started.
@@ -65,7 +154,6 @@ impl Writer {
             .log
             .take()
             .ok_or_else(|| std::io::Error::other("the store's log was already taken"))?;
-        let (tx, rx) = std_mpsc::channel();
         let (to_checkpointer, checkpoints) = std_mpsc::channel();
         let (folded_tx, folded) = std_mpsc::channel();
         std::thread::Builder::new()
@@ -76,21 +164,53 @@ impl Writer {
             folded,
             busy: false,
         };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: Vec::new(),
+                handles: 1,
+            }),
+            wake: Condvar::new(),
+            committer: Mutex::new(Committer {
+                log,
+                checkpointer,
+                checkpoint_bytes,
+                batch: Batch::default(),
+                unfolded: Batch::default(),
+                waiters: Vec::new(),
+                failing: false,
+                epoch_started: Instant::now(),
+            }),
+        });
+        let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("lockd-store".into())
-            .spawn(move || writer_loop(log, checkpointer, rx, checkpoint_bytes))?;
-        Ok(Writer { tx })
+            .spawn(move || writer_loop(&thread_shared))?;
+        Ok(Writer {
+            inner: Inner::Threads(shared),
+        })
     }
 
-    /// Queues `change`; the returned receiver answers once it is durable (or failed).
+    /// Queues `change`; the returned [`Done`] answers once it is durable (or failed). Await it
+    /// (or drop it): that is what commits it.
     pub fn submit(&self, change: Change) -> Done {
         let (done, rx) = oneshot::channel();
-        // If the writer is gone, `done` is dropped and the receiver reports an error.
-        let _ = self.tx.send(Job {
+        let job = Job {
             change,
             done: Some(done),
-        });
-        rx
+        };
+        let kick = match &self.inner {
+            Inner::Threads(shared) => {
+                lock(&shared.queue).jobs.push(job);
+                Some(Arc::clone(shared))
+            }
+            #[cfg(test)]
+            Inner::Manual(tx) => {
+                // If the taker is gone, `done` is dropped and the receiver reports an error.
+                let _ = tx.send(job);
+                None
+            }
+        };
+        Done { rx: Some(rx), kick }
     }
 
     /// A writer without a thread: the caller takes the jobs and answers them as it likes
@@ -98,7 +218,12 @@ impl Writer {
     #[cfg(test)]
     pub(crate) fn manual() -> (Writer, std_mpsc::Receiver<Job>) {
         let (tx, rx) = std_mpsc::channel();
-        (Writer { tx }, rx)
+        (
+            Writer {
+                inner: Inner::Manual(tx),
+            },
+            rx,
+        )
     }
 
     /// Answers once every change submitted before this call is durable (or failed).
@@ -108,15 +233,80 @@ impl Writer {
 
     /// Queues `change` without waiting for it (it still converges to disk in order).
     pub fn submit_quiet(&self, change: Change) {
-        let _ = self.tx.send(Job { change, done: None });
+        let job = Job { change, done: None };
+        match &self.inner {
+            Inner::Threads(shared) => {
+                lock(&shared.queue).jobs.push(job);
+                shared.wake_writer();
+            }
+            #[cfg(test)]
+            Inner::Manual(tx) => {
+                let _ = tx.send(job);
+            }
+        }
     }
 }
 
-/// Maps a finished [`Done`] to a result.
-pub fn outcome(
-    r: Result<Result<(), StoreError>, oneshot::error::RecvError>,
-) -> Result<(), StoreError> {
-    r.unwrap_or(Err(StoreError::WriterGone))
+impl Clone for Writer {
+    fn clone(&self) -> Writer {
+        let inner = match &self.inner {
+            Inner::Threads(shared) => {
+                lock(&shared.queue).handles += 1;
+                Inner::Threads(Arc::clone(shared))
+            }
+            #[cfg(test)]
+            Inner::Manual(tx) => Inner::Manual(tx.clone()),
+        };
+        Writer { inner }
+    }
+}
+
+impl Drop for Writer {
+    // Without tests there is only `Inner::Threads`.
+    #[allow(irrefutable_let_patterns)]
+    fn drop(&mut self) {
+        if let Inner::Threads(shared) = &self.inner {
+            let last = {
+                let mut queue = lock(&shared.queue);
+                queue.handles -= 1;
+                queue.handles == 0
+            };
+            if last {
+                shared.wake_writer();
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn wake_writer(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Commits the queue on this thread if no commit is running and the queue is short, else
+    /// leaves it to the writer thread.
+    fn commit_here_or_wake(&self) {
+        let Ok(mut committer) = self.committer.try_lock() else {
+            // A commit is running: whoever runs it hands what is queued on when done.
+            self.wake_writer();
+            return;
+        };
+        let jobs = {
+            let mut queue = lock(&self.queue);
+            if queue.jobs.len() > INLINE_MAX_JOBS {
+                drop(queue);
+                drop(committer);
+                self.wake_writer();
+                return;
+            }
+            std::mem::take(&mut queue.jobs)
+        };
+        committer.commit(jobs);
+        drop(committer);
+        if !lock(&self.queue).jobs.is_empty() {
+            self.wake_writer();
+        }
+    }
 }
 
 /// One epoch's changes for the checkpointer.
@@ -159,101 +349,124 @@ impl Checkpointer {
     }
 }
 
-fn writer_loop(
-    mut log: Log,
-    mut checkpointer: Checkpointer,
-    rx: std_mpsc::Receiver<Job>,
+/// The log and what is on its way into it; held by whoever commits.
+struct Committer {
+    log: Log,
+    checkpointer: Checkpointer,
     checkpoint_bytes: u64,
-) {
-    let mut batch = Batch::default();
-    let mut unfolded = Batch::default();
-    let mut epoch_started = Instant::now();
-    let mut waiters: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
-    let mut failing = false;
-    loop {
-        // Wait for work; while a failed batch is pending, wake up to retry it anyway, and while
-        // the active epoch holds changes, wake up to hand it to the checkpointer.
-        let timeout = if failing {
+    /// Changes not yet durable (a failed batch's quiet changes wait here for the retry).
+    batch: Batch,
+    /// The active epoch's changes, for the checkpointer.
+    unfolded: Batch,
+    waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    /// The last append failed.
+    failing: bool,
+    epoch_started: Instant,
+}
+
+impl Committer {
+    /// Appends `jobs` (and a failed batch's leftovers) as one record, answers their waiters,
+    /// and hands the epoch to the checkpointer when it is due.
+    fn commit(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            self.batch.add(job.change, job.done.is_some());
+            self.waiters.extend(job.done);
+        }
+        if !self.batch.is_empty() {
+            if self.log.written() == 0 {
+                self.epoch_started = Instant::now();
+            }
+            self.failing = !self.append();
+        }
+        // Only syncs are left (or nothing): everything before them is durable or was answered.
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Ok(()));
+        }
+        let due = self.log.written() >= self.checkpoint_bytes
+            || (self.log.written() > 0 && self.epoch_started.elapsed() >= CHECKPOINT_AFTER);
+        if due && !self.failing {
+            self.checkpointer.rotate(&mut self.log, &mut self.unfolded);
+        }
+    }
+
+    /// How long the writer thread may sleep with an empty queue: while a failed batch is
+    /// pending, until its retry; while the active epoch holds changes, until it is due.
+    fn idle_timeout(&self) -> Option<Duration> {
+        if self.failing {
             Some(RETRY_AFTER)
-        } else if log.written() > 0 {
+        } else if self.log.written() > 0 {
             // At least a little: while the checkpointer is busy, a due rotation waits.
             Some(
                 CHECKPOINT_AFTER
-                    .saturating_sub(epoch_started.elapsed())
+                    .saturating_sub(self.epoch_started.elapsed())
                     .max(ROTATE_POLL),
             )
         } else {
             None
-        };
-        let first = match timeout {
-            Some(t) => match rx.recv_timeout(t) {
-                Ok(job) => Some(job),
-                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            },
-            None => match rx.recv() {
-                Ok(job) => Some(job),
-                Err(_) => return,
-            },
-        };
-        for job in first
-            .into_iter()
-            .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-        {
-            batch.add(job.change, job.done.is_some());
-            waiters.extend(job.done);
         }
-        if !batch.is_empty() {
-            if log.written() == 0 {
-                epoch_started = Instant::now();
+    }
+
+    /// Appends the batch to the log and answers its waiters. Returns whether it worked; on
+    /// failure the waiters hear the error and the quiet changes stay for the retry.
+    fn append(&mut self) -> bool {
+        match self.log.append(&self.batch) {
+            Ok(()) => {
+                if self.failing {
+                    tracing::info!("storage works again; pending changes are committed");
+                }
+                self.unfolded.absorb(std::mem::take(&mut self.batch));
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+                true
             }
-            failing = !append(&mut log, &mut batch, &mut unfolded, &mut waiters, failing);
-        }
-        // Only syncs are left (or nothing): everything before them is durable or was answered.
-        for w in waiters.drain(..) {
-            let _ = w.send(Ok(()));
-        }
-        let due = log.written() >= checkpoint_bytes
-            || (log.written() > 0 && epoch_started.elapsed() >= CHECKPOINT_AFTER);
-        if due && !failing {
-            checkpointer.rotate(&mut log, &mut unfolded);
+            Err(e) => {
+                if !self.failing {
+                    tracing::error!(
+                        "commit failed: {e}; affected requests answer Unavailable, retrying"
+                    );
+                }
+                self.batch.keep_quiet_changes();
+                let msg = e.to_string();
+                for w in self.waiters.drain(..) {
+                    let _ = w.send(Err(StoreError::CommitFailed(msg.clone())));
+                }
+                false
+            }
         }
     }
 }
 
-/// Appends `batch` to the log and answers its waiters. Returns whether it worked; on failure
-/// the waiters hear the error and the quiet changes stay in `batch` for the retry.
-fn append(
-    log: &mut Log,
-    batch: &mut Batch,
-    unfolded: &mut Batch,
-    waiters: &mut Vec<oneshot::Sender<Result<(), StoreError>>>,
-    was_failing: bool,
-) -> bool {
-    match log.append(batch) {
-        Ok(()) => {
-            if was_failing {
-                tracing::info!("storage works again; pending changes are committed");
+/// The writer thread: commits what is queued whenever no awaiting task did, retries failed
+/// batches, and rotates due epochs. Returns once every handle is gone and the queue is empty.
+fn writer_loop(shared: &Shared) {
+    loop {
+        let timeout = lock(&shared.committer).idle_timeout();
+        {
+            let mut queue = lock(&shared.queue);
+            if queue.jobs.is_empty() {
+                if queue.handles == 0 {
+                    return;
+                }
+                queue = match timeout {
+                    Some(t) => {
+                        shared
+                            .wake
+                            .wait_timeout(queue, t)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                    None => shared
+                        .wake
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner),
+                };
             }
-            unfolded.absorb(std::mem::take(batch));
-            for w in waiters.drain(..) {
-                let _ = w.send(Ok(()));
-            }
-            true
+            drop(queue);
         }
-        Err(e) => {
-            if !was_failing {
-                tracing::error!(
-                    "commit failed: {e}; affected requests answer Unavailable, retrying"
-                );
-            }
-            batch.keep_quiet_changes();
-            let msg = e.to_string();
-            for w in waiters.drain(..) {
-                let _ = w.send(Err(StoreError::CommitFailed(msg.clone())));
-            }
-            false
-        }
+        let mut committer = lock(&shared.committer);
+        let jobs = std::mem::take(&mut lock(&shared.queue).jobs);
+        committer.commit(jobs);
     }
 }
 

@@ -90,9 +90,11 @@ impl KeyRef<'_> {
     }
 }
 
+/// `namespace/name` escaped as [`Key`]'s `Display` is (for logs and messages).
 impl std::fmt::Display for KeyRef<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        use lockd_protocol::display::Escaped;
+        write!(f, "{}/{}", Escaped(self.namespace), Escaped(self.name))
     }
 }
 

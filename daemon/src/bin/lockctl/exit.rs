@@ -20,7 +20,7 @@ pub const PERMISSION: u8 = 77;
 /// The exit code for `err`; `not_acquired` is the code for conflict/timeout (`-E`).
 pub fn for_error(err: &Error, not_acquired: u8) -> u8 {
     match err {
-        Error::Connect { .. } | Error::Disconnected => UNAVAILABLE,
+        Error::Connect { .. } | Error::Disconnected | Error::Untrusted(_) => UNAVAILABLE,
         Error::InvalidKey(_) => USAGE,
         Error::Protocol(_) => INTERNAL,
         Error::Lock(e) | Error::Rejected(e) => match e.code {
@@ -39,8 +39,12 @@ pub fn for_error(err: &Error, not_acquired: u8) -> u8 {
     }
 }
 
-/// Prints `err` for the user and returns its exit code (conflict and timeout: 1).
+/// Prints `err` for the user (escaped: daemon messages quote peer-supplied names) and returns
+/// its exit code (conflict and timeout: 1).
 pub fn report(err: &Error) -> u8 {
-    eprintln!("lockctl: {err}");
+    eprintln!(
+        "lockctl: {}",
+        lockd_protocol::display::escape(&err.to_string())
+    );
     for_error(err, NOT_ACQUIRED)
 }

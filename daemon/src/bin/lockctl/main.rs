@@ -116,9 +116,13 @@ fn main() -> ExitCode {
 
 /// Runs the subcommand; returns lockctl's exit code.
 async fn dispatch(cli: Cli) -> u8 {
-    let socket = cli
+    let socket = match cli
         .socket
-        .unwrap_or_else(lockd_protocol::paths::client_socket_path);
+        .map_or_else(lockd_protocol::paths::client_socket_path, Ok)
+    {
+        Ok(socket) => socket,
+        Err(e) => return exit::report(&e.into()),
+    };
     match cli.command {
         Command::Run(args) => run::run(&socket, args).await,
         Command::Acquire(args) => lease::acquire(&socket, args).await,

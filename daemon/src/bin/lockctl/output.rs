@@ -58,10 +58,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Shows opaque hold data: as text when it is printable UTF-8, else as hex.
+/// Shows opaque hold data: as text when it is UTF-8 with nothing [`lockd_protocol::display`]
+/// would escape (no control or bidirectional characters), else as hex.
 pub fn data(bytes: &[u8]) -> String {
+    use lockd_protocol::display::needs_escape;
     match std::str::from_utf8(bytes) {
-        Ok(s) if !s.chars().any(char::is_control) => s.to_string(),
+        Ok(s) if !s.chars().any(needs_escape) => s.to_string(),
         _ => bytes.iter().map(|b| format!("{b:02x}")).collect(),
     }
 }
@@ -77,5 +79,13 @@ mod tests {
         assert_eq!(duration(192_000), "3m12s");
         assert_eq!(duration(7_500_000), "2h5m");
         assert_eq!(duration(3 * 86_400_000 + 4 * 3_600_000), "3d4h");
+    }
+
+    #[test]
+    fn data_with_controls_or_bidi_characters_is_shown_as_hex() {
+        assert_eq!(data(b"host-a:1234"), "host-a:1234");
+        assert_eq!(data(b"a\x1b[2Jb"), "611b5b324a62");
+        assert_eq!(data("a\u{202e}b".as_bytes()), "61e280ae62");
+        assert_eq!(data(b"\xff"), "ff");
     }
 }

@@ -268,7 +268,9 @@ impl Args {
         let socket = match (self.redis, self.socket) {
             (Some(redis), _) => redis,
             (None, Some(socket)) => socket,
-            (None, None) => lockd_protocol::paths::client_socket_path(),
+            (None, None) => {
+                lockd_protocol::paths::client_socket_path().map_err(|e| e.to_string())?
+            }
         };
         Ok(Settings {
             target,

@@ -130,21 +130,10 @@ fn pid(p: Option<i32>) -> String {
     p.map_or_else(|| "-".into(), |p| p.to_string())
 }
 
-/// A peer-supplied string made safe for a terminal: control characters (newlines, escape
-/// sequences) are shown escaped, as `{:?}` would; everything else is unchanged.
+/// A peer-supplied string made safe for a terminal (the shared rule of
+/// [`lockd_protocol::display`]): control characters shown escaped, the rest unchanged.
 fn printable(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
-        return s.to_string();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    lockd_protocol::display::escape(s).into_owned()
 }
 
 /// `2024-05-01 12:00:03.250 UTC` for milliseconds since the Unix epoch.
@@ -276,8 +265,8 @@ pub async fn list(socket: &Path, args: ListArgs) -> u8 {
         .iter()
         .map(|k| {
             vec![
-                k.key.namespace.clone(),
-                k.key.name.clone(),
+                printable(&k.key.namespace),
+                printable(&k.key.name),
                 k.mode.map_or("-", |m| m.as_str()).into(),
                 k.holders.to_string(),
                 k.waiters.to_string(),
@@ -428,11 +417,15 @@ pub async fn stats(socket: &Path, args: StatsArgs) -> u8 {
         return 0;
     }
     let mut rows = vec![vec!["uptime".to_string(), output::duration(s.uptime_ms)]];
-    rows.extend(s.gauges.iter().map(|(k, v)| vec![k.clone(), v.to_string()]));
+    rows.extend(
+        s.gauges
+            .iter()
+            .map(|(k, v)| vec![printable(k), v.to_string()]),
+    );
     rows.extend(
         s.counters
             .iter()
-            .map(|(k, v)| vec![format!("{k} (total)"), v.to_string()]),
+            .map(|(k, v)| vec![format!("{} (total)", printable(k)), v.to_string()]),
     );
     for (name, h) in [("wait", &s.wait_ms), ("hold", &s.hold_ms)] {
         let n: u64 = h.counts.iter().sum();
@@ -471,6 +464,7 @@ pub fn prometheus(s: &Stats) -> String {
     let _ = writeln!(out, "# TYPE lockd_uptime_seconds gauge");
     let _ = writeln!(out, "lockd_uptime_seconds {}", s.uptime_ms as f64 / 1000.0);
     for (name, v) in &s.counters {
+        let name = metric_name(name);
         let _ = writeln!(
             out,
             "# HELP lockd_{name}_total Count of {} since start.",
@@ -480,6 +474,7 @@ pub fn prometheus(s: &Stats) -> String {
         let _ = writeln!(out, "lockd_{name}_total {v}");
     }
     for (name, v) in &s.gauges {
+        let name = metric_name(name);
         let _ = writeln!(
             out,
             "# HELP lockd_{name} Current number of {}.",
@@ -517,6 +512,14 @@ pub fn prometheus(s: &Stats) -> String {
         let _ = writeln!(out, "lockd_{name}_seconds_count {total}");
     }
     out
+}
+
+/// A statistic's name as a Prometheus metric name part: `[a-zA-Z0-9_]`, anything else `_` (the
+/// names come from the daemon; none may add a line or a label to the exposition).
+fn metric_name(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 #[cfg(test)]

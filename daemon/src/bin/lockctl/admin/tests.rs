@@ -80,7 +80,7 @@ fn deadlock_events_are_shown_with_control_characters_escaped() {
     assert!(!line.chars().any(char::is_control), "{line}");
     assert!(line.contains("client=\"evil\\u{1b}[2Jname\\n\""), "{line}");
     assert!(
-        line.contains("client \"a\"\\u{1b}[31m waits for default/k2\\nfake"),
+        line.contains("client \"a\"\\x1b[31m waits for default/k2\\nfake"),
         "{line}"
     );
 
@@ -98,5 +98,6 @@ fn deadlock_events_are_shown_with_control_characters_escaped() {
 fn printable_leaves_ordinary_text_alone() {
     assert_eq!(printable("lockctl run make"), "lockctl run make");
     assert_eq!(printable("ünï \"q\" \\"), "ünï \"q\" \\");
-    assert_eq!(printable("a\tb\u{7f}"), "a\\tb\\u{7f}");
+    assert_eq!(printable("a\tb\u{7f}"), "a\\tb\\x7f");
+    assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
 }

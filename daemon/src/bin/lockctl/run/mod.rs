@@ -225,7 +225,10 @@ pub async fn run(socket: &Path, args: RunArgs) -> u8 {
         Ok((client, guard)) if args.no_fork => exec_in_place(&args, &argv, &client, guard),
         Ok((client, guard)) => supervise(&args, &argv, &client, guard, signals).await,
         Err(e) => {
-            eprintln!("lockctl: {e}");
+            eprintln!(
+                "lockctl: {}",
+                lockd_protocol::display::escape(&e.to_string())
+            );
             exit::for_error(&e, args.conflict_exit_code)
         }
     }
@@ -316,7 +319,11 @@ async fn tell_holders(client: &Client, args: &RunArgs, what: &str) {
                 eprintln!("lockctl: {what} {}, {line}", args.name);
             }
         }
-        Err(e) => eprintln!("lockctl: {what} {} (cannot describe it: {e})", args.name),
+        Err(e) => eprintln!(
+            "lockctl: {what} {} (cannot describe it: {})",
+            args.name,
+            lockd_protocol::display::escape(&e.to_string())
+        ),
     }
 }
 
