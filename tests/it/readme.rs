@@ -547,3 +547,96 @@ fn rust_example_in_this_process() {
         panic!("the README's Rust example returned an error: {e}");
     }
 }
+
+/// The repository's root (the `it` target belongs to the daemon package, one level down).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+/// The targets of the inline links `[text](target)` in `markdown`, with their lines.
+fn links(markdown: &str) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    for (i, line) in markdown.lines().enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find("](") {
+            let after = &rest[at + 2..];
+            let Some(end) = after.find(')') else { break };
+            found.push((i + 1, after[..end].to_string()));
+            rest = &after[end..];
+        }
+    }
+    found
+}
+
+/// GitHub's anchor for a heading: lower case, spaces to hyphens, other punctuation dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The newcomer found the README pointing at a file outside the repository: every
+/// relative link in the README and the CHANGELOG names a file of this repository, and every
+/// `#anchor` in the README a heading of it.
+#[test]
+fn readme_and_changelog_links_point_into_the_repository() {
+    let root = repo_root();
+    let headings: Vec<String> = README
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|l| anchor(l.trim_start_matches('#')))
+        .collect();
+    let changelog = include_str!("../../CHANGELOG.md");
+    let mut bad = Vec::new();
+    for (file, text) in [("README.md", README), ("CHANGELOG.md", changelog)] {
+        for (line, target) in links(text) {
+            if target.starts_with("https://") || target.starts_with("http://") {
+                continue;
+            }
+            if let Some(fragment) = target.strip_prefix('#') {
+                if file == "README.md" && !headings.iter().any(|h| h == fragment) {
+                    bad.push(format!("{file}:{line}: no heading makes #{fragment}"));
+                }
+                continue;
+            }
+            let path = target.split('#').next().unwrap_or_default();
+            let inside = !path.starts_with('/') && !path.split('/').any(|part| part == "..");
+            if !inside || !root.join(path).exists() {
+                bad.push(format!(
+                    "{file}:{line}: {target} is not a file of this repository"
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "broken links:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn links_and_anchors_are_found() {
+    assert_eq!(
+        links("see [a](docs/a.md) and [b](#run-it-as-a-system-service).\n[c](x)"),
+        vec![
+            (1, "docs/a.md".to_string()),
+            (1, "#run-it-as-a-system-service".to_string()),
+            (2, "x".to_string())
+        ]
+    );
+    assert_eq!(
+        anchor(" Run it as a system service"),
+        "run-it-as-a-system-service"
+    );
+    assert_eq!(
+        anchor(" `lockctl run` in place of flock(1)"),
+        "lockctl-run-in-place-of-flock1"
+    );
+}
