@@ -21,6 +21,7 @@ mod lockctl;
 mod man;
 mod package;
 mod queue;
+mod readme;
 mod regressions;
 mod security;
 mod semantics;
