@@ -3,8 +3,10 @@
 //!
 //! Everything here is a no-op outside systemd: `sd_notify` ignores a missing `NOTIFY_SOCKET`.
 //!
-//! Reload follows `Type=notify-reload` (systemd.service(5)): on the reload signal the daemon
-//! sends `RELOADING=1` with `MONOTONIC_USEC=` (systemd counts a reload only if that time is not
+//! Reload speaks systemd's reload notifications (sd_notify(3); what `Type=notify-reload` expects
+//! too, though the shipped unit is `Type=notify` with an `ExecReload=` that checks the file and
+//! then sends SIGHUP, which works on systemd before 253 as well): on SIGHUP the daemon sends
+//! `RELOADING=1` with `MONOTONIC_USEC=` (systemd counts a reload only if that time is not
 //! before it sent the signal), reloads, then sends `READY=1`. The protocol has no "reload
 //! failed" message: `READY=1` always ends the reload cycle, and leaving it out makes systemd
 //! wait for `TimeoutStartSec=` (and, before systemd 258, stay stuck in "reloading": systemd

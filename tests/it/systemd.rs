@@ -60,73 +60,86 @@ fn unit_files_pass_systemd_analyze_verify() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut warnings = text(&out.stderr);
-    // Type=notify-reload is systemd 253's; older ones warn about it (and run the unit as
-    // Type=simple). Only that warning is tolerated, and only there.
-    let version = systemd_version(&analyze);
-    if version < 253 {
-        let known = "Failed to parse service type, ignoring: notify-reload";
-        eprintln!("NOTE: systemd {version} predates Type=notify-reload; tolerating {known:?}");
-        warnings = warnings
-            .lines()
-            .filter(|l| !l.ends_with(known))
-            .collect::<Vec<_>>()
-            .join("\n");
-    }
+    let warnings = text(&out.stderr);
     assert!(warnings.trim().is_empty(), "warnings: {warnings}");
 }
 
-/// The major version of the systemd `analyze` belongs to ("systemd 252 (252.38-1)").
-fn systemd_version(analyze: &Path) -> u32 {
-    let out = std::process::Command::new(analyze)
-        .arg("--version")
-        .output()
-        .unwrap();
-    text(&out.stdout)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no version in {:?}", text(&out.stdout)))
+/// A stand-in for lockd's main process: exits 42 on SIGHUP, 43 on SIGTERM (both trapped, so a
+/// pending SIGHUP's trap runs first: the shell runs pending traps in signal-number order).
+fn main_process() -> std::process::Child {
+    std::process::Command::new("/bin/sh")
+        .args(["-c", "trap 'exit 42' HUP; trap 'exit 43' TERM; while :; do sleep 0.05; done"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
-/// The unit's `ExecReload=` line, run as systemd would run it (through `sh -c`, which parses its
-/// quotes the same way), with the installed paths replaced by `config` and the built `lockd`.
-fn exec_reload(config: &Path) -> std::process::Output {
+/// The unit's `ExecReload=` line, run as systemd would run it (`$$` unescaped to `$`, through
+/// `sh -c`, which parses its quotes the same way, with `MAINPID` set), with the installed
+/// paths replaced by `config` and the built `lockd`. Returns its output and whether the main
+/// process got SIGHUP.
+fn exec_reload(config: &Path) -> (std::process::Output, bool) {
     let unit = std::fs::read_to_string(repo().join("systemd/lockd.service")).unwrap();
     let line = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecReload="))
         .expect("lockd.service has ExecReload=");
     let line = line
+        .replace("$$", "$")
         .replace("/etc/lockd/lockd.toml", config.to_str().unwrap())
         .replace("/usr/bin/lockd ", &format!("{LOCKD} "));
-    std::process::Command::new("/bin/sh")
-        .args(["-c", &line])
+    let line = line.strip_prefix("/bin/sh -c '").unwrap_or(&line);
+    let line = line.strip_suffix('\'').unwrap_or(line);
+    let mut main = main_process();
+    let out = std::process::Command::new("/bin/sh")
+        .args(["-c", line])
+        .env("MAINPID", main.id().to_string())
         .stdin(Stdio::null())
         .output()
-        .unwrap()
+        .unwrap();
+    // Signals arrive in order: a SIGHUP sent by the reload is handled before this SIGTERM.
+    signal(main.id(), libc::SIGTERM);
+    let status = wait_bounded(&mut main);
+    (out, status.code() == Some(42))
+}
+
+fn wait_bounded(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + PROMPT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "main process did not end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
-fn exec_reload_fails_on_a_broken_config_only() {
+fn exec_reload_signals_lockd_only_when_the_config_is_good() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("lockd.toml");
-    let out = exec_reload(&config);
+    let (out, hup) = exec_reload(&config);
     assert!(
         out.status.success(),
         "no file is no error: {}",
         text(&out.stderr)
     );
+    assert!(hup, "no file: lockd reloads its defaults");
     std::fs::write(&config, "[limits]\nmax_data = 2048\n").unwrap();
-    let out = exec_reload(&config);
+    let (out, hup) = exec_reload(&config);
     assert!(
         out.status.success(),
         "a good file passes: {}",
         text(&out.stderr)
     );
+    assert!(hup, "a good file: lockd is told to reload");
     std::fs::write(&config, "[limits]\nmax_data = \"lots\"\n").unwrap();
-    let out = exec_reload(&config);
+    let (out, hup) = exec_reload(&config);
     assert!(!out.status.success(), "a broken file fails the reload");
+    assert!(!hup, "a broken file: lockd is not signalled");
     assert!(
         text(&out.stderr).contains("max_data"),
         "{}",
