@@ -237,3 +237,43 @@ async fn detached_leases_survive_a_daemon_sigkill_and_expired_ones_do_not() {
         "fences keep increasing"
     );
 }
+
+/// A renewal without a length uses the length given at acquire, before and after a restart
+/// (after a restart it once used the last renewal's length).
+#[tokio::test]
+async fn a_renewal_without_a_length_uses_the_acquired_length_across_a_restart() {
+    let mut d = daemon().await;
+    let c = d.client().await;
+    let mut tickets = Vec::new();
+    for name in ["before", "after"] {
+        let lease = c
+            .acquire(name)
+            .lease(Duration::from_secs(10))
+            .detached()
+            .await
+            .unwrap();
+        c.renew(&lease.ticket, Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        tickets.push(lease.ticket);
+    }
+    let left = |at: std::time::SystemTime| {
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    };
+    // Generous bounds: the acquired length is 10 s, the last explicit renewal's 600 s.
+    let before = left(c.renew(&tickets[0], None).await.unwrap());
+    assert!(
+        before <= Duration::from_secs(10),
+        "before a restart: {before:?}"
+    );
+    drop(c);
+    d.kill9();
+    d.restart().await;
+    let c = d.client().await;
+    let after = left(c.renew(&tickets[1], None).await.unwrap());
+    assert!(
+        after <= Duration::from_secs(10),
+        "after a restart: {after:?}"
+    );
+}

@@ -68,7 +68,10 @@ fn unit_files_pass_systemd_analyze_verify() {
 /// pending SIGHUP's trap runs first: the shell runs pending traps in signal-number order).
 fn main_process() -> std::process::Child {
     std::process::Command::new("/bin/sh")
-        .args(["-c", "trap 'exit 42' HUP; trap 'exit 43' TERM; while :; do sleep 0.05; done"])
+        .args([
+            "-c",
+            "trap 'exit 42' HUP; trap 'exit 43' TERM; while :; do sleep 0.05; done",
+        ])
         .stdin(Stdio::null())
         .spawn()
         .unwrap()

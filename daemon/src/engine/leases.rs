@@ -52,7 +52,6 @@ impl Lease {
     fn extend(&mut self, next: &Extension) {
         self.deadline = next.deadline;
         self.record.expires_at_ms = next.expires_at_ms;
-        self.record.lease_ms = next.lease_ms;
         self.applied = next.seq;
         self.shown_expiry
             .store(self.record.expires_at_ms, Ordering::Relaxed);
@@ -65,7 +64,6 @@ pub struct Extension {
     pub deadline: Instant,
     /// Wall-clock milliseconds since the Unix epoch.
     pub expires_at_ms: u64,
-    pub lease_ms: u64,
     seq: u64,
 }
 
@@ -203,14 +201,14 @@ impl Leases {
         let next = Extension {
             deadline: now + length,
             expires_at_ms: now_ms.saturating_add(length.as_millis() as u64),
-            lease_ms: length.as_millis() as u64,
             seq: lease.renewals + 1,
         };
         lease.renewals = next.seq;
         if lease.detached {
             let mut record = lease.record.clone();
+            // `lease_ms` stays the length given at acquire: a renewal without a length uses that
+            // one, before a restart (`lease.length`) and after it (recovered from the record).
             record.expires_at_ms = next.expires_at_ms;
-            record.lease_ms = next.lease_ms;
             return Ok(Renewal::Pending(
                 self.writer.submit(Change::Put(record)),
                 next,
