@@ -23,7 +23,8 @@ pub enum ErrorCode {
     InvalidArgument,
     /// A configured limit would be exceeded.
     LimitExceeded,
-    /// Storage failure or daemon shutting down; retrying later may succeed.
+    /// The daemon could not store the change (its disk failed); nothing changed, and retrying
+    /// later may succeed.
     Unavailable,
     /// Client and daemon speak different protocol versions.
     VersionMismatch,

@@ -74,7 +74,7 @@ enum Command {
     Acquire(lease::AcquireArgs),
     /// Extend a lease by its ticket
     Renew(lease::RenewArgs),
-    /// Release a lease (or any hold of your uid) by its ticket
+    /// Release a lease by its ticket (a lease of your uid; root and admins: any)
     Release(lease::ReleaseArgs),
     /// Who holds a lock and who waits for it (never tickets)
     Describe(admin::DescribeArgs),
