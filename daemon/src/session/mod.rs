@@ -34,8 +34,11 @@ use accept::ConnectionSlot;
 use wire::{Wire, OUT_CAP};
 
 struct Session {
-    wire: Wire,
+    /// Declared before `wire`, so it drops first: a connection's holds are released before its
+    /// socket closes, and a peer that sees the close (a refused frame, a write timeout) can
+    /// rely on them being gone.
     conn: Conn,
+    wire: Wire,
     mailbox: mpsc::UnboundedReceiver<Push>,
     /// This connection's place in its uid's connection count (returned when dropped).
     _slot: ConnectionSlot,
