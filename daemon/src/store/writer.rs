@@ -115,6 +115,9 @@ struct Queue {
     jobs: Vec<Job>,
     /// Live [`Writer`] handles.
     handles: usize,
+    /// The writer thread waits on `wake`: only then is a notify needed (a notify is a futex
+    /// syscall; under load most commits would pay one for a thread that is already awake).
+    writer_asleep: bool,
 }
 
 /// Delay before retrying a failed append or checkpoint when nothing else wakes the thread.
@@ -165,6 +168,7 @@ impl Writer {
             queue: Mutex::new(Queue {
                 jobs: Vec::new(),
                 handles: 1,
+                writer_asleep: false,
             }),
             wake: Condvar::new(),
             committer: Mutex::new(Committer {
@@ -234,8 +238,9 @@ impl Writer {
         let job = Job { change, done: None };
         match &self.inner {
             Inner::Threads(shared) => {
-                lock(&shared.queue).jobs.push(job);
-                shared.wake_writer();
+                let mut queue = lock(&shared.queue);
+                queue.jobs.push(job);
+                shared.wake_writer_with(queue);
             }
             #[cfg(test)]
             Inner::Manual(tx) => {
@@ -264,13 +269,10 @@ impl Drop for Writer {
     #[allow(irrefutable_let_patterns)]
     fn drop(&mut self) {
         if let Inner::Threads(shared) = &self.inner {
-            let last = {
-                let mut queue = lock(&shared.queue);
-                queue.handles -= 1;
-                queue.handles == 0
-            };
-            if last {
-                shared.wake_writer();
+            let mut queue = lock(&shared.queue);
+            queue.handles -= 1;
+            if queue.handles == 0 {
+                shared.wake_writer_with(queue);
             }
         }
     }
@@ -278,11 +280,20 @@ impl Drop for Writer {
 
 impl Shared {
     fn wake_writer(&self) {
-        self.wake.notify_one();
+        self.wake_writer_with(lock(&self.queue));
     }
 
-    /// Commits the queue on this thread if no commit is running and the queue is short, else
-    /// leaves it to the writer thread.
+    /// Wakes the writer thread if it sleeps; `queue` is the caller's lock on the queue.
+    fn wake_writer_with(&self, queue: MutexGuard<'_, Queue>) {
+        let asleep = queue.writer_asleep;
+        drop(queue);
+        if asleep {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Commits the queue on this thread if no commit is running and this change is alone (as
+    /// the last commit's was), else leaves it to the writer thread.
     fn commit_here_or_wake(&self) {
         let Ok(mut committer) = self.committer.try_lock() else {
             // A commit is running: whoever runs it hands what is queued on when done.
@@ -295,17 +306,17 @@ impl Shared {
             // writer thread batches, and no async worker blocks its other connections for a
             // sync (inline commits at 64 clients halved throughput).
             if queue.jobs.len() > 1 || committer.last_batch_jobs > 1 {
-                drop(queue);
                 drop(committer);
-                self.wake_writer();
+                self.wake_writer_with(queue);
                 return;
             }
             std::mem::take(&mut queue.jobs)
         };
         committer.commit(jobs);
         drop(committer);
-        if !lock(&self.queue).jobs.is_empty() {
-            self.wake_writer();
+        let queue = lock(&self.queue);
+        if !queue.jobs.is_empty() {
+            self.wake_writer_with(queue);
         }
     }
 }
@@ -454,6 +465,7 @@ fn writer_loop(shared: &Shared) {
                 if queue.handles == 0 {
                     return;
                 }
+                queue.writer_asleep = true;
                 queue = match timeout {
                     Some(t) => {
                         shared
@@ -467,6 +479,7 @@ fn writer_loop(shared: &Shared) {
                         .wait(queue)
                         .unwrap_or_else(PoisonError::into_inner),
                 };
+                queue.writer_asleep = false;
             }
             drop(queue);
         }
