@@ -143,6 +143,9 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             None => Ok(()),
         }
     });
+    // Everything owed to the disk is synced by now; a reload stuck on the user database (a
+    // blocking task) must not hold the exit until systemd's SIGKILL.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Some(bound) = bound {
         bound.remove();
     }

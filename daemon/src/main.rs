@@ -57,8 +57,9 @@ A second such signal during shutdown exits at once.
 Reload the configuration (defaults, then the file, then the command line, as at start).
 A file that does not load is refused and the running configuration kept; the log says why.
 The socket and the data directory change only with a restart.
-Under systemd the reload is announced with \fBRELOADING=1\fR and ended with \fBREADY=1\fR
-(\fBType=notify\-reload\fR), whose \fBSTATUS=\fR says whether it failed.
+Under systemd the reload is announced with \fBRELOADING=1\fR and ended with \fBREADY=1\fR,
+whose \fBSTATUS=\fR says whether it failed; the unit's \fBExecReload=\fR checks the file with
+\fB\-\-check\-config\fR first, so \fBsystemctl reload\fR fails on a broken file.
 .SH ENVIRONMENT
 .TP
 \fBRUST_LOG\fR

@@ -42,6 +42,10 @@ impl Signals {
         let one_reload = Arc::new(tokio::sync::Mutex::new(()));
         while let Some(sig) = self.rx.recv().await {
             match sig {
+                // Once stopping, a reload would only send READY=1 over systemd's STOPPING=1.
+                SIGHUP if shared.shutdown.is_cancelled() => {
+                    tracing::info!("SIGHUP while shutting down: not reloading");
+                }
                 SIGHUP => {
                     let (shared, reload) = (Arc::clone(&shared), Arc::clone(&reload));
                     let one_reload = Arc::clone(&one_reload);

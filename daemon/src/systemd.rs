@@ -107,18 +107,10 @@ pub fn reloaded(outcome: Result<(), &str>) {
         Ok(()) => "configuration reloaded".to_string(),
         Err(why) => format!(
             "configuration reload failed, still using the previous one: {}",
-            one_line(why)
+            lockd_protocol::display::Escaped(why)
         ),
     };
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
-}
-
-/// `text` fit for one `KEY=value` line of a notification: control characters (a newline
-/// would start a new assignment) become spaces.
-fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 /// STOPPING=1.

@@ -142,11 +142,7 @@ impl ForeignDaemon {
 /// Spawns a copy of lockd (placed in `bin_dir`) as `uid` with `args`, its output to `log`,
 /// without the environment variables that choose its default paths.
 fn lockd_as(uid: u32, bin_dir: &Path, args: &[&std::ffi::OsStr], log: &Path) -> Child {
-    let bin = bin_dir.join("lockd");
-    if !bin.exists() {
-        std::fs::copy(crate::LOCKD, &bin).unwrap();
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let bin = crate::copy_for_others(crate::LOCKD, bin_dir, "lockd");
     let file = std::fs::File::create(log).unwrap();
     let mut cmd = std::process::Command::new(&bin);
     cmd.args(args)

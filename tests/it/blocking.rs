@@ -125,11 +125,13 @@ fn blocking_lease_is_renewed_while_the_caller_thread_is_busy() {
     let socket = d.socket.clone();
     bounded(PROMPT * 3, move || {
         let c = Client::connect(&socket).expect("connect");
-        let lease = Duration::from_millis(300);
+        // Generous for a busy 2-core machine: renewals every 1 s, so only a stall of about 2 s
+        // in the client's thread or the daemon lets the lease run out.
+        let lease = Duration::from_secs(3);
         let guard = c.acquire("renewed").lease(lease).send().expect("granted");
-        // The caller's thread does something else entirely for several lease lengths; the
+        // The caller's thread does something else entirely for longer than the lease; the
         // client's own thread renews in the meantime.
-        std::thread::sleep(lease * 4);
+        std::thread::sleep(lease * 2);
         assert!(!guard.is_lost(), "the lease expired while the guard lived");
         let other = Client::connect(&socket).expect("connect other");
         assert_eq!(holders(&other, "renewed"), 1);

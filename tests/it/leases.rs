@@ -263,17 +263,12 @@ async fn a_renewal_without_a_length_uses_the_acquired_length_across_a_restart() 
     };
     // Generous bounds: the acquired length is 10 s, the last explicit renewal's 600 s.
     let before = left(c.renew(&tickets[0], None).await.unwrap());
-    assert!(
-        before <= Duration::from_secs(10),
-        "before a restart: {before:?}"
-    );
+    let acquired = Duration::from_secs(5)..=Duration::from_secs(10);
+    assert!(acquired.contains(&before), "before a restart: {before:?}");
     drop(c);
     d.kill9();
     d.restart().await;
     let c = d.client().await;
     let after = left(c.renew(&tickets[1], None).await.unwrap());
-    assert!(
-        after <= Duration::from_secs(10),
-        "after a restart: {after:?}"
-    );
+    assert!(acquired.contains(&after), "after a restart: {after:?}");
 }

@@ -61,19 +61,25 @@ pub async fn lockctl(socket: &std::path::Path, args: &[&str]) -> std::process::O
 /// A copy of lockctl that other uids can execute (the build directory may sit under a
 /// private home), placed in `dir`, which is made traversable too.
 pub fn lockctl_for_others(dir: &std::path::Path) -> std::path::PathBuf {
+    copy_for_others(LOCKCTL, dir, "lockctl")
+}
+
+/// A copy of the binary `src`, named `name` in `dir`, that other uids can execute; `dir` is
+/// made traversable too.
+pub fn copy_for_others(src: &str, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    let copy = dir.join("lockctl");
+    let copy = dir.join(name);
     if !copy.exists() {
         // Copied by `cp`, not by this process: a child that another test forks while the copy
         // is open for writing would inherit that descriptor until its exec, and executing the
         // copy meanwhile fails with ETXTBSY ("Text file busy"). Only `cp` ever holds it.
         let status = std::process::Command::new("cp")
-            .arg(LOCKCTL)
+            .arg(src)
             .arg(&copy)
             .status()
             .expect("run cp");
-        assert!(status.success(), "cp lockctl: {status}");
+        assert!(status.success(), "cp {name}: {status}");
         std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     copy

@@ -66,15 +66,25 @@ fn unit_files_pass_systemd_analyze_verify() {
 
 /// A stand-in for lockd's main process: exits 42 on SIGHUP, 43 on SIGTERM (both trapped, so a
 /// pending SIGHUP's trap runs first: the shell runs pending traps in signal-number order).
+/// Returns once the traps are set (the shell says so), so no signal meets the default action.
 fn main_process() -> std::process::Child {
-    std::process::Command::new("/bin/sh")
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("/bin/sh")
         .args([
             "-c",
-            "trap 'exit 42' HUP; trap 'exit 43' TERM; while :; do sleep 0.05; done",
+            "trap 'exit 42' HUP; trap 'exit 43' TERM; echo ready; while :; do sleep 0.05; done",
         ])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let mut ready = String::new();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::io::BufReader::new(stdout)
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n", "the stand-in main process set its traps");
+    child
 }
 
 /// The unit's `ExecReload=` line, run as systemd would run it (`$$` unescaped to `$`, through

@@ -250,6 +250,9 @@ impl Runtime {
                 rt.block_on(async {
                     let _ = stopped.await;
                 });
+                // Not a plain drop, which would wait without end for a blocking task (a user
+                // database lookup that hangs): the connection's tasks are dropped either way.
+                rt.shutdown_background();
             })?;
         Ok(Runtime {
             handle,

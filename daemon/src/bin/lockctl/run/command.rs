@@ -168,7 +168,10 @@ pub(super) async fn supervise(
         std::process::exit(i32::from(code));
     }
     if let Err(e) = guard.release().await {
-        eprintln!("lockctl: releasing the lock failed: {e}");
+        eprintln!(
+            "lockctl: releasing the lock failed: {}",
+            lockd_protocol::display::escape(&e.to_string())
+        );
     }
     code
 }

@@ -333,11 +333,11 @@ fn holder_lines(d: &Description) -> Vec<String> {
         .take(SHOWN)
         .map(|h| {
             format!(
-                "held ({}) by pid {}, uid {} ({:?}) for {}",
+                "held ({}) by pid {}, uid {} ('{}') for {}",
                 h.mode.as_str(),
                 h.owner.pid.map_or_else(|| "?".into(), |p| p.to_string()),
                 h.owner.uid,
-                h.owner.client_name,
+                lockd_protocol::display::Escaped(&h.owner.client_name),
                 output::duration(output::now_ms().saturating_sub(h.acquired_at_ms)),
             )
         })
