@@ -137,6 +137,10 @@ impl Leadership {
     pub async fn resign(self) -> Result<(), Error> {
         self.guard.release().await
     }
+    /// The hold behind this leadership (for the blocking client's wrapper).
+    pub(crate) fn into_guard(self) -> LockGuard {
+        self.guard
+    }
 }
 
 /// Reports the leader whenever it changes.

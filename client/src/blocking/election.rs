@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{Error, Leader, Lost};
 
-use super::{Client, Runtime};
+use super::{Client, LockGuard, Runtime};
 
 /// One election: a lock key whose exclusive holder is the leader (see [`crate::Election`]).
 ///
@@ -50,8 +50,7 @@ impl Election {
     ) -> Result<Leadership, Error> {
         let inner = self.rt.block_on(self.inner.campaign(identity, lease))?;
         Ok(Leadership {
-            inner: Some(inner),
-            rt: Arc::clone(&self.rt),
+            guard: LockGuard::wrap(inner.into_guard(), Arc::clone(&self.rt)),
         })
     }
 
@@ -76,58 +75,37 @@ impl Election {
     }
 }
 
-/// This candidate's leadership. Resign by [`Leadership::resign`] or by dropping it.
+/// This candidate's leadership: the blocking hold of the election's key. Resign by
+/// [`Leadership::resign`] or by dropping it.
 #[derive(Debug)]
 pub struct Leadership {
-    /// `None` only while resigning or dropped. Dropped before `rt`.
-    inner: Option<crate::Leadership>,
-    rt: Arc<Runtime>,
+    guard: LockGuard,
 }
 
 impl Leadership {
-    fn inner(&self) -> &crate::Leadership {
-        self.inner
-            .as_ref()
-            .expect("leadership is only taken out when it is consumed")
-    }
-
     /// The fencing token of this term: pass it to whatever the leader writes to.
     pub fn fence(&self) -> u64 {
-        self.inner().fence()
+        self.guard.fence()
     }
 
     /// True once leadership has been lost without resigning: stop acting as leader. Never
     /// blocks.
     pub fn is_lost(&self) -> bool {
-        self.inner().is_lost()
+        self.guard.is_lost()
     }
 
     /// Blocks until leadership is lost, for at most `timeout`: `Some(why)` if it was lost,
     /// `None` if it was intact when `timeout` ran out.
     pub fn wait_lost(&self, timeout: Duration) -> Option<Lost> {
-        let inner = self.inner();
-        self.rt
-            .block_on(async { tokio::time::timeout(timeout, inner.lost()).await.ok() })
+        self.guard.wait_lost(timeout)
     }
 
     /// Steps down; the next candidate in line becomes leader.
     ///
     /// # Errors
     /// [`Error::Lock`] with `NotHolder` if leadership had already been lost.
-    pub fn resign(mut self) -> Result<(), Error> {
-        match self.inner.take() {
-            Some(inner) => self.rt.block_on(inner.resign()),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Leadership {
-    fn drop(&mut self) {
-        if let Some(inner) = self.inner.take() {
-            // Its guard's drop sends the release without waiting.
-            self.rt.enter(|| drop(inner));
-        }
+    pub fn resign(self) -> Result<(), Error> {
+        self.guard.release()
     }
 }
 

@@ -106,10 +106,7 @@ impl AcquireBuilder {
         let guard = self
             .rt
             .block_on(std::future::IntoFuture::into_future(self.inner))?;
-        Ok(LockGuard {
-            guard: Some(guard),
-            rt: self.rt,
-        })
+        Ok(LockGuard::wrap(guard, self.rt))
     }
 
     /// Takes a detached lease instead of a guard (requires [`AcquireBuilder::lease`]); see
@@ -136,6 +133,14 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
+    /// Wraps an async hold driven by `rt`.
+    pub(super) fn wrap(guard: crate::LockGuard, rt: Arc<Runtime>) -> LockGuard {
+        LockGuard {
+            guard: Some(guard),
+            rt,
+        }
+    }
+
     fn inner(&self) -> &crate::LockGuard {
         self.guard
             .as_ref()
