@@ -49,7 +49,45 @@ pub struct Config {
     pub socket_gid: Option<u32>,
     /// Namespaces' users and groups, and admins.
     pub authz: Authz,
+    /// Where the lock table lives. Read at start only: a reload keeps the running backend.
+    pub backend: Backend,
 }
+
+/// Where the lock table lives (`[backend]` in the file).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// In this process, with detached leases in the data directory (redb): the default.
+    #[default]
+    Local,
+    /// In an etcd cluster shared by every lockd that names it.
+    Etcd(EtcdConfig),
+}
+
+/// `[backend] kind = "etcd"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `http://host:port` or `https://host:port`, one or more members.
+    pub endpoints: Vec<String>,
+    /// Every key lockd writes lives under it (ends with `/`).
+    pub prefix: String,
+    /// The TTL of this daemon's etcd lease (whole seconds, at least 2): its session holds end
+    /// this long after it or its host dies.
+    pub session_ttl: Duration,
+    /// This daemon's name in owner details (default: the host name).
+    pub node: String,
+    /// How long one etcd request may take before the request answers `Unavailable`.
+    pub request_timeout: Duration,
+    /// CA certificate (PEM) to verify the members with; with it, `https` endpoints.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for members that ask for one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The default `session_ttl`.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(10);
+/// The default `request_timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Config {
     /// Defaults with the given socket and data directory.
@@ -62,6 +100,7 @@ impl Config {
             socket_mode,
             socket_gid: None,
             authz: Authz::default(),
+            backend: Backend::Local,
         }
     }
 

@@ -9,7 +9,9 @@ use lockd_protocol::users;
 use serde::Deserialize;
 
 use crate::auth::{Allowed, Authz};
-use crate::config::{Config, Limits};
+use crate::config::{
+    Backend, Config, EtcdConfig, Limits, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SESSION_TTL,
+};
 use crate::duration;
 
 /// The default configuration file, read when present and no `--config` is given.
@@ -50,6 +52,22 @@ struct File {
     limits: LimitsFile,
     #[serde(default)]
     namespaces: HashMap<String, Members>,
+    backend: Option<BackendFile>,
+}
+
+/// `[backend]`: where the lock table lives.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct BackendFile {
+    kind: String,
+    endpoints: Option<Vec<String>>,
+    prefix: Option<String>,
+    session_ttl: Option<String>,
+    node: Option<String>,
+    request_timeout: Option<String>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -104,6 +122,7 @@ pub struct Loaded {
     max_lock_delay: Option<Duration>,
     write_timeout: Option<Duration>,
     authz: Authz,
+    backend: Option<Backend>,
 }
 
 fn parse(text: &str) -> Result<Loaded, String> {
@@ -147,7 +166,9 @@ fn parse(text: &str) -> Result<Loaded, String> {
         namespaces.insert(ns.clone(), resolve(members, &section)?);
     }
     let admins = resolve(&file.admins, "[admins]")?;
+    let backend = file.backend.as_ref().map(backend).transpose()?;
     Ok(Loaded {
+        backend,
         socket_mode,
         socket_gid,
         long_hold,
@@ -156,6 +177,95 @@ fn parse(text: &str) -> Result<Loaded, String> {
         write_timeout,
         authz: Authz::new(namespaces, admins),
         file,
+    })
+}
+
+/// Checks `[backend]` and fills its defaults.
+fn backend(f: &BackendFile) -> Result<Backend, String> {
+    let etcd_only = [
+        ("endpoints", f.endpoints.is_some()),
+        ("prefix", f.prefix.is_some()),
+        ("session_ttl", f.session_ttl.is_some()),
+        ("node", f.node.is_some()),
+        ("request_timeout", f.request_timeout.is_some()),
+        ("tls_ca", f.tls_ca.is_some()),
+        ("tls_cert", f.tls_cert.is_some()),
+        ("tls_key", f.tls_key.is_some()),
+    ];
+    match f.kind.as_str() {
+        "local" => match etcd_only.iter().find(|(_, set)| *set) {
+            Some((key, _)) => Err(format!(
+                "[backend] {key} is a setting of kind = \"etcd\"; remove it or set kind = \"etcd\""
+            )),
+            None => Ok(Backend::Local),
+        },
+        "etcd" => etcd_backend(f).map(Backend::Etcd),
+        other => Err(format!(
+            "[backend] kind = {other:?}: it is \"local\" (the default) or \"etcd\""
+        )),
+    }
+}
+
+fn etcd_backend(f: &BackendFile) -> Result<EtcdConfig, String> {
+    let endpoints = f.endpoints.clone().unwrap_or_default();
+    if endpoints.is_empty() {
+        return Err(
+            "[backend] kind = \"etcd\" needs endpoints = [\"http://HOST:2379\", ...]".into(),
+        );
+    }
+    for e in &endpoints {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(format!(
+                "[backend] endpoints: {e:?} is not an http:// or https:// address"
+            ));
+        }
+    }
+    let prefix = f.prefix.clone().unwrap_or_else(|| "/lockd/".into());
+    if prefix.is_empty() || !prefix.ends_with('/') {
+        return Err(format!(
+            "[backend] prefix = {prefix:?}: it must end with '/' (like \"/lockd/\")"
+        ));
+    }
+    let dur = |v: &Option<String>, key: &str, default: Duration| {
+        v.as_deref()
+            .map(|d| duration::parse(d).map_err(|e| format!("[backend] {key}: {e}")))
+            .transpose()
+            .map(|d| d.unwrap_or(default))
+    };
+    let session_ttl = dur(&f.session_ttl, "session_ttl", DEFAULT_SESSION_TTL)?;
+    if session_ttl < Duration::from_secs(2) || session_ttl.subsec_nanos() != 0 {
+        return Err(format!(
+            "[backend] session_ttl = {:?}: etcd leases count whole seconds; use 2s or more",
+            f.session_ttl.as_deref().unwrap_or_default()
+        ));
+    }
+    let request_timeout = dur(
+        &f.request_timeout,
+        "request_timeout",
+        DEFAULT_REQUEST_TIMEOUT,
+    )?;
+    if request_timeout.is_zero() || request_timeout >= session_ttl {
+        return Err(format!(
+            "[backend] request_timeout must be above 0 and below session_ttl ({session_ttl:?})"
+        ));
+    }
+    if f.tls_cert.is_some() != f.tls_key.is_some() {
+        return Err("[backend] tls_cert and tls_key go together".into());
+    }
+    let node = match &f.node {
+        Some(n) if !n.is_empty() && n.len() <= 255 => n.clone(),
+        Some(n) => return Err(format!("[backend] node = {n:?}: 1 to 255 bytes")),
+        None => users::host_name().unwrap_or_else(|| "localhost".into()),
+    };
+    Ok(EtcdConfig {
+        endpoints,
+        prefix,
+        session_ttl,
+        node,
+        request_timeout,
+        tls_ca: f.tls_ca.clone(),
+        tls_cert: f.tls_cert.clone(),
+        tls_key: f.tls_key.clone(),
     })
 }
 
@@ -242,6 +352,9 @@ impl Loaded {
         set(&mut l.max_lock_delay, self.max_lock_delay);
         set(&mut l.write_timeout, self.write_timeout);
         config.authz.merge(self.authz);
+        if let Some(b) = self.backend {
+            config.backend = b;
+        }
     }
 }
 

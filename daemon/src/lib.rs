@@ -3,7 +3,10 @@
 //! See ARCHITECTURE.md for the map of modules and their invariants.
 
 pub mod auth;
+pub mod backend;
 pub mod clock;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod config_file;
 pub mod duration;
@@ -41,6 +44,8 @@ pub enum RunError {
     Runtime(std::io::Error),
     #[error("{0}; lockd stopped so that its supervisor restarts it")]
     Fatal(String),
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// Socket permission bits: group access for a system daemon run as root, owner only otherwise.
@@ -67,12 +72,13 @@ pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 /// # Errors
 /// [`RunError`] describing what the operator must fix.
 pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
-    let mut store = store::Store::open(&config.data_dir)?;
-    let first_fences = fence::Fences::reserve_first(&mut store)?;
     let started = std::time::Instant::now();
-    let records = store.load_leases()?;
-    // A socket passed by systemd is used as it is and never unlinked; otherwise bind our own,
-    // before any thread starts (binding sets the process-wide umask for a moment).
+    // The local backend's store opens before the socket is bound: a daemon that cannot read
+    // its data never answers a client.
+    let local = match &config.backend {
+        config::Backend::Local => Some(open_local(&config)?),
+        config::Backend::Etcd(_) => None,
+    };
     let (std_listener, bound) = match systemd::activated_listener().map_err(RunError::Runtime)? {
         Some(l) => (l, None),
         None => {
@@ -81,8 +87,6 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             (l, Some(bound))
         }
     };
-    let writer = store::Writer::start(store).map_err(RunError::Runtime)?;
-    let fences = fence::Fences::new(first_fences, writer.clone());
     let signals = signals::Signals::install().map_err(RunError::Runtime)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -96,46 +100,41 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
         let listener =
             tokio::net::UnixListener::from_std(std_listener).map_err(RunError::Runtime)?;
         let shutdown = CancellationToken::new();
-        let (engine, timers) = engine::Engine::new(fences, writer.clone());
-        let recovered = engine.recover(records, clock::now_ms(), tokio::time::Instant::now());
-        tracing::info!(
-            restored = recovered.restored,
-            expired = recovered.expired,
-            superseded = recovered.superseded,
-            "recovered detached leases in {:?}",
-            started.elapsed()
-        );
-        let timers = tokio::spawn(timers.run(Arc::clone(&engine)));
         let fatal = Arc::new(std::sync::Mutex::new(None));
-        tokio::spawn(stop_if_ended(timers, shutdown.clone(), Arc::clone(&fatal)));
+        let (backend, where_data, status) = match local {
+            Some(local) => {
+                let (engine, status) = start_local(local, started, &shutdown, &fatal)?;
+                let data_dir = format!("data in {}", config.data_dir.display());
+                (backend::Backend::Local(engine), data_dir, status)
+            }
+            None => start_etcd(&config).await?,
+        };
 
         let where_ = bound.as_ref().map_or_else(
             || "a socket passed by systemd".to_string(),
             |b| b.path.display().to_string(),
         );
-        let data_dir = config.data_dir.display().to_string();
-        let shared = shared::Shared::new(Arc::clone(&engine), config, shutdown.clone());
+        let shared = shared::Shared::new(backend.clone(), config, shutdown.clone());
         tokio::spawn(signals.handle(Arc::clone(&shared), reload));
-        tokio::spawn(watch_long_holds(Arc::clone(&shared)));
-        tokio::spawn(return_freed_memory(Arc::clone(&engine)));
+        if let Some(engine) = backend.local() {
+            tokio::spawn(watch_long_holds(Arc::clone(&shared), Arc::clone(engine)));
+            tokio::spawn(return_freed_memory(Arc::clone(engine)));
+        }
         if let Some(every) = systemd::watchdog_interval() {
             tokio::spawn(watchdog(Arc::clone(&shared), every));
         }
         tracing::info!(
-            "lockd {} serving {where_} (data in {data_dir})",
+            "lockd {} serving {where_} ({where_data})",
             env!("CARGO_PKG_VERSION")
         );
-        systemd::ready(&format!(
-            "serving; {} detached leases recovered",
-            recovered.restored
-        ));
+        systemd::ready(&status);
         server::run(listener, shared).await;
-        // Everything the engine decided before the last connection closed reaches the disk
-        // (e.g. detached grants taken back from connections that closed unanswered).
-        match tokio::time::timeout(SYNC_AT_EXIT, engine.sync()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!("could not store the last changes: {e}"),
-            Err(_) => tracing::error!("the store did not finish within {SYNC_AT_EXIT:?}"),
+        if let Some(engine) = backend.local() {
+            match tokio::time::timeout(SYNC_AT_EXIT, engine.sync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("could not store the last changes: {e}"),
+                Err(_) => tracing::error!("the store did not finish within {SYNC_AT_EXIT:?}"),
+            }
         }
         let why = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
         match why {
@@ -143,8 +142,6 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
             None => Ok(()),
         }
     });
-    // Everything owed to the disk is synced by now; a reload stuck on the user database (a
-    // blocking task) must not hold the exit until systemd's SIGKILL.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Some(bound) = bound {
         bound.remove();
@@ -153,7 +150,78 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
     result
 }
 
-/// Longest the exit waits for the store writer to commit what is pending.
+/// The local backend's store, opened: what `start_local` needs.
+struct LocalStore {
+    store: store::Store,
+    first_fences: (u64, u64),
+    records: Vec<store::LeaseRecord>,
+}
+
+fn open_local(config: &Config) -> Result<LocalStore, RunError> {
+    let mut store = store::Store::open(&config.data_dir)?;
+    let first_fences = fence::Fences::reserve_first(&mut store)?;
+    let records = store.load_leases()?;
+    Ok(LocalStore {
+        store,
+        first_fences,
+        records,
+    })
+}
+
+/// Starts the local engine (its writer, recovery and timers); returns it and the status line.
+fn start_local(
+    local: LocalStore,
+    started: std::time::Instant,
+    shutdown: &CancellationToken,
+    fatal: &Arc<std::sync::Mutex<Option<String>>>,
+) -> Result<(Arc<engine::Engine>, String), RunError> {
+    let writer = store::Writer::start(local.store).map_err(RunError::Runtime)?;
+    let fences = fence::Fences::new(local.first_fences, writer.clone());
+    let (engine, timers) = engine::Engine::new(fences, writer);
+    let recovered = engine.recover(local.records, clock::now_ms(), tokio::time::Instant::now());
+    tracing::info!(
+        restored = recovered.restored,
+        expired = recovered.expired,
+        superseded = recovered.superseded,
+        "recovered detached leases in {:?}",
+        started.elapsed()
+    );
+    let timers = tokio::spawn(timers.run(Arc::clone(&engine)));
+    tokio::spawn(stop_if_ended(timers, shutdown.clone(), Arc::clone(fatal)));
+    let status = format!("serving; {} detached leases recovered", recovered.restored);
+    Ok((engine, status))
+}
+
+#[cfg(feature = "etcd")]
+async fn start_etcd(config: &Config) -> Result<(backend::Backend, String, String), RunError> {
+    let config::Backend::Etcd(etcd) = &config.backend else {
+        return Err(RunError::Fatal("start_etcd without [backend] etcd".into()));
+    };
+    let cluster = cluster::Cluster::start(etcd.clone())
+        .await
+        .map_err(|e| RunError::Backend(e.to_string()))?;
+    let where_data = format!(
+        "lock table in etcd at {} under {:?}, node {:?}",
+        etcd.endpoints.join(","),
+        etcd.prefix,
+        etcd.node
+    );
+    Ok((
+        backend::Backend::Etcd(cluster),
+        where_data,
+        "serving; lock table in etcd".into(),
+    ))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn start_etcd(_config: &Config) -> Result<(backend::Backend, String, String), RunError> {
+    Err(RunError::Backend(
+        "this lockd was built without the etcd backend (cargo feature \"etcd\"); \
+         rebuild with default features or set [backend] kind = \"local\""
+            .into(),
+    ))
+}
+
 const SYNC_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Stops the daemon if the engine's timer tasks end (they never should): leases that never
@@ -183,7 +251,9 @@ async fn watchdog(shared: Arc<shared::Shared>, every: std::time::Duration) {
         if shared.shutdown.is_cancelled() {
             return;
         }
-        shared.engine.locks().probe();
+        if let Some(engine) = shared.backend.local() {
+            engine.locks().probe();
+        }
         systemd::watchdog();
         let s = shared.snapshot();
         let gauge = |name: &str| s.gauges.iter().find(|(n, _)| n == name).map_or(0, |g| g.1);
@@ -228,15 +298,12 @@ fn trim_heap() {
 
 /// Logs holds older than the configured threshold once each, checking a few times per
 /// threshold (the threshold follows configuration reloads).
-async fn watch_long_holds(shared: Arc<shared::Shared>) {
+async fn watch_long_holds(shared: Arc<shared::Shared>, engine: Arc<engine::Engine>) {
     use std::time::Duration;
     loop {
         let threshold = shared.config.get().long_hold;
         let every = (threshold / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
         tokio::time::sleep(every).await;
-        shared
-            .engine
-            .locks()
-            .warn_long_holds(threshold.as_millis() as u64);
+        engine.locks().warn_long_holds(threshold.as_millis() as u64);
     }
 }

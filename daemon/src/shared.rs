@@ -8,14 +8,14 @@ use foldhash::{HashMap, HashMapExt};
 use lockd_protocol::Stats;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::Backend;
 use crate::config::{Config, ConfigCell};
-use crate::engine::Engine;
 use crate::peer::{Owner, Push};
 use crate::stats::Global;
 
 /// State shared by every connection.
 pub struct Shared {
-    pub engine: Arc<Engine>,
+    pub backend: Backend,
     /// The current configuration; replaced on reload (SIGHUP).
     pub config: ConfigCell,
     pub shutdown: CancellationToken,
@@ -28,9 +28,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(engine: Arc<Engine>, config: Config, shutdown: CancellationToken) -> Arc<Shared> {
+    pub fn new(backend: Backend, config: Config, shutdown: CancellationToken) -> Arc<Shared> {
         Arc::new(Shared {
-            engine,
+            backend,
             config: ConfigCell::new(config),
             shutdown,
             global: Global::default(),
@@ -67,7 +67,11 @@ impl Shared {
     /// Counters, gauges and distributions, summed over the shards.
     pub fn snapshot(&self) -> Stats {
         let long_ms = self.config.get().long_hold.as_millis() as u64;
-        let t = self.engine.totals(long_ms);
+        // The etcd backend replaces the lock table's figures with the cluster's.
+        let (t, leases) = match self.backend.local() {
+            Some(e) => (e.totals(long_ms), e.leases() as u64),
+            None => (Default::default(), 0),
+        };
         let g = &self.global;
         let counters = [
             ("grants", t.stats.grants),
@@ -87,7 +91,7 @@ impl Shared {
             ("holds", t.holds),
             ("waiters", t.waiters),
             ("keys", t.keys),
-            ("leases", self.engine.leases() as u64),
+            ("leases", leases),
             ("long_holds", t.long_holds),
             ("watches", t.watches),
         ];

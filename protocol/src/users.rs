@@ -37,6 +37,20 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// This machine's host name (`gethostname`), `None` if it cannot be read or is not UTF-8.
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or fails.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0)?;
+    String::from_utf8(buf[..end].to_vec())
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
 /// The uid of user `name`, `Ok(None)` if there is no such user.
 ///
 /// # Errors

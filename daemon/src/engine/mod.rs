@@ -51,6 +51,7 @@ use tokio::time::Instant;
 
 pub use answer::{Answer, Deferred};
 pub use conn::{Conn, Outgoing};
+pub use ops::MAX_TIMED_WAIT_MS;
 
 use crate::error::Error;
 use crate::fence::Fences;

@@ -11,7 +11,6 @@ use tokio::net::UnixStream;
 use super::wire::Wire;
 use super::Session;
 use crate::auth;
-use crate::engine::Conn;
 use crate::peer::Peer;
 use crate::shared::Shared;
 use crate::stats::Global;
@@ -42,7 +41,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         cred.pid().map_or_else(|| "?".into(), |p| p.to_string()),
         cred.uid()
     );
-    let usage = shared.engine.usage().of(cred.uid());
+    let usage = shared.backend.usage().of(cred.uid());
     let max_per_uid = config.limits.max_connections_per_uid;
     // Counted from accept on (the uid is known from the kernel before any Hello), so a uid
     // cannot fill the daemon with connections that never say Hello; the guard gives the slot
@@ -88,7 +87,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     let (owner, mailbox) =
         Peer::open_with(id, cred.pid(), cred.uid(), cred.gid(), name, groups, admin);
     tracing::debug!(conn = id, "connected: {}", owner.describe());
-    let conn = Conn::new(Arc::clone(&shared.engine), owner, config);
+    let conn = shared.backend.connect(owner, config);
     let mut session = Session {
         wire,
         conn,

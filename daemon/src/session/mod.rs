@@ -25,7 +25,8 @@ use tokio_util::codec::{Decoder, Encoder};
 
 pub use accept::serve;
 
-use crate::engine::{Answer, Conn, Outgoing};
+use crate::backend::Conn;
+use crate::engine::{Answer, Outgoing};
 use crate::error::Error;
 use crate::peer::Push;
 use crate::shared::Shared;
@@ -248,11 +249,8 @@ impl Session {
     }
 
     fn handle(&mut self, id: RequestId, op: Op) {
-        if matches!(op, Op::Stats) {
-            self.respond(id, Ok(Reply::Stats(self.shared.snapshot())));
-            return;
-        }
-        let answer = self.conn.handle(id, op);
+        let shared = &self.shared;
+        let answer = self.conn.handle(id, op, || shared.snapshot());
         // A withdrawn wait answers before the cancel that withdrew it.
         for (request, result) in self.conn.take_side_answers() {
             self.respond(request, result);

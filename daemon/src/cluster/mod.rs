@@ -1,0 +1,229 @@
+//! The etcd backend (`[backend] kind = "etcd"`): the lock table lives in an etcd cluster that
+//! many lockd daemons (one per host) share; each daemon serves its local Unix socket exactly as
+//! the local backend does.
+//!
+//! - `layout.rs` — what lives in etcd (entries per hold or waiter, the ticket index) and the
+//!   grant rule that every daemon applies to the same creation order.
+//! - `session.rs` — this daemon's etcd lease (its session holds and waiters hang on it): kept
+//!   alive, and declared lost *before* etcd could expire it.
+//! - `conn.rs` — one connection: its requests, each run as a task that answers through the
+//!   connection's mailbox; dropping it deletes its entries.
+//! - `acquire.rs` — the queue recipe: create an entry, read the key's queue, watch only the
+//!   entry just ahead.
+//! - `admin.rs` — describe, list, force-release, stats, renew and release by ticket.
+//! - `watch.rs` — the daemon-wide watch that tells holders their entry was deleted by someone
+//!   else (force-release, expiry), and the per-key watches of `lockctl watch`.
+//!
+//! Invariants:
+//! - **Every etcd call is bounded** by `request_timeout`; a call that fails answers
+//!   `Unavailable`, and an entry it may have created is deleted in the background (`cleanup`)
+//!   until that succeeds or the entry's lease is gone.
+//! - **No hold outlives the certainty of its lease.** A session hold is reported lost
+//!   (`HoldLost`) no later than `session_ttl - margin` after the last keepalive etcd confirmed
+//!   was *sent*; etcd cannot expire the lease, and so grant the key elsewhere, before that.
+//! - **Every entry this daemon creates is in the [`index::Index`] from before it is written
+//!   until its deletion is seen**, so a deletion by anyone else is always attributed to its
+//!   hold (or to its still-running acquire).
+
+mod acquire;
+mod admin;
+mod conn;
+mod index;
+mod layout;
+mod session;
+mod watch;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use tokio::sync::mpsc;
+
+pub use conn::Conn;
+pub use layout::Layout;
+
+use crate::config::EtcdConfig;
+use crate::error::Error;
+use crate::usage;
+
+/// Why the etcd backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read {path}: {source}")]
+    Tls {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the etcd client for {endpoints}: {source}; check [backend] endpoints")]
+    Client {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
+}
+
+/// Per-daemon counters (the cluster-wide gauges are read from etcd on request).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub grants: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub releases: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub expiries: AtomicU64,
+    pub disconnect_releases: AtomicU64,
+    pub forced: AtomicU64,
+    pub lost: AtomicU64,
+}
+
+impl Counters {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The shared state of the etcd backend.
+pub struct Cluster {
+    pub(crate) client: Client,
+    pub(crate) layout: Layout,
+    pub(crate) config: EtcdConfig,
+    pub(crate) session: session::Sessions,
+    pub(crate) index: index::Index,
+    pub(crate) usage: usage::Registry,
+    pub(crate) counters: Counters,
+    /// Entries to delete in the background: (etcd key, the session generation it was made in).
+    cleanup: mpsc::UnboundedSender<(Vec<u8>, u64)>,
+    seq: AtomicU64,
+}
+
+impl Cluster {
+    /// Connects (lazily: an unreachable cluster is not an error here) and starts the session
+    /// lease, the deletion watch and the cleanup task on the current runtime.
+    pub async fn start(config: EtcdConfig) -> Result<Arc<Cluster>, StartError> {
+        let client = connect(&config).await?;
+        let (cleanup, cleanup_rx) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Cluster {
+            layout: Layout::new(&config.prefix),
+            session: session::Sessions::new(),
+            index: index::Index::default(),
+            usage: usage::Registry::default(),
+            counters: Counters::default(),
+            client,
+            config,
+            cleanup,
+            seq: AtomicU64::new(1),
+        });
+        tokio::spawn(session::keep(Arc::clone(&cluster)));
+        tokio::spawn(watch::deletions(Arc::clone(&cluster)));
+        tokio::spawn(cleanup_task(Arc::clone(&cluster), cleanup_rx));
+        Ok(cluster)
+    }
+
+    /// A fresh sequence number for an entry's name.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs one etcd call within `request_timeout`; failures answer `Unavailable`.
+    pub(crate) async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, Error> {
+        let limit = self.config.request_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(what, &e.to_string())),
+            Err(_) => Err(unavailable(
+                what,
+                &format!("etcd did not answer within {limit:?}"),
+            )),
+        }
+    }
+
+    /// Deletes `etcd_key` in the background, retrying until it is gone or its session lease
+    /// (generation `generation`) is.
+    pub(crate) fn delete_later(&self, etcd_key: Vec<u8>, generation: u64) {
+        let _ = self.cleanup.send((etcd_key, generation));
+    }
+}
+
+/// The answer when etcd could not be reached.
+pub(crate) fn unavailable(what: &str, why: &str) -> Error {
+    Error::Unavailable(format!(
+        "the etcd cluster did not {what} ({why}); retry later, or check the cluster and [backend] endpoints"
+    ))
+}
+
+async fn connect(config: &EtcdConfig) -> Result<Client, StartError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.request_timeout)
+        .with_timeout(config.request_timeout)
+        .with_keep_alive(Duration::from_secs(1), config.request_timeout)
+        .with_keep_alive_while_idle(true);
+    if config.tls_ca.is_some() || config.tls_cert.is_some() {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).map_err(|source| StartError::Tls {
+                path: p.clone(),
+                source,
+            })
+        };
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &config.tls_ca {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+    }
+    let endpoints = config.endpoints.join(", ");
+    Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(|source| StartError::Client { endpoints, source })
+}
+
+/// Deletes what `delete_later` was given, in batches, retrying failures.
+async fn cleanup_task(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<(Vec<u8>, u64)>) {
+    use etcd_client::{Txn, TxnOp};
+    /// etcd's default limit of operations per transaction.
+    const BATCH: usize = 128;
+    let mut pending: Vec<(Vec<u8>, u64)> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(item) => pending.push(item),
+                None => return,
+            }
+        }
+        while pending.len() < BATCH {
+            match rx.try_recv() {
+                Ok(item) => pending.push(item),
+                Err(_) => break,
+            }
+        }
+        // Entries of a lost session lease are gone with it.
+        let current = cluster.session.current().generation;
+        pending.retain(|(_, g)| *g == current);
+        if pending.is_empty() {
+            continue;
+        }
+        let n = pending.len().min(BATCH);
+        let ops: Vec<TxnOp> = pending[..n]
+            .iter()
+            .map(|(k, _)| TxnOp::delete(k.clone(), None))
+            .collect();
+        let mut kv = cluster.client.kv_client();
+        match cluster
+            .call("delete entries", kv.txn(Txn::new().and_then(ops)))
+            .await
+        {
+            Ok(_) => {
+                pending.drain(..n);
+            }
+            Err(e) => {
+                tracing::warn!("{e}; retrying the deletion of {n} entries");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Watches on etcd.
+//!
+//! - [`deletions`]: one watch per daemon on every deletion under the keys' root. A deleted
+//!   entry that this daemon's [`super::index::Index`] knows as held was ended by someone else
+//!   (a force-release, or its lease's expiry in etcd): its client gets `HoldLost`. If the watch
+//!   falls behind etcd's compaction, every held entry is checked instead.
+//! - [`key`]: `Op::Watch` on one key: the key's holders are read again after each change and
+//!   compared, so a watcher sees `granted` and `released` for holds of every daemon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, WatchFilterType, WatchOptions};
+use foldhash::{HashMap, HashMapExt};
+use lockd_protocol::{Change, Key, LostReason};
+use tokio_util::sync::CancellationToken;
+
+use super::index::report;
+use super::layout::Queue;
+use super::Cluster;
+use crate::peer::{Owner, Push};
+
+/// Follows every deletion under the keys' root for as long as the daemon runs.
+pub async fn deletions(cluster: Arc<Cluster>) {
+    let root = cluster.layout.keys_root();
+    // Start from the cluster's revision now: nothing of ours exists before it.
+    let mut next_revision: Option<i64> = None;
+    loop {
+        let mut options = WatchOptions::new()
+            .with_prefix()
+            .with_filters([WatchFilterType::NoPut]);
+        if let Some(rev) = next_revision {
+            options = options.with_start_revision(rev);
+        }
+        let mut watch = cluster.client.watch_client();
+        let opened = cluster
+            .call("watch deletions", watch.watch(root.clone(), Some(options)))
+            .await;
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("{e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.compact_revision() > 0 {
+                        tracing::warn!(
+                            "the deletion watch fell behind etcd's compaction; checking every hold"
+                        );
+                        resync(&cluster).await;
+                        next_revision = None;
+                        break;
+                    }
+                    if let Some(h) = resp.header() {
+                        next_revision = Some(h.revision() + 1);
+                    }
+                    for e in resp.events() {
+                        if e.event_type() != EventType::Delete {
+                            continue;
+                        }
+                        let Some(kv) = e.kv() else { continue };
+                        if let Some(held) = cluster.index.deleted(kv.key()) {
+                            report(held, LostReason::ForceReleased);
+                        }
+                    }
+                    if resp.canceled() {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// After missed events: every held entry that is gone was ended by someone else.
+async fn resync(cluster: &Cluster) {
+    cluster.index.drop_releasing();
+    let mut kv = cluster.client.kv_client();
+    for (etcd_key, held) in cluster.index.held() {
+        let got = cluster
+            .call("check a hold", kv.get(etcd_key.clone(), None))
+            .await;
+        if let Ok(got) = got {
+            if got.kvs().is_empty() && cluster.index.deleted(&etcd_key).is_some() {
+                report(held, LostReason::ForceReleased);
+            }
+        }
+    }
+}
+
+/// Streams `granted` and `released` events of `key` to `owner` until `stop`.
+pub async fn key(cluster: Arc<Cluster>, key: Key, owner: Owner, stop: CancellationToken) {
+    let prefix = cluster.layout.key_prefix(&key);
+    // fence -> still held, as last seen.
+    let mut holders: HashMap<u64, ()> = HashMap::new();
+    let mut first = true;
+    loop {
+        let mut kv = cluster.client.kv_client();
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = cluster.call("read the queue", kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()))) => r,
+        };
+        let Ok(got) = read else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
+        let revision = got.header().map_or(0, |h| h.revision());
+        let queue = Queue::from_kvs(got.kvs());
+        let (now, _) = queue.split();
+        let mut seen: HashMap<u64, ()> = HashMap::new();
+        for h in &now {
+            let fence = h.create_revision as u64;
+            seen.insert(fence, ());
+            if !first && !holders.contains_key(&fence) {
+                owner.push(Push::Watch {
+                    key: key.clone(),
+                    change: Change::Granted {
+                        fence,
+                        mode: h.record.mode,
+                        owner: h.record.owner(),
+                    },
+                });
+            }
+        }
+        if !first {
+            let mut ended: Vec<u64> = holders
+                .keys()
+                .filter(|f| !seen.contains_key(f))
+                .copied()
+                .collect();
+            ended.sort_unstable();
+            for fence in ended {
+                owner.push(Push::Watch {
+                    key: key.clone(),
+                    change: Change::Released { fence },
+                });
+            }
+        }
+        holders = seen;
+        first = false;
+        // Wait for the next change of the key's entries.
+        let mut watch = cluster.client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return,
+            w = cluster.call("watch a key", watch.watch(prefix.clone(), Some(options))) => w,
+        };
+        let Ok(mut stream) = opened else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = stream.message() => m,
+            };
+            match msg {
+                Ok(Some(resp)) if resp.events().is_empty() && !resp.canceled() => continue,
+                _ => break,
+            }
+        }
+    }
+}
