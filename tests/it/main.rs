@@ -8,6 +8,7 @@ mod attacks;
 mod bench;
 mod blocking;
 mod client;
+mod cluster;
 mod counter;
 mod crash;
 mod durability;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use lockd_client::Client;
 use tempfile::TempDir;
 
+pub mod etcd;
 pub mod raw;
 
 /// Upper bound for the daemon to start answering.

@@ -81,16 +81,21 @@ pub async fn run(
             record.encode(),
             Some(PutOptions::new().with_lease(session.lease)),
         ),
-        TxnOp::get(prefix.as_bytes(), Some(queue_options())),
+        TxnOp::get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
     ]);
-    let mut kv = cluster.client.kv_client();
-    let resp = cluster.call("queue the acquire", kv.txn(txn)).await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let mut range_revision = revision;
+    let resp = cluster.txn("queue the acquire", txn).await?;
+    let mut range_revision = resp.header().map_or(0, |h| h.revision());
     let mut queue = match resp.op_responses().into_iter().nth(1) {
         Some(TxnOpResponse::Get(g)) => Queue::from_kvs(g.kvs()),
         _ => Queue::default(),
     };
+    // The entry's creation revision is its place and fence: read from the entry itself, so a
+    // retried put (which keeps the first creation) cannot mislead.
+    let revision = queue
+        .entries
+        .iter()
+        .find(|e| e.etcd_key == etcd_key.as_bytes())
+        .map_or(range_revision, |e| e.create_revision);
     let mut session_rx = cluster.session.subscribe();
     loop {
         match queue.standing(revision) {
@@ -146,12 +151,7 @@ pub async fn run(
                     }
                     WaitEnd::Failed(e) => return Err(e),
                 }
-                let got = cluster
-                    .call(
-                        "read the queue",
-                        kv.get(prefix.as_bytes(), Some(queue_options())),
-                    )
-                    .await?;
+                let got = cluster.range("read the queue", prefix.as_bytes()).await?;
                 range_revision = got.header().map_or(range_revision, |h| h.revision());
                 queue = Queue::from_kvs(got.kvs());
             }
@@ -160,11 +160,6 @@ pub async fn run(
     let fence = revision as u64;
     tracing::trace!(request = id, fence, "granted by etcd");
     granted(cluster, conn, entry, a, lease, ticket, fence).await
-}
-
-/// The range that reads a key's queue.
-fn queue_options() -> GetOptions {
-    GetOptions::new().with_prefix()
 }
 
 /// The key is taken: record the hold (or move it to a lease of its own) and answer.
@@ -260,10 +255,7 @@ async fn detach(
     ticket: &Ticket,
 ) -> Result<u64, Error> {
     let ttl = ttl_secs(length);
-    let mut leases = cluster.client.lease_client();
-    let granted = cluster
-        .call("grant the detached lease", leases.grant(ttl, None))
-        .await?;
+    let granted = cluster.grant("grant the detached lease", ttl).await?;
     let lease = granted.id();
     let index_key = cluster.layout.ticket_key(ticket);
     let txn = Txn::new()
@@ -284,20 +276,17 @@ async fn detach(
                 Some(PutOptions::new().with_lease(lease)),
             ),
         ]);
-    let mut kv = cluster.client.kv_client();
-    let moved = cluster
-        .call("move the hold to its lease", kv.txn(txn))
-        .await;
+    let moved = cluster.txn("move the hold to its lease", txn).await;
     match moved {
         Ok(r) if r.succeeded() => Ok(clock::now_ms() + granted.ttl().max(ttl) as u64 * 1000),
         Ok(_) => {
-            let _ = cluster.call("revoke a lease", leases.revoke(lease)).await;
+            let _ = cluster.revoke("revoke a lease", lease).await;
             Err(Error::Unavailable(format!(
                 "{key}: the entry was removed by an administrator as it was granted; retry"
             )))
         }
         Err(e) => {
-            let _ = cluster.call("revoke a lease", leases.revoke(lease)).await;
+            let _ = cluster.revoke("revoke a lease", lease).await;
             Err(e)
         }
     }
@@ -374,13 +363,12 @@ async fn wait_deleted(
             .await;
     };
     tokio::pin!(lost);
-    let mut watch = cluster.client.watch_client();
     let options = WatchOptions::new().with_start_revision(from_revision);
     let opened = tokio::select! {
         _ = &mut timeout => return WaitEnd::TimedOut,
         _ = cancel.cancelled() => return WaitEnd::Cancelled,
         _ = &mut lost => return WaitEnd::SessionLost,
-        w = cluster.call("watch the queue", watch.watch(blocker.to_vec(), Some(options))) => w,
+        w = cluster.watch("watch the queue", blocker.to_vec(), options) => w,
     };
     let mut stream = match opened {
         Ok(s) => s,
@@ -452,10 +440,9 @@ impl Entry<'_> {
     async fn delete_now(mut self) {
         self.done = true;
         self.cluster.index.releasing(&self.etcd_key);
-        let mut kv = self.cluster.client.kv_client();
         let deleted = self
             .cluster
-            .call("delete an entry", kv.delete(self.etcd_key.clone(), None))
+            .delete("delete an entry", self.etcd_key.clone())
             .await;
         if deleted.is_err() {
             self.cluster

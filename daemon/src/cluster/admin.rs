@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{GetOptions, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 use lockd_protocol::{
     Description, HolderInfo, Key, KeySummary, ListPage, ListQuery, Reply, Stats, Ticket, WaiterInfo,
 };
@@ -36,9 +36,8 @@ impl Cluster {
                 clock.ended.cancel();
             }
             self.index.releasing(&h.etcd_key);
-            let mut kv = self.client.kv_client();
             if self
-                .call("delete the hold", kv.delete(h.etcd_key.clone(), None))
+                .delete("delete the hold", h.etcd_key.clone())
                 .await
                 .is_err()
             {
@@ -49,25 +48,20 @@ impl Cluster {
             return Ok(Reply::Released);
         }
         let (lease, _hold_key) = self.detached(&conn.owner, &ticket).await?;
-        let mut leases = self.client.lease_client();
-        self.call("revoke the detached lease", leases.revoke(lease))
-            .await?;
+        self.revoke("revoke the detached lease", lease).await?;
         Counters::inc(&self.counters.releases);
         Ok(Reply::Released)
     }
 
     /// The etcd lease and entry of detached lease `ticket`, if the caller may act on it.
     async fn detached(&self, owner: &Owner, ticket: &Ticket) -> Result<(i64, Vec<u8>), Error> {
-        let mut kv = self.client.kv_client();
         let index = self.layout.ticket_key(ticket);
-        let got = self.call("find the lease", kv.get(index, None)).await?;
+        let got = self.get("find the lease", index, None).await?;
         let Some(ix) = got.kvs().first() else {
             return Err(Error::not_holder());
         };
         let hold_key = ix.value().to_vec();
-        let got = self
-            .call("read the hold", kv.get(hold_key.clone(), None))
-            .await?;
+        let got = self.get("read the hold", hold_key.clone(), None).await?;
         let Some(hold) = got.kvs().first() else {
             return Err(Error::not_holder());
         };
@@ -108,16 +102,14 @@ impl Cluster {
             });
         }
         let (lease, hold_key) = self.detached(&conn.owner, &ticket).await?;
-        let mut leases = self.client.lease_client();
-        let current = self
-            .call("read the lease", leases.time_to_live(lease, None))
-            .await?;
+        let current = self.time_to_live("read the lease", lease).await?;
         if current.ttl() <= 0 {
             return Err(Error::not_holder());
         }
         let granted = current.granted_ttl();
         let wanted = length.map_or(granted, ttl_secs);
         if wanted == granted {
+            let mut leases = self.client.lease_client();
             let (mut keeper, mut stream) = self
                 .call("renew the lease", leases.keep_alive(lease))
                 .await?;
@@ -134,9 +126,7 @@ impl Cluster {
         }
         // A new length: a new etcd lease for both entries (their creation revision, and so
         // the fence, stays), then the old lease goes.
-        let fresh = self
-            .call("grant the renewed lease", leases.grant(wanted, None))
-            .await?;
+        let fresh = self.grant("grant the renewed lease", wanted).await?;
         let index = self.layout.ticket_key(&ticket);
         let txn = Txn::new()
             .when([etcd_client::Compare::lease(
@@ -160,17 +150,16 @@ impl Cluster {
                     Some(etcd_client::PutOptions::new().with_lease(fresh.id())),
                 ),
             ]);
-        let mut kv = self.client.kv_client();
-        let moved = self.call("renew the lease", kv.txn(txn)).await;
+        let moved = self.txn("renew the lease", txn).await;
         match moved {
             Ok(r) if r.succeeded() => {
-                let _ = self.call("revoke a lease", leases.revoke(lease)).await;
+                let _ = self.revoke("revoke a lease", lease).await;
                 Ok(Reply::Renewed {
                     expires_at_ms: clock::now_ms() + fresh.ttl().max(wanted) as u64 * 1000,
                 })
             }
             other => {
-                let _ = self.call("revoke a lease", leases.revoke(fresh.id())).await;
+                let _ = self.revoke("revoke a lease", fresh.id()).await;
                 other.and(Err(Error::not_holder()))
             }
         }
@@ -178,13 +167,8 @@ impl Cluster {
 
     /// Reads one key's queue.
     async fn queue(&self, key: &Key) -> Result<Queue, Error> {
-        let mut kv = self.client.kv_client();
-        let prefix = self.layout.key_prefix(key);
         let got = self
-            .call(
-                "read the queue",
-                kv.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
+            .range("read the queue", self.layout.key_prefix(key))
             .await?;
         Ok(Queue::from_kvs(got.kvs()))
     }
@@ -210,7 +194,6 @@ impl Cluster {
             permits: None,
             delayed_until_ms: None,
         };
-        let mut leases = self.client.lease_client();
         for h in holders {
             let r = &h.record;
             let size = OWNER_SIZE + r.client.len() + r.node.len() + 50 + r.data.len() / 2;
@@ -219,7 +202,7 @@ impl Cluster {
                 continue;
             }
             let expires_at_ms = if r.detached {
-                self.call("read a lease", leases.time_to_live(h.lease, None))
+                self.time_to_live("read a lease", h.lease)
                     .await
                     .ok()
                     .filter(|t| t.ttl() > 0)
@@ -273,13 +256,7 @@ impl Cluster {
             Some(ns) => self.layout.name_prefix(ns, &query.prefix),
             None => self.layout.keys_root(),
         };
-        let mut kv = self.client.kv_client();
-        let got = self
-            .call(
-                "list the keys",
-                kv.get(root, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let got = self.range("list the keys", root).await?;
         let mut by_key: std::collections::BTreeMap<(String, String), Vec<etcd_client::KeyValue>> =
             std::collections::BTreeMap::new();
         for kv in got.kvs() {
@@ -341,14 +318,11 @@ impl Cluster {
             }
         }
         if !ops.is_empty() {
-            let mut kv = self.client.kv_client();
-            self.call("delete the holds", kv.txn(Txn::new().and_then(ops)))
+            self.txn("delete the holds", Txn::new().and_then(ops))
                 .await?;
         }
-        let mut lease_client = self.client.lease_client();
         for lease in leases {
-            self.call("revoke a detached lease", lease_client.revoke(lease))
-                .await?;
+            self.revoke("revoke a detached lease", lease).await?;
         }
         for _ in &holders {
             Counters::inc(&self.counters.forced);
@@ -360,15 +334,8 @@ impl Cluster {
 
     /// This daemon's counters and the cluster's holds, waiters, keys and leases.
     pub(crate) async fn stats(&self, base: Stats) -> Result<Reply, Error> {
-        let mut kv = self.client.kv_client();
         let got = self
-            .call(
-                "read the lock table",
-                kv.get(
-                    self.layout.keys_root(),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
+            .range("read the lock table", self.layout.keys_root())
             .await?;
         let mut by_key: std::collections::HashMap<Key, Vec<etcd_client::KeyValue>> =
             std::collections::HashMap::new();

@@ -180,7 +180,7 @@ impl Conn {
                     self.spawn(id, move |c, _| async move { c.force_release(&key).await })
                 })
                 .map_err(Err),
-            Op::Watch { key } => Err(self.watch(key)),
+            Op::Watch { key } => self.watch(id, key).map_err(Err),
             Op::Unwatch { key } => {
                 let had = self.shared.state().watches.remove(&key);
                 if let Some(stop) = &had {
@@ -367,14 +367,17 @@ impl Conn {
         Ok(length)
     }
 
-    fn watch(&mut self, key: Key) -> Result<Reply, Error> {
+    /// Starts watching `key`; the watch task answers `Watching` once it has read the key's
+    /// holders, so every change after the answer is reported.
+    fn watch(&mut self, id: RequestId, key: Key) -> Result<(), Error> {
         key.validate()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.authorize(&key.namespace)?;
         let max = self.config.limits.max_watches_per_conn;
         let mut state = self.shared.state();
-        if state.watches.contains_key(&key) {
-            return Ok(Reply::Watching);
+        if let Some(old) = state.watches.remove(&key) {
+            // Watching again restarts the watch (and answers once it is in place).
+            old.cancel();
         }
         if state.watches.len() >= max {
             return Err(Error::LimitExceeded(format!(
@@ -384,14 +387,14 @@ impl Conn {
         let stop = CancellationToken::new();
         state.watches.insert(key.clone(), stop.clone());
         drop(state);
-        let owner = self.owner().clone();
         tokio::spawn(super::watch::key(
             Arc::clone(&self.cluster),
             key,
-            owner,
+            Arc::clone(&self.shared),
+            id,
             stop,
         ));
-        Ok(Reply::Watching)
+        Ok(())
     }
 
     /// No timers of its own: waits time out in their tasks.

@@ -37,7 +37,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, GetResponse, LeaseGrantResponse, LeaseTimeToLiveResponse,
+    Txn, TxnResponse, WatchOptions,
+};
 use tokio::sync::mpsc;
 
 pub use conn::Conn;
@@ -140,10 +143,141 @@ impl Cluster {
         }
     }
 
+    /// Runs an etcd call made by `make`, again while it fails to reach a member (another
+    /// endpoint answers the next try), all within `request_timeout`. Only calls that may be
+    /// repeated go through here: reads, deletes, puts of this daemon's unique entries.
+    pub(crate) async fn retry<T, F, Fut>(&self, what: &str, mut make: F) -> Result<T, Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let limit = self.config.request_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, make(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if unreachable(&e) => {
+                    tracing::debug!("{what}: {e}; trying again");
+                    let pause = tokio::time::Instant::now() + Duration::from_millis(20);
+                    if pause >= deadline {
+                        return Err(unavailable(what, &e.to_string()));
+                    }
+                    tokio::time::sleep_until(pause).await;
+                }
+                Ok(Err(e)) => return Err(unavailable(what, &e.to_string())),
+                Err(_) => {
+                    return Err(unavailable(
+                        what,
+                        &format!("etcd did not answer within {limit:?}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn get(
+        &self,
+        what: &str,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, Error> {
+        let key = key.into();
+        self.retry(what, |mut c| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { c.get(key, options).await }
+        })
+        .await
+    }
+
+    /// The entries with prefix `prefix`.
+    pub(crate) async fn range(
+        &self,
+        what: &str,
+        prefix: impl Into<Vec<u8>>,
+    ) -> Result<GetResponse, Error> {
+        self.get(what, prefix, Some(GetOptions::new().with_prefix()))
+            .await
+    }
+
+    pub(crate) async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, Error> {
+        self.retry(what, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    pub(crate) async fn delete(&self, what: &str, key: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let key = key.into();
+        self.retry(what, |mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    pub(crate) async fn grant(&self, what: &str, ttl: i64) -> Result<LeaseGrantResponse, Error> {
+        self.retry(what, |mut c| async move { c.lease_grant(ttl, None).await })
+            .await
+    }
+
+    /// Revokes etcd lease `id` (a lease already gone counts as revoked).
+    pub(crate) async fn revoke(&self, what: &str, id: i64) -> Result<(), Error> {
+        let revoked = self
+            .retry(what, |mut c| async move {
+                match c.lease_revoke(id).await {
+                    Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+                        Ok(())
+                    }
+                    other => other.map(drop),
+                }
+            })
+            .await;
+        revoked
+    }
+
+    /// The remaining and granted TTL of etcd lease `id`.
+    pub(crate) async fn time_to_live(
+        &self,
+        what: &str,
+        id: i64,
+    ) -> Result<LeaseTimeToLiveResponse, Error> {
+        self.retry(
+            what,
+            |mut c| async move { c.lease_time_to_live(id, None).await },
+        )
+        .await
+    }
+
+    pub(crate) async fn watch(
+        &self,
+        what: &str,
+        key: impl Into<Vec<u8>>,
+        options: WatchOptions,
+    ) -> Result<etcd_client::WatchStream, Error> {
+        let key = key.into();
+        self.retry(what, |mut c| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { c.watch(key, Some(options)).await }
+        })
+        .await
+    }
+
     /// Deletes `etcd_key` in the background, retrying until it is gone or its session lease
     /// (generation `generation`) is.
     pub(crate) fn delete_later(&self, etcd_key: Vec<u8>, generation: u64) {
         let _ = self.cleanup.send((etcd_key, generation));
+    }
+}
+
+/// A failure to reach a member (connection refused or reset, no leader): another try may
+/// reach another member.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
     }
 }
 
@@ -157,7 +291,6 @@ pub(crate) fn unavailable(what: &str, why: &str) -> Error {
 async fn connect(config: &EtcdConfig) -> Result<Client, StartError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.request_timeout)
-        .with_timeout(config.request_timeout)
         .with_keep_alive(Duration::from_secs(1), config.request_timeout)
         .with_keep_alive_while_idle(true);
     if config.tls_ca.is_some() || config.tls_cert.is_some() {
@@ -184,7 +317,7 @@ async fn connect(config: &EtcdConfig) -> Result<Client, StartError> {
 
 /// Deletes what `delete_later` was given, in batches, retrying failures.
 async fn cleanup_task(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<(Vec<u8>, u64)>) {
-    use etcd_client::{Txn, TxnOp};
+    use etcd_client::TxnOp;
     /// etcd's default limit of operations per transaction.
     const BATCH: usize = 128;
     let mut pending: Vec<(Vec<u8>, u64)> = Vec::new();
@@ -212,9 +345,8 @@ async fn cleanup_task(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<(Ve
             .iter()
             .map(|(k, _)| TxnOp::delete(k.clone(), None))
             .collect();
-        let mut kv = cluster.client.kv_client();
         match cluster
-            .call("delete entries", kv.txn(Txn::new().and_then(ops)))
+            .txn("delete entries", Txn::new().and_then(ops))
             .await
         {
             Ok(_) => {

@@ -90,8 +90,7 @@ pub async fn keep(cluster: Arc<Cluster>) {
         let why = keep_alive(&cluster, lease, ttl).await;
         lose(&cluster, lease, &why);
         // Free whatever is left of it (etcd may still have it, if only we lost touch).
-        let mut leases = cluster.client.lease_client();
-        let _ = cluster.call("revoke a lease", leases.revoke(lease.0)).await;
+        let _ = cluster.revoke("revoke a lease", lease.0).await;
     }
 }
 
@@ -101,12 +100,8 @@ struct Granted(i64, Instant);
 
 async fn grant(cluster: &Cluster, ttl: Duration) -> Option<Granted> {
     let sent = Instant::now();
-    let mut leases = cluster.client.lease_client();
     let granted = cluster
-        .call(
-            "grant this daemon's session lease",
-            leases.grant(ttl.as_secs() as i64, None),
-        )
+        .grant("grant this daemon's session lease", ttl.as_secs() as i64)
         .await;
     match granted {
         Ok(r) if r.ttl() > 0 => {

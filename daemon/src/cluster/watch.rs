@@ -10,15 +10,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchFilterType, WatchOptions};
+use etcd_client::{EventType, WatchFilterType, WatchOptions};
 use foldhash::{HashMap, HashMapExt};
-use lockd_protocol::{Change, Key, LostReason};
+use lockd_protocol::{Change, Key, LostReason, Reply, RequestId};
 use tokio_util::sync::CancellationToken;
 
+use super::conn::ConnShared;
 use super::index::report;
 use super::layout::Queue;
 use super::Cluster;
-use crate::peer::{Owner, Push};
+use crate::peer::Push;
 
 /// Follows every deletion under the keys' root for as long as the daemon runs.
 pub async fn deletions(cluster: Arc<Cluster>) {
@@ -32,9 +33,8 @@ pub async fn deletions(cluster: Arc<Cluster>) {
         if let Some(rev) = next_revision {
             options = options.with_start_revision(rev);
         }
-        let mut watch = cluster.client.watch_client();
         let opened = cluster
-            .call("watch deletions", watch.watch(root.clone(), Some(options)))
+            .watch("watch deletions", root.clone(), options)
             .await;
         let mut stream = match opened {
             Ok(s) => s,
@@ -83,11 +83,8 @@ pub async fn deletions(cluster: Arc<Cluster>) {
 /// After missed events: every held entry that is gone was ended by someone else.
 async fn resync(cluster: &Cluster) {
     cluster.index.drop_releasing();
-    let mut kv = cluster.client.kv_client();
     for (etcd_key, held) in cluster.index.held() {
-        let got = cluster
-            .call("check a hold", kv.get(etcd_key.clone(), None))
-            .await;
+        let got = cluster.get("check a hold", etcd_key.clone(), None).await;
         if let Ok(got) = got {
             if got.kvs().is_empty() && cluster.index.deleted(&etcd_key).is_some() {
                 report(held, LostReason::ForceReleased);
@@ -96,21 +93,36 @@ async fn resync(cluster: &Cluster) {
     }
 }
 
-/// Streams `granted` and `released` events of `key` to `owner` until `stop`.
-pub async fn key(cluster: Arc<Cluster>, key: Key, owner: Owner, stop: CancellationToken) {
+/// Streams `granted` and `released` events of `key` to the connection until `stop`; answers
+/// request `id` (`Watching`) once the holders to compare with are read.
+pub async fn key(
+    cluster: Arc<Cluster>,
+    key: Key,
+    conn: Arc<ConnShared>,
+    id: RequestId,
+    stop: CancellationToken,
+) {
+    let owner = conn.owner.clone();
     let prefix = cluster.layout.key_prefix(&key);
     // fence -> still held, as last seen.
     let mut holders: HashMap<u64, ()> = HashMap::new();
     let mut first = true;
     loop {
-        let mut kv = cluster.client.kv_client();
         let read = tokio::select! {
             _ = stop.cancelled() => return,
-            r = cluster.call("read the queue", kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()))) => r,
+            r = cluster.range("read the queue", prefix.clone()) => r,
         };
-        let Ok(got) = read else {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            continue;
+        let got = match read {
+            Ok(got) => got,
+            Err(e) if first => {
+                conn.state().watches.remove(&key);
+                conn.reply(id, Err(e));
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
         };
         let revision = got.header().map_or(0, |h| h.revision());
         let queue = Queue::from_kvs(got.kvs());
@@ -145,15 +157,17 @@ pub async fn key(cluster: Arc<Cluster>, key: Key, owner: Owner, stop: Cancellati
             }
         }
         holders = seen;
-        first = false;
+        if first {
+            conn.reply(id, Ok(Reply::Watching));
+            first = false;
+        }
         // Wait for the next change of the key's entries.
-        let mut watch = cluster.client.watch_client();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
         let opened = tokio::select! {
             _ = stop.cancelled() => return,
-            w = cluster.call("watch a key", watch.watch(prefix.clone(), Some(options))) => w,
+            w = cluster.watch("watch a key", prefix.clone(), options) => w,
         };
         let Ok(mut stream) = opened else {
             tokio::time::sleep(Duration::from_millis(250)).await;

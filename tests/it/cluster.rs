@@ -1,0 +1,467 @@
+//! The etcd backend against a real etcd (one member, or three), with two lockd daemons sharing
+//! it as if on two hosts ("host-a", "host-b": two sockets, two session leases). Each test says
+//! SKIPPED when no etcd binary is installed; CI sets LOCKD_REQUIRE_ETCD_TESTS=1 and installs it.
+//!
+//! Timings the closing note quotes are printed with `cargo test -p lockd --test it cluster --
+//! --nocapture`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lockd_client::{Client, Lost};
+use lockd_protocol::{ErrorCode, Key, Mode};
+use lockd_tests::etcd::Etcd;
+use lockd_tests::{within, TestDaemon};
+
+use crate::{enqueue, lockctl, poll_once, LOCKCTL, LOCKD, PROMPT};
+
+/// Two daemons on one etcd cluster, with the given session TTL.
+async fn two_hosts(etcd: &Etcd, ttl: &str, request_timeout: &str) -> (TestDaemon, TestDaemon) {
+    let a = etcd.lockd_config("host-a", ttl, request_timeout);
+    let b = etcd.lockd_config("host-b", ttl, request_timeout);
+    let a = TestDaemon::start_with(LOCKD, &["--config", a.to_str().expect("utf-8 path")]).await;
+    let b = TestDaemon::start_with(LOCKD, &["--config", b.to_str().expect("utf-8 path")]).await;
+    (a, b)
+}
+
+/// Waits until `name` has `n` waiters in etcd: on the cluster a request is in the queue once
+/// its entry is written, which a ping on the same connection does not wait for.
+async fn queued(c: &Client, name: &str, n: usize) {
+    within(PROMPT, "the waiter's entry is in etcd", async {
+        while c
+            .describe(&key(name))
+            .await
+            .expect("describe")
+            .waiters
+            .len()
+            < n
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+fn key(name: &str) -> Key {
+    Key::in_default(name).expect("key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_daemons_share_one_lock_table() {
+    let Some(etcd) = Etcd::start(1, "cluster_two_daemons_share_one_lock_table") else {
+        return;
+    };
+    let (a, b) = two_hosts(&etcd, "10s", "2s").await;
+    let (ca, cb) = (a.client().await, b.client().await);
+
+    // Exclusion across hosts, and the conflict names the holder's host.
+    let held = ca.lock("job").await.expect("a takes job");
+    let err = cb.try_lock("job").await.expect_err("b must not");
+    assert!(err.is_conflict(), "{err}");
+    assert!(err.to_string().contains("@host-a"), "{err}");
+
+    // FIFO waiting across hosts; fences increase across hosts.
+    let mut waiting = enqueue(&cb, cb.acquire("job").wait_forever()).await;
+    queued(&cb, "job", 1).await;
+    assert!(poll_once(&mut waiting).await.is_none(), "b waits");
+    let first = held.fence();
+    held.release().await.expect("release");
+    let got = within(PROMPT, "b granted after a's release", &mut waiting)
+        .await
+        .expect("b's grant");
+    assert!(got.fence() > first, "{} > {first}", got.fence());
+    got.release().await.expect("release");
+
+    // Shared holders on both hosts; a writer queues; a later reader does not jump it.
+    let r1 = ca.acquire("doc").shared().await.expect("reader on a");
+    let r2 = cb.acquire("doc").shared().await.expect("reader on b");
+    let cw = b.client().await;
+    let mut writer = enqueue(&cw, cw.acquire("doc").wait_forever()).await;
+    queued(&cw, "doc", 1).await;
+    let err = ca
+        .acquire("doc")
+        .shared()
+        .await
+        .expect_err("a reader behind a waiting writer conflicts");
+    assert!(err.is_conflict(), "{err}");
+    let d = cb.describe(&key("doc")).await.expect("describe");
+    assert_eq!(d.holders.len(), 2);
+    assert_eq!(d.waiters.len(), 1);
+    let names: Vec<&str> = d
+        .holders
+        .iter()
+        .map(|h| h.owner.client_name.as_str())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with("@host-a")), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with("@host-b")), "{names:?}");
+    r1.release().await.expect("release");
+    assert!(
+        poll_once(&mut writer).await.is_none(),
+        "writer waits for both"
+    );
+    r2.release().await.expect("release");
+    let w = within(PROMPT, "writer granted", &mut writer)
+        .await
+        .expect("writer");
+    assert_eq!(w.mode(), Mode::Exclusive);
+
+    // Watch on one host sees the other host's grant and release.
+    let mut watch = cb.watch(&key("w")).await.expect("watch");
+    let g = ca.lock("w").await.expect("lock w");
+    let change = within(PROMPT, "granted event", watch.next())
+        .await
+        .expect("event");
+    assert_eq!(change.kind(), "granted");
+    assert_eq!(change.fence(), g.fence());
+    let fence = g.fence();
+    g.release().await.expect("release");
+    let change = within(PROMPT, "released event", watch.next())
+        .await
+        .expect("event");
+    assert_eq!((change.kind(), change.fence()), ("released", fence));
+
+    // Force-release from the other host: the holder is told.
+    let victim = ca.lock("stuck").await.expect("lock stuck");
+    let n = cb.force_release(&key("stuck")).await.expect("force");
+    assert_eq!(n, 1);
+    let lost = within(PROMPT, "holder told", victim.lost()).await;
+    assert_eq!(lost, Lost::ForceReleased);
+    cb.try_lock("stuck")
+        .await
+        .expect("free after force-release");
+
+    // A detached lease taken on a is renewed and released on b, by ticket only.
+    let lease = ca
+        .acquire("nightly")
+        .lease(Duration::from_secs(30))
+        .detached()
+        .await
+        .expect("detached");
+    drop(ca);
+    let renewed = cb
+        .renew(&lease.ticket, Some(Duration::from_secs(60)))
+        .await
+        .expect("renew on b");
+    assert!(renewed > lease.expires_at, "renewed for longer");
+    let d = cb.describe(&key("nightly")).await.expect("describe");
+    assert!(d.holders[0].detached && d.holders[0].expires_at_ms.is_some());
+    assert_eq!(d.holders[0].fence, lease.fence, "renewal keeps the fence");
+    let stats = cb.stats().await.expect("stats");
+    let gauge = |n: &str| stats.gauges.iter().find(|g| g.0 == n).map(|g| g.1);
+    assert_eq!(gauge("leases"), Some(1), "{stats:?}");
+    cb.release(&lease.ticket).await.expect("release on b");
+    let err = cb.release(&lease.ticket).await.expect_err("gone");
+    assert_eq!(err.code(), Some(ErrorCode::NotHolder));
+    assert!(cb
+        .describe(&key("nightly"))
+        .await
+        .unwrap()
+        .holders
+        .is_empty());
+
+    // What the cluster does not do is refused, not half done.
+    let err = cb
+        .acquire("sem")
+        .permits(3)
+        .await
+        .expect_err("no semaphores");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    let err = cb
+        .acquire("delayed")
+        .lock_delay(Duration::from_secs(1))
+        .await
+        .expect_err("no lock-delay");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+
+    // lockctl works unchanged: list sees both hosts' keys.
+    let out = lockctl(&a.socket, &["run", "from-lockctl", "--", "true"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let _held = cb.lock("listed").await.expect("lock");
+    let out = lockctl(&a.socket, &["list"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("listed"),
+        "{out:?}"
+    );
+}
+
+/// Workers on both hosts take one key in turns; some vanish while holding (their connection
+/// dropped, as a SIGKILL does), and real lockctl processes are SIGKILLed while they hold.
+/// No two ever hold at once, and fences only grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mutual_exclusion_and_fence_order_under_client_kills() {
+    let Some(etcd) = Etcd::start(
+        1,
+        "cluster_mutual_exclusion_and_fence_order_under_client_kills",
+    ) else {
+        return;
+    };
+    let (a, b) = two_hosts(&etcd, "10s", "2s").await;
+    let inside = Arc::new(AtomicBool::new(false));
+    let last_fence = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let socket = if w % 2 == 0 { &a.socket } else { &b.socket }.clone();
+        let (inside, last_fence) = (Arc::clone(&inside), Arc::clone(&last_fence));
+        workers.push(tokio::spawn(async move {
+            let mut client = Client::connect(&socket).await.expect("connect");
+            for round in 0..25u32 {
+                let guard = client
+                    .acquire("counter")
+                    .wait(Duration::from_secs(30))
+                    .await
+                    .expect("acquire");
+                assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                let previous = last_fence.swap(guard.fence(), Ordering::SeqCst);
+                assert!(
+                    guard.fence() > previous,
+                    "fence {} after {previous}",
+                    guard.fence()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                inside.store(false, Ordering::SeqCst);
+                if (round + w) % 7 == 3 {
+                    // Vanish while holding: the connection closes without a release.
+                    drop(guard);
+                    drop(client);
+                    client = Client::connect(&socket).await.expect("reconnect");
+                } else {
+                    guard.release().await.expect("release");
+                }
+            }
+        }));
+    }
+    // Meanwhile: lockctl holders SIGKILLed while they hold; their hold ends at once (well
+    // within the 10 s session TTL), on either host.
+    let observer = a.client().await;
+    for i in 0..4 {
+        let socket = if i % 2 == 0 { &a.socket } else { &b.socket };
+        let mut child = std::process::Command::new(LOCKCTL)
+            .arg("--socket")
+            .arg(socket)
+            .args(["run", "-w", "60", "counter", "--", "sleep", "60"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("lockctl");
+        let pid = child.id() as i32;
+        within(Duration::from_secs(60), "lockctl holds", async {
+            loop {
+                let d = observer.describe(&key("counter")).await.expect("describe");
+                if d.holders.iter().any(|h| h.owner.pid == Some(pid)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            !inside.swap(true, Ordering::SeqCst),
+            "lockctl and a worker hold at once"
+        );
+        let killed = Instant::now();
+        inside.store(false, Ordering::SeqCst);
+        let _ = child.kill();
+        let _ = child.wait();
+        // The sleep it ran is its child: it must not keep the lock (flock semantics end with
+        // lockctl's own connection).
+        let freed = within(Duration::from_secs(5), "hold ended after SIGKILL", async {
+            loop {
+                let d = observer.describe(&key("counter")).await.expect("describe");
+                if !d.holders.iter().any(|h| h.owner.pid == Some(pid)) {
+                    return killed.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        eprintln!(
+            "cluster: lockctl SIGKILLed on host {}, its hold gone after {freed:?}",
+            ["a", "b"][i % 2]
+        );
+    }
+    for w in workers {
+        within(Duration::from_secs(120), "worker finished", w)
+            .await
+            .expect("worker");
+    }
+}
+
+/// A daemon SIGKILLed while its client holds: the other host is granted once the dead
+/// daemon's session lease expires in etcd (the TTL), not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_killed_daemons_holds_free_after_its_session_ttl() {
+    let Some(etcd) = Etcd::start(
+        1,
+        "cluster_a_killed_daemons_holds_free_after_its_session_ttl",
+    ) else {
+        return;
+    };
+    let (mut a, b) = two_hosts(&etcd, "3s", "1s").await;
+    let ca = a.client().await;
+    let held = ca.lock("db").await.expect("a holds");
+    let cb = b.client().await;
+    let mut waiting = enqueue(&cb, cb.acquire("db").wait(Duration::from_secs(30))).await;
+    queued(&cb, "db", 1).await;
+    assert!(poll_once(&mut waiting).await.is_none());
+    let killed = Instant::now();
+    a.kill9();
+    let got = within(
+        Duration::from_secs(20),
+        "b granted after a's lease expired",
+        &mut waiting,
+    )
+    .await
+    .expect("granted");
+    let after = killed.elapsed();
+    eprintln!("cluster: daemon a SIGKILLed; host b granted after {after:?} (session_ttl 3s, keepalive every 750ms)");
+    assert!(got.fence() > held.fence());
+    // The lease was kept alive until the kill: etcd expires it between TTL - keepalive
+    // interval and TTL (plus its expiry check) after the kill.
+    assert!(
+        after >= Duration::from_millis(2000),
+        "granted too early: {after:?}"
+    );
+    assert!(
+        after <= Duration::from_secs(10),
+        "granted too late: {after:?}"
+    );
+    // Host a comes back and serves again.
+    a.restart().await;
+    let ca = a.client().await;
+    got.release().await.expect("release");
+    within(PROMPT, "a serves again", ca.lock("db"))
+        .await
+        .expect("lock after restart");
+}
+
+/// Three members: one SIGKILLed (the one both daemons list first, often the leader) changes
+/// nothing for holders or new acquires. A new leader takes etcd's election timeout (1 s), so
+/// the request timeout here (3 s) outlasts an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_of_three_survives_a_killed_member() {
+    let Some(mut etcd) = Etcd::start(3, "cluster_of_three_survives_a_killed_member") else {
+        return;
+    };
+    let (a, b) = two_hosts(&etcd, "6s", "3s").await;
+    let (ca, cb) = (a.client().await, b.client().await);
+    let held = ca.lock("steady").await.expect("hold");
+    etcd.kill(0);
+    let killed = Instant::now();
+    // For two session TTLs, both hosts keep serving and the hold is never lost. Killing the
+    // leader makes etcd elect another: requests in that window may answer Unavailable (the
+    // client retries, as it would); the longest such gap is reported and bounded.
+    let mut rounds = 0;
+    let mut longest_gap = Duration::ZERO;
+    while killed.elapsed() < Duration::from_secs(12) {
+        for c in [&ca, &cb] {
+            let asked = Instant::now();
+            let g = within(
+                Duration::from_secs(10),
+                "acquire with a member down",
+                async {
+                    loop {
+                        match c.lock("busy").await {
+                            Ok(g) => return g,
+                            Err(e) if e.is_unavailable() => {
+                                tokio::time::sleep(Duration::from_millis(50)).await
+                            }
+                            Err(e) => panic!("acquire with a member down: {e}"),
+                        }
+                    }
+                },
+            )
+            .await;
+            longest_gap = longest_gap.max(asked.elapsed());
+            g.release().await.expect("release");
+            rounds += 1;
+        }
+        assert!(!held.is_lost(), "a hold was lost with 2 of 3 members up");
+    }
+    eprintln!(
+        "cluster: 3 members, 1 SIGKILLed: {rounds} acquire/release rounds in 12 s, hold kept; longest wait for a grant {longest_gap:?}"
+    );
+    assert!(cb
+        .try_lock("steady")
+        .await
+        .expect_err("still held")
+        .is_conflict());
+    let e = tokio::task::spawn_blocking(move || {
+        etcd.restart(0, &[0, 1, 2]);
+        etcd
+    })
+    .await
+    .expect("restart");
+    held.release().await.expect("release");
+    drop(e);
+}
+
+/// Every member down: holders are told their holds are lost before the session TTL could run
+/// out, new acquires answer Unavailable within the request timeout, and service resumes when
+/// etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_outage_loses_holds_in_time_and_service_resumes() {
+    let Some(mut etcd) = Etcd::start(1, "cluster_outage_loses_holds_in_time_and_service_resumes")
+    else {
+        return;
+    };
+    let ttl = Duration::from_secs(4);
+    let (a, b) = two_hosts(&etcd, "4s", "1s").await;
+    let (ca, cb) = (a.client().await, b.client().await);
+    let held = ca.lock("x").await.expect("hold");
+    etcd.kill(0);
+    let down = Instant::now();
+    let lost = within(
+        Duration::from_secs(20),
+        "HoldLost during the outage",
+        held.lost(),
+    )
+    .await;
+    let after = down.elapsed();
+    eprintln!(
+        "cluster: etcd down; HoldLost after {after:?} ({lost}; session_ttl 4s, margin 800ms)"
+    );
+    assert_eq!(lost, Lost::Expired);
+    // The last keepalive was sent before the outage, so etcd could expire the lease no sooner
+    // than TTL after the outage began; the holder knew before that.
+    assert!(after < ttl, "HoldLost after {after:?}: not before the TTL");
+    let asked = Instant::now();
+    let err = within(
+        Duration::from_secs(10),
+        "acquire during the outage",
+        cb.lock("y"),
+    )
+    .await
+    .expect_err("no etcd: no grant");
+    eprintln!(
+        "cluster: acquire during the outage answered {:?} after {:?}",
+        err.code(),
+        asked.elapsed()
+    );
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    let etcd = tokio::task::spawn_blocking(move || {
+        etcd.restart(0, &[0]);
+        etcd
+    })
+    .await
+    .expect("restart");
+    let back = Instant::now();
+    let g = within(Duration::from_secs(30), "service resumes", async {
+        loop {
+            match ca.lock("x").await {
+                Ok(g) => return g,
+                Err(e) if e.is_unavailable() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    eprintln!("cluster: etcd back; first grant after {:?}", back.elapsed());
+    let err = cb.try_lock("x").await.expect_err("held again");
+    assert!(err.is_conflict(), "{err}");
+    g.release().await.expect("release");
+    drop(etcd);
+}
