@@ -18,6 +18,7 @@ Baselines, measured by the same harness:
   --fsync-floor DIR  4 KiB overwrite + fdatasync in DIR (beside each measurement)
   --redis PATH       Redis instead of lockd: SET NX PX + compare-and-delete (EVALSHA)
   --flock            with --handoff: flock(2) between processes instead of lockd
+  --etcd-lock URL    etcd's own v3 lock API instead of lockd: Lock + Unlock pairs
 
 Output: a progress line on stderr (when it is a terminal), then per measurement
 pairs/s and acquire latency percentiles in microseconds (--json: one JSON object
@@ -35,7 +36,8 @@ Examples:
   lockd-bench --handoff --clients 16           # release -> next grant latency
   lockd-bench --lease 30s --detach --fsync-floor /var/lib/lockd  # vs the disk's syncs/s
   lockd-bench --redis /run/redis/redis.sock --clients 1,64       # the same pairs on Redis
-  lockd-bench --handoff --flock --clients 2    # flock(2) handoff between two processes";
+  lockd-bench --handoff --flock --clients 2    # flock(2) handoff between two processes
+  lockd-bench --etcd-lock http://127.0.0.1:2379 --clients 1,64  # etcd's lock API";
 
 /// Measure a running lockd: acquire+release pairs per second, acquire latency, hot-key
 /// handoff latency, memory per held lock.
@@ -115,6 +117,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH",
           conflicts_with_all = ["floor", "handoff", "raw", "detach", "flock"])]
     pub redis: Option<PathBuf>,
+    /// Measure etcd's own v3 lock API at this endpoint instead of lockd (the baseline for lockd
+    /// on its etcd backend): each connection is an etcd client with its own session lease, a
+    /// pair is Lock(name, lease) + Unlock, one at a time per connection
+    #[arg(long, value_name = "URL",
+          conflicts_with_all = ["floor", "handoff", "raw", "detach", "flock", "redis",
+                                "hold_many", "fsync_floor", "lease"])]
+    pub etcd_lock: Option<String>,
     /// With --handoff: measure flock(2) instead of lockd, --clients processes taking turns on
     /// one file in a temporary directory
     #[arg(long, requires = "handoff", conflicts_with_all = ["raw", "lease", "fsync_floor"])]
@@ -156,6 +165,8 @@ pub enum Target {
     Lockd,
     /// Redis at `Settings::socket`.
     Redis,
+    /// etcd's lock API at `Settings::etcd`.
+    EtcdLock,
     /// flock(2) on a temporary file (`--handoff` only).
     Flock,
 }
@@ -193,6 +204,8 @@ pub struct Settings {
     pub fsync_floor: Option<PathBuf>,
     /// Key names start with this: `lockd-bench-PID-`.
     pub prefix: String,
+    /// etcd's endpoint, with `Target::EtcdLock`.
+    pub etcd: Option<String>,
 }
 
 impl Args {
@@ -218,11 +231,18 @@ impl Args {
         if self.lease.is_some_and(|l| l < Duration::from_millis(1)) {
             return Err("--lease must be at least 1ms".into());
         }
-        let target = match (&self.redis, self.flock) {
-            (Some(_), _) => Target::Redis,
-            (None, true) => Target::Flock,
-            (None, false) => Target::Lockd,
+        let target = match (&self.redis, self.flock, &self.etcd_lock) {
+            (_, _, Some(_)) => Target::EtcdLock,
+            (Some(_), _, _) => Target::Redis,
+            (None, true, _) => Target::Flock,
+            (None, false, None) => Target::Lockd,
         };
+        if target == Target::EtcdLock && (self.mode == ModeArg::Shared || self.depth != 1) {
+            return Err(
+                "--etcd-lock takes exclusive locks one at a time per connection; drop --mode and --depth"
+                    .into(),
+            );
+        }
         if target == Target::Redis && self.mode == ModeArg::Shared {
             return Err("--redis locks are SET NX: exclusive only; drop --mode shared".into());
         }
@@ -265,6 +285,7 @@ impl Args {
         let warmup = self
             .warmup
             .unwrap_or_else(|| (self.duration / 5).min(Duration::from_secs(1)));
+        let etcd = self.etcd_lock.clone();
         let socket = match (self.redis, self.socket) {
             (Some(redis), _) => redis,
             (None, Some(socket)) => socket,
@@ -292,6 +313,7 @@ impl Args {
             threads: self.threads as usize,
             fsync_floor: self.fsync_floor,
             prefix: format!("lockd-bench-{}-", std::process::id()),
+            etcd,
         })
     }
 }

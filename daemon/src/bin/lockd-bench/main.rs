@@ -91,6 +91,13 @@ async fn run(s: &Arc<Settings>) -> Result<(), Failure> {
             let server = Server::probe(&s.socket).await?;
             (server.daemon.clone(), Some(server))
         }
+        Target::EtcdLock => {
+            let etcd = Daemon {
+                server_version: "v3 lock API".into(),
+                pid: None,
+            };
+            (etcd, None)
+        }
         Target::Flock => {
             let kernel = Daemon {
                 server_version: String::new(),
@@ -160,6 +167,22 @@ async fn measure(
     let label = format!("{clients} clients");
     progress.show(&format!("{label}: connecting"));
     let workers = match (redis, s.workload, s.raw) {
+        #[cfg(not(feature = "etcd"))]
+        _ if s.target == Target::EtcdLock => {
+            return Err(Failure::Run(
+                "this lockd-bench was built without the etcd feature".into(),
+            ))
+        }
+        #[cfg(feature = "etcd")]
+        _ if s.target == Target::EtcdLock => {
+            let endpoints: Vec<String> = s
+                .etcd
+                .iter()
+                .flat_map(|e| e.split(','))
+                .map(str::to_owned)
+                .collect();
+            workload::etcd_lock::start(s, clients, &endpoints, &ctl).await?
+        }
         (Some(server), _, _) => workload::redis::start(s, clients, server, &ctl).await?,
         (None, Workload::Handoff, _) => workload::handoff::start(s, clients, &ctl).await?,
         (None, _, true) => workload::raw::start(s, clients, &ctl).await?,

@@ -149,6 +149,7 @@ pub struct Report<'a> {
 fn driver(s: &Settings) -> &'static str {
     match s.target {
         Target::Redis => "resp",
+        Target::EtcdLock => "etcd-client",
         Target::Flock => "flock",
         Target::Lockd if s.raw => "raw",
         Target::Lockd => "client",
@@ -159,6 +160,7 @@ fn target_name(t: Target) -> &'static str {
     match t {
         Target::Lockd => "lockd",
         Target::Redis => "redis",
+        Target::EtcdLock => "etcd",
         Target::Flock => "flock",
     }
 }
@@ -219,6 +221,9 @@ impl<'a> Report<'a> {
             (Target::Redis, _, _) => {
                 format!("SET NX PX {px} + compare-and-delete (EVALSHA) pairs, hand-encoded RESP")
             }
+            (Target::EtcdLock, _, _) => {
+                "Lock (with a session lease) + Unlock pairs, etcd-client".to_string()
+            }
             (_, _, Workload::HoldMany(n)) => format!("holding {n} locks"),
             (_, true, Workload::Handoff) => "handoff on one hot key, raw frames".to_string(),
             (_, false, Workload::Handoff) => "handoff on one hot key, client crate".to_string(),
@@ -237,6 +242,11 @@ impl<'a> Report<'a> {
         }
         self.line(&match s.target {
             Target::Flock => format!("flock(2): {what}"),
+            Target::EtcdLock => format!(
+                "etcd {} at {}: {what}",
+                self.daemon.server_version,
+                s.etcd.as_deref().unwrap_or_default()
+            ),
             Target::Lockd | Target::Redis => format!(
                 "{} {} at {} ({pid}): {what}",
                 target_name(s.target),

@@ -7,6 +7,8 @@
 //! - `hold_many`: many holds at once and the daemon's memory;
 //! - `redis`: the same pairs and many holds against Redis (`--redis`).
 
+#[cfg(feature = "etcd")]
+pub mod etcd_lock;
 pub mod handoff;
 pub mod hold_many;
 pub mod pairs;
