@@ -129,6 +129,10 @@ pub fn run(config: Config, reload: Reload) -> Result<(), RunError> {
         );
         systemd::ready(&status);
         server::run(listener, shared).await;
+        #[cfg(feature = "etcd")]
+        if let backend::Backend::Etcd(cluster) = &backend {
+            cluster.stop().await;
+        }
         if let Some(engine) = backend.local() {
             match tokio::time::timeout(SYNC_AT_EXIT, engine.sync()).await {
                 Ok(Ok(())) => {}

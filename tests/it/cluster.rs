@@ -465,3 +465,42 @@ async fn cluster_outage_loses_holds_in_time_and_service_resumes() {
     g.release().await.expect("release");
     drop(etcd);
 }
+
+/// A daemon stopped with SIGTERM revokes its session lease on the way out: the other host is
+/// granted at once, not after the TTL; a detached lease taken through it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_stopped_daemon_frees_its_holds_at_once() {
+    let Some(etcd) = Etcd::start(1, "cluster_a_stopped_daemon_frees_its_holds_at_once") else {
+        return;
+    };
+    let (mut a, b) = two_hosts(&etcd, "10s", "2s").await;
+    let ca = a.client().await;
+    let _held = ca.lock("svc").await.expect("a holds");
+    let lease = ca
+        .acquire("kept")
+        .lease(Duration::from_secs(60))
+        .detached()
+        .await
+        .expect("detached");
+    let cb = b.client().await;
+    let mut waiting = enqueue(&cb, cb.acquire("svc").wait(Duration::from_secs(30))).await;
+    queued(&cb, "svc", 1).await;
+    let stopped = Instant::now();
+    let status = a.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}");
+    within(
+        Duration::from_secs(5),
+        "b granted after a stopped",
+        &mut waiting,
+    )
+    .await
+    .expect("granted");
+    let after = stopped.elapsed();
+    eprintln!(
+        "cluster: daemon a stopped (SIGTERM); host b granted after {after:?} (session_ttl 10s)"
+    );
+    assert!(after < Duration::from_secs(5), "{after:?}");
+    let d = cb.describe(&key("kept")).await.expect("describe");
+    assert_eq!(d.holders.len(), 1, "the detached lease outlives its daemon");
+    cb.release(&lease.ticket).await.expect("release on b");
+}

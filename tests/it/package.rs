@@ -63,6 +63,7 @@ const EXPECTED: &[&str] = &[
     "/usr/share/doc/lockd/README.md",
     "/usr/share/doc/lockd/config.md",
     "/usr/share/doc/lockd/examples/systemd/nightly-backup.service",
+    "/usr/share/doc/lockd/examples/systemd/etcd-backend.conf",
 ];
 
 #[test]

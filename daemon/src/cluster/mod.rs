@@ -96,6 +96,8 @@ pub struct Cluster {
     /// Entries to delete in the background: (etcd key, the session generation it was made in).
     cleanup: mpsc::UnboundedSender<(Vec<u8>, u64)>,
     seq: AtomicU64,
+    /// Set by [`Cluster::stop`]: the session lease is not granted again.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -114,11 +116,25 @@ impl Cluster {
             config,
             cleanup,
             seq: AtomicU64::new(1),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(session::keep(Arc::clone(&cluster)));
         tokio::spawn(watch::deletions(Arc::clone(&cluster)));
         tokio::spawn(cleanup_task(Arc::clone(&cluster), cleanup_rx));
         Ok(cluster)
+    }
+
+    /// The daemon stops (its connections are closed): revoking the session lease deletes every
+    /// entry on it at once, so other hosts need not wait for the TTL.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let s = self.session.current();
+        if s.alive {
+            match self.revoke("revoke the session lease", s.lease).await {
+                Ok(()) => tracing::info!("etcd session lease revoked: this daemon's holds ended"),
+                Err(e) => tracing::warn!("{e}; this daemon's holds end with its lease's TTL"),
+            }
+        }
     }
 
     /// A fresh sequence number for an entry's name.

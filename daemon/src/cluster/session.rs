@@ -79,7 +79,11 @@ pub fn margin(ttl: Duration) -> Duration {
 /// Keeps the session lease alive for as long as the daemon runs.
 pub async fn keep(cluster: Arc<Cluster>) {
     let ttl = cluster.config.session_ttl;
+    let stopping = || cluster.stopping.load(std::sync::atomic::Ordering::Relaxed);
     loop {
+        if stopping() {
+            return;
+        }
         let lease = match grant(&cluster, ttl).await {
             Some(lease) => lease,
             None => {
@@ -88,6 +92,9 @@ pub async fn keep(cluster: Arc<Cluster>) {
             }
         };
         let why = keep_alive(&cluster, lease, ttl).await;
+        if stopping() {
+            return;
+        }
         lose(&cluster, lease, &why);
         // Free whatever is left of it (etcd may still have it, if only we lost touch).
         let _ = cluster.revoke("revoke a lease", lease.0).await;
