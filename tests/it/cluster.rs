@@ -61,6 +61,16 @@ async fn cluster_two_daemons_share_one_lock_table() {
     assert!(err.is_conflict(), "{err}");
     assert!(err.to_string().contains("@host-a"), "{err}");
 
+    // A release is answered before etcd applied the deletion, but this daemon's own next
+    // acquire never trips over it: a try-lock right after a release always succeeds.
+    let mut last = 0;
+    for _ in 0..50 {
+        let g = ca.try_lock("again").await.expect("try right after own release");
+        assert!(g.fence() > last);
+        last = g.fence();
+        g.release().await.expect("release");
+    }
+
     // FIFO waiting across hosts; fences increase across hosts.
     let mut waiting = enqueue(&cb, cb.acquire("job").wait_forever()).await;
     queued(&cb, "job", 1).await;

@@ -108,17 +108,31 @@ pub async fn run(
                 )))
             }
             Standing::Behind(blocker) => {
-                let Some(deadline) = deadline else {
-                    Counters::inc(&cluster.counters.conflicts);
-                    let msg = conflict_message(&a.key, &queue);
-                    entry.delete_now().await;
-                    return Err(Error::Conflict(msg));
+                // Behind an entry this daemon is deleting (a release it already acknowledged):
+                // wait for its own deleter to confirm, then drop it from the queue as read.
+                // No re-read is needed: entries ahead of ours can only go, never come.
+                if cluster.index.own_deletion(&blocker).is_some() {
+                    let limit = Instant::now() + cluster.config.request_timeout;
+                    let until = deadline.flatten().map_or(limit, |d| d.min(limit));
+                    if own_deletion(cluster, &blocker, until, &cancel).await {
+                        queue.entries.retain(|e| e.etcd_key != blocker);
+                        continue;
+                    }
+                }
+                let until = match deadline {
+                    Some(d) => d,
+                    None => {
+                        Counters::inc(&cluster.counters.conflicts);
+                        let msg = conflict_message(&a.key, &queue);
+                        entry.delete_now().await;
+                        return Err(Error::Conflict(msg));
+                    }
                 };
                 let ended = wait_deleted(
                     cluster,
                     &blocker,
                     range_revision + 1,
-                    deadline,
+                    until,
                     &cancel,
                     &mut session_rx,
                     session.generation,
@@ -327,6 +341,32 @@ async fn expire_when_due(
             });
         }
         return;
+    }
+}
+
+/// Waits until this daemon's deleter confirms `etcd_key` is deleted (true), or `until`, a
+/// cancel, or the entry is no longer tracked (false: the caller asks etcd instead).
+async fn own_deletion(
+    cluster: &Cluster,
+    etcd_key: &[u8],
+    until: Instant,
+    cancel: &CancellationToken,
+) -> bool {
+    loop {
+        let notified = cluster.deletions.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match cluster.index.own_deletion(etcd_key) {
+            Some(true) => return true,
+            Some(false) => {}
+            // No longer tracked (a resynchronisation, a lost session): ask etcd instead.
+            None => return false,
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(until) => return false,
+            _ = cancel.cancelled() => return false,
+        }
     }
 }
 

@@ -27,26 +27,9 @@ const OWNER_SIZE: usize = 25;
 const MAX_LIST_PAGE: usize = 1000;
 
 impl Cluster {
-    /// Release by ticket: a hold of this connection, else a detached lease of the caller's
-    /// uid (any connection, any daemon).
+    /// Release by ticket of a detached lease of the caller's uid (any connection, any daemon);
+    /// a session hold of the connection is released before this is reached.
     pub(crate) async fn release(&self, conn: &ConnShared, ticket: Ticket) -> Result<Reply, Error> {
-        let mine = conn.state().holds.remove(&ticket);
-        if let Some(h) = mine {
-            if let Some(clock) = &h.lease {
-                clock.ended.cancel();
-            }
-            self.index.releasing(&h.etcd_key);
-            if self
-                .delete("delete the hold", h.etcd_key.clone())
-                .await
-                .is_err()
-            {
-                // Released for the client; etcd learns it when it answers again.
-                self.delete_later(h.etcd_key, h.generation);
-            }
-            Counters::inc(&self.counters.releases);
-            return Ok(Reply::Released);
-        }
         let (lease, _hold_key) = self.detached(&conn.owner, &ticket).await?;
         self.revoke("revoke the detached lease", lease).await?;
         Counters::inc(&self.counters.releases);

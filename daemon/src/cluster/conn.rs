@@ -140,10 +140,14 @@ impl Conn {
                 .check_acquire(&a)
                 .map(|lease| self.spawn_acquire(id, a, lease))
                 .map_err(Err),
-            Op::Release { ticket } => {
-                self.spawn(id, move |c, s| async move { c.release(&s, ticket).await });
-                Ok(())
-            }
+            Op::Release { ticket } => match self.release_session_hold(&ticket) {
+                true => Err(Ok(Reply::Released)),
+                false => {
+                    // A detached lease's ticket, perhaps of another connection or host.
+                    self.spawn(id, move |c, s| async move { c.release(&s, ticket).await });
+                    Ok(())
+                }
+            },
             Op::Renew { ticket, lease_ms } => match lease_ms.map(|ms| self.check_lease(ms)) {
                 Some(Err(e)) => Err(Err(e)),
                 length => {
@@ -199,6 +203,24 @@ impl Conn {
                 Answer::Now(now)
             }
         }
+    }
+
+    /// Ends a session hold of this connection: acknowledged at once, its entry deleted by the
+    /// background deleter (batched with other deletions; retried until done or the session
+    /// lease is gone). Nobody else is granted the key before the deletion is in etcd, so the
+    /// early answer can only make others wait, never overlap. False if `ticket` is not one.
+    fn release_session_hold(&self, ticket: &Ticket) -> bool {
+        let removed = self.shared.state().holds.remove(ticket);
+        let Some(h) = removed else {
+            return false;
+        };
+        if let Some(clock) = &h.lease {
+            clock.ended.cancel();
+        }
+        self.cluster.index.releasing(&h.etcd_key);
+        self.cluster.delete_later(h.etcd_key, h.generation);
+        super::Counters::inc(&self.cluster.counters.releases);
+        true
     }
 
     /// Statistics: the session's `base` with the cluster's lock table in it.

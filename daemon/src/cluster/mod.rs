@@ -96,6 +96,9 @@ pub struct Cluster {
     /// Entries to delete in the background: (etcd key, the session generation it was made in).
     cleanup: mpsc::UnboundedSender<(Vec<u8>, u64)>,
     seq: AtomicU64,
+    /// Notified each time the background deleter has deleted a batch (its keys are out of the
+    /// index by then).
+    pub(crate) deletions: tokio::sync::Notify,
     /// Set by [`Cluster::stop`]: the session lease is not granted again.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
@@ -117,6 +120,7 @@ impl Cluster {
             cleanup,
             seq: AtomicU64::new(1),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            deletions: tokio::sync::Notify::new(),
         });
         tokio::spawn(session::keep(Arc::clone(&cluster)));
         tokio::spawn(watch::deletions(Arc::clone(&cluster)));
@@ -366,7 +370,17 @@ async fn cleanup_task(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<(Ve
             .await
         {
             Ok(_) => {
-                pending.drain(..n);
+                // Deleted: their deletion events mean nothing now, and acquires queued behind
+                // them may go on.
+                cluster.index.deleted_by_us(
+                    pending
+                        .drain(..n)
+                        .map(|(k, _)| k)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(Vec::as_slice),
+                );
+                cluster.deletions.notify_waiters();
             }
             Err(e) => {
                 tracing::warn!("{e}; retrying the deletion of {n} entries");
