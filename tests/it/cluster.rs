@@ -65,7 +65,10 @@ async fn cluster_two_daemons_share_one_lock_table() {
     // acquire never trips over it: a try-lock right after a release always succeeds.
     let mut last = 0;
     for _ in 0..50 {
-        let g = ca.try_lock("again").await.expect("try right after own release");
+        let g = ca
+            .try_lock("again")
+            .await
+            .expect("try right after own release");
         assert!(g.fence() > last);
         last = g.fence();
         g.release().await.expect("release");

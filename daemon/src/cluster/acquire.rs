@@ -11,9 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use lockd_protocol::{Acquire, Grant, Key, Reply, RequestId, Ticket, Wait};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -75,20 +73,18 @@ pub async fn run(
         done: false,
     };
 
-    let txn = Txn::new().and_then([
-        TxnOp::put(
-            etcd_key.as_bytes(),
-            record.encode(),
-            Some(PutOptions::new().with_lease(session.lease)),
-        ),
-        TxnOp::get(prefix.as_bytes(), Some(GetOptions::new().with_prefix())),
-    ]);
-    let resp = cluster.txn("queue the acquire", txn).await?;
-    let mut range_revision = resp.header().map_or(0, |h| h.revision());
-    let mut queue = match resp.op_responses().into_iter().nth(1) {
-        Some(TxnOpResponse::Get(g)) => Queue::from_kvs(g.kvs()),
-        _ => Queue::default(),
-    };
+    let (done, queued) = tokio::sync::oneshot::channel();
+    let _ = cluster.enqueue.send(super::batch::Enqueue {
+        etcd_key: etcd_key.as_bytes().to_vec(),
+        value: record.encode(),
+        lease: session.lease,
+        prefix: prefix.as_bytes().to_vec(),
+        done,
+    });
+    let (mut range_revision, kvs) = queued
+        .await
+        .map_err(|_| Error::Unavailable("the daemon is stopping".into()))??;
+    let mut queue = Queue::from_kvs(&kvs);
     // The entry's creation revision is its place and fence: read from the entry itself, so a
     // retried put (which keeps the first creation) cannot mislead.
     let revision = queue

@@ -8,6 +8,7 @@
 //!   alive, and declared lost *before* etcd could expire it.
 //! - `conn.rs` — one connection: its requests, each run as a task that answers through the
 //!   connection's mailbox; dropping it deletes its entries.
+//! - `batch.rs` — group commit of acquires' first steps (one transaction for many clients).
 //! - `acquire.rs` — the queue recipe: create an entry, read the key's queue, watch only the
 //!   entry just ahead.
 //! - `admin.rs` — describe, list, force-release, stats, renew and release by ticket.
@@ -27,6 +28,7 @@
 
 mod acquire;
 mod admin;
+mod batch;
 mod conn;
 mod index;
 mod layout;
@@ -93,6 +95,8 @@ pub struct Cluster {
     pub(crate) index: index::Index,
     pub(crate) usage: usage::Registry,
     pub(crate) counters: Counters,
+    /// Acquires' first steps, to the batching task.
+    pub(crate) enqueue: mpsc::UnboundedSender<batch::Enqueue>,
     /// Entries to delete in the background: (etcd key, the session generation it was made in).
     cleanup: mpsc::UnboundedSender<(Vec<u8>, u64)>,
     seq: AtomicU64,
@@ -109,6 +113,7 @@ impl Cluster {
     pub async fn start(config: EtcdConfig) -> Result<Arc<Cluster>, StartError> {
         let client = connect(&config).await?;
         let (cleanup, cleanup_rx) = mpsc::unbounded_channel();
+        let (enqueue, enqueue_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             layout: Layout::new(&config.prefix),
             session: session::Sessions::new(),
@@ -118,6 +123,7 @@ impl Cluster {
             client,
             config,
             cleanup,
+            enqueue,
             seq: AtomicU64::new(1),
             stopping: std::sync::atomic::AtomicBool::new(false),
             deletions: tokio::sync::Notify::new(),
@@ -125,6 +131,7 @@ impl Cluster {
         tokio::spawn(session::keep(Arc::clone(&cluster)));
         tokio::spawn(watch::deletions(Arc::clone(&cluster)));
         tokio::spawn(cleanup_task(Arc::clone(&cluster), cleanup_rx));
+        tokio::spawn(batch::run(Arc::clone(&cluster), enqueue_rx));
         Ok(cluster)
     }
 
