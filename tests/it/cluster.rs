@@ -517,3 +517,82 @@ async fn cluster_a_stopped_daemon_frees_its_holds_at_once() {
     assert_eq!(d.holders.len(), 1, "the detached lease outlives its daemon");
     cb.release(&lease.ticket).await.expect("release on b");
 }
+
+/// Workers on both hosts take one key in turns while host a's daemon is SIGKILLed and
+/// restarted: no two ever hold at once, fences only grow, host b's workers wait about the
+/// session TTL for a dead holder's key, and both hosts serve again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_exclusion_holds_while_a_daemon_is_sigkilled_under_load() {
+    let Some(etcd) = Etcd::start(
+        1,
+        "cluster_exclusion_holds_while_a_daemon_is_sigkilled_under_load",
+    ) else {
+        return;
+    };
+    let (mut a, b) = two_hosts(&etcd, "3s", "1s").await;
+    let inside = Arc::new(AtomicBool::new(false));
+    let last_fence = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let socket = if w % 2 == 0 { &a.socket } else { &b.socket }.clone();
+        let (inside, last_fence) = (Arc::clone(&inside), Arc::clone(&last_fence));
+        workers.push(tokio::spawn(async move {
+            let (mut pairs, mut longest) = (0u32, Duration::ZERO);
+            let mut client: Option<Client> = None;
+            while Instant::now() < end {
+                let c = match &client {
+                    Some(c) if !c.is_closed() => c.clone(),
+                    _ => {
+                        client = Client::connect(&socket).await.ok();
+                        if client.is_none() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        continue;
+                    }
+                };
+                let asked = Instant::now();
+                let guard = match c.acquire("contended").wait(Duration::from_secs(20)).await {
+                    Ok(g) => g,
+                    Err(_) => {
+                        // This worker's daemon died under it: connect again when it is back.
+                        client = None;
+                        continue;
+                    }
+                };
+                longest = longest.max(asked.elapsed());
+                assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                let previous = last_fence.swap(guard.fence(), Ordering::SeqCst);
+                assert!(
+                    guard.fence() > previous,
+                    "fence {} after {previous}",
+                    guard.fence()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                inside.store(false, Ordering::SeqCst);
+                pairs += 1;
+                let _ = guard.release().await;
+            }
+            (w, pairs, longest)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.kill9();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.restart().await;
+    eprintln!(
+        "cluster: daemon a SIGKILLed under load and restarted after {:?}",
+        killed.elapsed()
+    );
+    for w in workers {
+        let (w, pairs, longest) = within(Duration::from_secs(60), "worker finished", w)
+            .await
+            .expect("worker");
+        eprintln!(
+            "cluster: worker {w} on host {}: {pairs} holds, longest wait {longest:?}",
+            ["a", "b"][w % 2]
+        );
+        assert!(pairs > 0, "worker {w} never held the key");
+    }
+}
