@@ -157,6 +157,14 @@ async fn cluster_two_daemons_share_one_lock_table() {
         .await
         .expect("renew on b");
     assert!(renewed > lease.expires_at, "renewed for longer");
+    let again = cb
+        .renew(&lease.ticket, None)
+        .await
+        .expect("renew with its own length");
+    assert!(
+        again <= renewed + Duration::from_secs(2),
+        "{again:?} {renewed:?}"
+    );
     let d = cb.describe(&key("nightly")).await.expect("describe");
     assert!(d.holders[0].detached && d.holders[0].expires_at_ms.is_some());
     assert_eq!(d.holders[0].fence, lease.fence, "renewal keeps the fence");

@@ -66,6 +66,14 @@ pub async fn run(
         .hold_key(&a.key, session.lease, cluster.next_seq());
     let prefix = cluster.layout.key_prefix(&a.key);
     cluster.index.begin(etcd_key.as_bytes(), session.generation);
+    // The session may have been given up since it was read. `lose` publishes the new
+    // generation before it purges the index, so either this sees the change, or the purge
+    // removes the entry just begun and its grant is refused (`Index::hold`).
+    let now = cluster.session.current();
+    if now.generation != session.generation || !now.alive {
+        cluster.index.forget(etcd_key.as_bytes());
+        return Err(lost_session(&a.key));
+    }
     let entry = Entry {
         cluster,
         etcd_key: etcd_key.as_bytes().to_vec(),
@@ -184,7 +192,7 @@ async fn granted(
 ) -> Result<Reply, Error> {
     if a.detach {
         let length = lease.unwrap_or(Duration::from_secs(1));
-        let expires = detach(cluster, &entry, &a.key, length, &ticket).await?;
+        let expires = detach(cluster, &entry, &a.key, length, &ticket, fence).await?;
         entry.done = true;
         cluster.index.forget(&entry.etcd_key);
         Counters::inc(&cluster.counters.grants);
@@ -218,7 +226,8 @@ async fn granted(
             drop(state);
             entry.done = true;
             return Err(Error::Unavailable(format!(
-                "{}: the entry was removed by an administrator as it was granted; retry",
+                "{}: its entry in etcd was removed as it was granted (by an administrator, or \
+                 with this daemon's session lease); retry",
                 a.key
             )));
         }
@@ -263,16 +272,18 @@ async fn detach(
     key: &Key,
     length: Duration,
     ticket: &Ticket,
+    fence: u64,
 ) -> Result<u64, Error> {
     let ttl = ttl_secs(length);
     let granted = cluster.grant("grant the detached lease", ttl).await?;
     let lease = granted.id();
     let index_key = cluster.layout.ticket_key(ticket);
     let txn = Txn::new()
-        .when([Compare::version(
+        // The very entry that was granted (not one re-created under its name).
+        .when([Compare::create_revision(
             entry.etcd_key.clone(),
-            CompareOp::Greater,
-            0,
+            CompareOp::Equal,
+            fence as i64,
         )])
         .and_then([
             TxnOp::put(
@@ -437,6 +448,13 @@ async fn wait_deleted(
     }
 }
 
+/// The answer when the session lease was given up under an acquire.
+fn lost_session(key: &Key) -> Error {
+    Error::Unavailable(format!(
+        "{key}: this daemon lost its etcd session lease (etcd unreachable?); retry"
+    ))
+}
+
 /// "ns/name is held exclusively by pid 1 uid 0 'name@node' (fence 7)".
 fn conflict_message(key: &Key, queue: &Queue) -> String {
     let (holders, _) = queue.split();
@@ -483,16 +501,28 @@ impl Entry<'_> {
         if deleted.is_err() {
             self.cluster
                 .delete_later(std::mem::take(&mut self.etcd_key), self.generation);
+        } else {
+            // Known gone: acquires of this daemon queued behind it need not ask etcd.
+            self.cluster
+                .index
+                .deleted_by_us(std::iter::once(self.etcd_key.as_slice()));
+            self.cluster.deletions.notify_waiters();
         }
     }
 }
 
 impl Drop for Entry<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.cluster.index.releasing(&self.etcd_key);
-            self.cluster
-                .delete_later(std::mem::take(&mut self.etcd_key), self.generation);
+        if self.done {
+            return;
         }
+        if self.cluster.session.current().generation != self.generation {
+            // Its session lease is gone, and the entry with it.
+            self.cluster.index.forget(&self.etcd_key);
+            return;
+        }
+        self.cluster.index.releasing(&self.etcd_key);
+        self.cluster
+            .delete_later(std::mem::take(&mut self.etcd_key), self.generation);
     }
 }

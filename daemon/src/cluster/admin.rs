@@ -92,25 +92,27 @@ impl Cluster {
         let granted = current.granted_ttl();
         let wanted = length.map_or(granted, ttl_secs);
         if wanted == granted {
+            // etcd-client sends one keepalive as it opens the stream and reads its answer: an
+            // open stream means etcd renewed the lease to its granted TTL.
             let mut leases = self.client.lease_client();
-            let (mut keeper, mut stream) = self
-                .call("renew the lease", leases.keep_alive(lease))
-                .await?;
-            let _ = &mut keeper;
-            let answer = self.call("renew the lease", stream.message()).await?;
-            match answer {
-                Some(r) if r.ttl() > 0 => {
-                    return Ok(Reply::Renewed {
-                        expires_at_ms: clock::now_ms() + r.ttl() as u64 * 1000,
-                    })
-                }
-                _ => return Err(Error::not_holder()),
-            }
+            let limit = self.config.request_timeout;
+            return match tokio::time::timeout(limit, leases.keep_alive(lease)).await {
+                Ok(Ok(_)) => Ok(Reply::Renewed {
+                    expires_at_ms: clock::now_ms() + granted as u64 * 1000,
+                }),
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => Err(Error::not_holder()),
+                Ok(Err(e)) => Err(super::unavailable("renew the lease", &e.to_string())),
+                Err(_) => Err(super::unavailable(
+                    "renew the lease",
+                    &format!("etcd did not answer within {limit:?}"),
+                )),
+            };
         }
         // A new length: a new etcd lease for both entries (their creation revision, and so
         // the fence, stays), then the old lease goes.
         let fresh = self.grant("grant the renewed lease", wanted).await?;
         let index = self.layout.ticket_key(&ticket);
+        let hold_key_again = hold_key.clone();
         let txn = Txn::new()
             .when([etcd_client::Compare::lease(
                 hold_key.clone(),
@@ -134,7 +136,24 @@ impl Cluster {
                 ),
             ]);
         let moved = self.txn("renew the lease", txn).await;
+        // A retried transaction whose first try went through fails its compare: the entry is
+        // on the new lease already, which is success.
+        let moved_before = match &moved {
+            Ok(r) if !r.succeeded() => self
+                .get("read the hold", hold_key_again.clone(), None)
+                .await
+                .ok()
+                .and_then(|g| g.kvs().first().map(|kv| kv.lease() == fresh.id()))
+                .unwrap_or(false),
+            _ => false,
+        };
         match moved {
+            Ok(_) if moved_before => {
+                let _ = self.revoke("revoke a lease", lease).await;
+                Ok(Reply::Renewed {
+                    expires_at_ms: clock::now_ms() + fresh.ttl().max(wanted) as u64 * 1000,
+                })
+            }
             Ok(r) if r.succeeded() => {
                 let _ = self.revoke("revoke a lease", lease).await;
                 Ok(Reply::Renewed {

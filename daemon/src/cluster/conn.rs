@@ -127,11 +127,21 @@ impl Conn {
 
     /// Handles one request: checks now, etcd in a task of its own.
     pub fn handle(&mut self, id: RequestId, op: Op) -> Answer {
-        if !self.shared.state().in_use.insert(id) {
-            return Answer::Now(Err(Error::InvalidArgument(format!(
-                "request id {id} is still in use by an unanswered request of this connection; \
-                 use a new id per request"
-            ))));
+        {
+            let mut state = self.shared.state();
+            // Each request in flight is a task: bounded per connection, like its waits.
+            let max = self.config.limits.max_waits_per_conn;
+            if state.in_use.len() >= max {
+                return Answer::Now(Err(Error::LimitExceeded(format!(
+                    "this connection already has {max} requests in flight, the limit; wait for answers"
+                ))));
+            }
+            if !state.in_use.insert(id) {
+                return Answer::Now(Err(Error::InvalidArgument(format!(
+                    "request id {id} is still in use by an unanswered request of this connection; \
+                     use a new id per request"
+                ))));
+            }
         }
         // Err: the answer now. Ok: a task answers.
         let checked: Result<(), Result<Reply, Error>> = match op {

@@ -103,6 +103,9 @@ pub struct Cluster {
     /// Notified each time the background deleter has deleted a batch (its keys are out of the
     /// index by then).
     pub(crate) deletions: tokio::sync::Notify,
+    /// Notified once the deletion watch knows where it starts: no session lease (so no entry)
+    /// exists before.
+    pub(crate) watching_deletions: tokio::sync::Notify,
     /// Set by [`Cluster::stop`]: the session lease is not granted again.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
@@ -127,6 +130,7 @@ impl Cluster {
             seq: AtomicU64::new(1),
             stopping: std::sync::atomic::AtomicBool::new(false),
             deletions: tokio::sync::Notify::new(),
+            watching_deletions: tokio::sync::Notify::new(),
         });
         tokio::spawn(session::keep(Arc::clone(&cluster)));
         tokio::spawn(watch::deletions(Arc::clone(&cluster)));
@@ -151,23 +155,6 @@ impl Cluster {
     /// A fresh sequence number for an entry's name.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Runs one etcd call within `request_timeout`; failures answer `Unavailable`.
-    pub(crate) async fn call<T>(
-        &self,
-        what: &str,
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, Error> {
-        let limit = self.config.request_timeout;
-        match tokio::time::timeout(limit, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(what, &e.to_string())),
-            Err(_) => Err(unavailable(
-                what,
-                &format!("etcd did not answer within {limit:?}"),
-            )),
-        }
     }
 
     /// Runs an etcd call made by `make`, again while it fails to reach a member (another
@@ -319,7 +306,10 @@ async fn connect(config: &EtcdConfig) -> Result<Client, StartError> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.request_timeout)
         .with_keep_alive(Duration::from_secs(1), config.request_timeout)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the leader fails streams ("no leader") instead of keeping a
+        // watch open and silent: the reconnect paths then reach a member that has one.
+        .with_require_leader(true);
     if config.tls_ca.is_some() || config.tls_cert.is_some() {
         let read = |p: &std::path::PathBuf| {
             std::fs::read(p).map_err(|source| StartError::Tls {

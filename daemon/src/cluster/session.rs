@@ -80,6 +80,8 @@ pub fn margin(ttl: Duration) -> Duration {
 pub async fn keep(cluster: Arc<Cluster>) {
     let ttl = cluster.config.session_ttl;
     let stopping = || cluster.stopping.load(std::sync::atomic::Ordering::Relaxed);
+    // No entry may exist before the deletion watch knows where it starts.
+    cluster.watching_deletions.notified().await;
     loop {
         if stopping() {
             return;
@@ -146,18 +148,27 @@ async fn keep_alive(cluster: &Cluster, lease: Granted, ttl: Duration) -> String 
             return "no keepalive answered in time".into();
         }
         let mut leases = cluster.client.lease_client();
+        let opening = Instant::now();
         let opened = tokio::time::timeout_at(until, leases.keep_alive(id)).await;
         let (mut keeper, mut stream) = match opened {
             Ok(Ok(pair)) => pair,
+            // etcd-client reads the first answer itself and reports a lease etcd no longer has
+            // as this error: lost now, not at `until`.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) => {
+                return format!("etcd says the lease is gone ({e})");
+            }
             Ok(Err(e)) => {
                 tracing::warn!("etcd keepalive stream: {e}");
-                tokio::time::sleep(Duration::from_millis(100).min(every)).await;
+                let pause = (Instant::now() + Duration::from_millis(100).min(every)).min(until);
+                tokio::time::sleep_until(pause).await;
                 continue 'stream;
             }
             Err(_) => return "etcd did not open a keepalive stream in time".into(),
         };
-        // keep_alive() sent the first request as it opened the stream.
-        let mut sent: VecDeque<Instant> = VecDeque::from([Instant::now()]);
+        // Opening sent a keepalive and etcd answered it (etcd-client read that answer): the
+        // lease was renewed after `opening`.
+        until = until.max(opening + ttl - margin(ttl));
+        let mut sent: VecDeque<Instant> = VecDeque::new();
         let mut next = Instant::now() + every;
         loop {
             tokio::select! {
@@ -183,7 +194,8 @@ async fn keep_alive(cluster: &Cluster, lease: Granted, ttl: Duration) -> String 
                         until = until.max(at + Duration::from_secs(resp.ttl() as u64) - margin(ttl));
                     }
                     Ok(None) | Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(100).min(every)).await;
+                        let pause = (Instant::now() + Duration::from_millis(100).min(every)).min(until);
+                        tokio::time::sleep_until(pause).await;
                         continue 'stream;
                     }
                 },

@@ -24,15 +24,15 @@ use crate::peer::Push;
 /// Follows every deletion under the keys' root for as long as the daemon runs.
 pub async fn deletions(cluster: Arc<Cluster>) {
     let root = cluster.layout.keys_root();
-    // Start from the cluster's revision now: nothing of ours exists before it.
-    let mut next_revision: Option<i64> = None;
+    // From the cluster's revision before the session lease exists (`session::keep` waits for
+    // this): nothing of ours exists before it, so no deletion of ours is missed.
+    let mut next_revision = current_revision(&cluster).await + 1;
+    cluster.watching_deletions.notify_one();
     loop {
-        let mut options = WatchOptions::new()
+        let options = WatchOptions::new()
             .with_prefix()
-            .with_filters([WatchFilterType::NoPut]);
-        if let Some(rev) = next_revision {
-            options = options.with_start_revision(rev);
-        }
+            .with_filters([WatchFilterType::NoPut])
+            .with_start_revision(next_revision);
         let opened = cluster
             .watch("watch deletions", root.clone(), options)
             .await;
@@ -51,12 +51,13 @@ pub async fn deletions(cluster: Arc<Cluster>) {
                         tracing::warn!(
                             "the deletion watch fell behind etcd's compaction; checking every hold"
                         );
-                        resync(&cluster).await;
-                        next_revision = None;
+                        next_revision = resync(&cluster).await + 1;
                         break;
                     }
-                    if let Some(h) = resp.header() {
-                        next_revision = Some(h.revision() + 1);
+                    // Resume after the last event seen (a response may be one part of a
+                    // catch-up; its header's revision may be ahead of what it carries).
+                    if let Some(kv) = resp.events().last().and_then(|e| e.kv()) {
+                        next_revision = next_revision.max(kv.mod_revision() + 1);
                     }
                     for e in resp.events() {
                         if e.event_type() != EventType::Delete {
@@ -80,8 +81,27 @@ pub async fn deletions(cluster: Arc<Cluster>) {
     }
 }
 
-/// After missed events: every held entry that is gone was ended by someone else.
-async fn resync(cluster: &Cluster) {
+/// The cluster's current revision (retried until etcd answers).
+async fn current_revision(cluster: &Cluster) -> i64 {
+    let root = cluster.layout.keys_root();
+    loop {
+        let options = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        match cluster
+            .get("read the revision", root.clone(), Some(options))
+            .await
+        {
+            Ok(r) => return r.header().map_or(0, |h| h.revision()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// After missed events: every held entry that is gone was ended by someone else. Returns the
+/// revision the checks are at least as new as; the watch goes on after it.
+async fn resync(cluster: &Cluster) -> i64 {
+    let from = current_revision(cluster).await;
     cluster.index.drop_releasing();
     for (etcd_key, held) in cluster.index.held() {
         let got = cluster.get("check a hold", etcd_key.clone(), None).await;
@@ -91,6 +111,7 @@ async fn resync(cluster: &Cluster) {
             }
         }
     }
+    from
 }
 
 /// Streams `granted` and `released` events of `key` to the connection until `stop`; answers
@@ -109,13 +130,28 @@ pub async fn key(
     let mut first = true;
     loop {
         let read = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                if first {
+                    // Replaced or withdrawn before it was in place: still answer its request.
+                    conn.reply(id, Ok(Reply::Unwatched(true)));
+                }
+                return;
+            }
             r = cluster.range("read the queue", prefix.clone()) => r,
         };
         let got = match read {
             Ok(got) => got,
             Err(e) if first => {
-                conn.state().watches.remove(&key);
+                let mut state = conn.state();
+                // Only this watch's own entry (a newer Watch of the key may have replaced it).
+                if state
+                    .watches
+                    .get(&key)
+                    .is_some_and(|t| t.is_cancelled() || *t == stop)
+                {
+                    state.watches.remove(&key);
+                }
+                drop(state);
                 conn.reply(id, Err(e));
                 return;
             }
