@@ -1,11 +1,20 @@
-//! Group commit of acquires: the first step of every acquire (write its entry, read its key's
-//! queue) goes through one task, which puts everything that arrived meanwhile into one etcd
-//! transaction (a put and a range per acquire), so many clients cost etcd one request and one
-//! raft entry instead of one each. A lone client's acquire goes at once, alone.
+//! The one writer of entries. The first step of every acquire (write its entry, read its key's
+//! queue) and every deletion the daemon owes (releases answered at once, entries of failed or
+//! withdrawn acquires, disconnects) go through one task, which puts everything that arrived
+//! meanwhile into one etcd transaction: deletions first, then a put and a range per acquire.
+//! Many clients cost etcd one request and one raft entry instead of one each, and a client's
+//! release travels with its next acquire (one round trip per lock/unlock pair). A lone
+//! request goes at once, alone.
 //!
-//! Invariant: **a transaction holds at most one entry per lockd key.** Entries written by one
-//! transaction share its revision; two of the same key would tie for their place in its queue
-//! (and their fence). A second acquire of a key already in the batch waits for the next one.
+//! Invariants:
+//! - **a transaction holds at most one new entry per lockd key.** Entries written by one
+//!   transaction share its revision; two of the same key would tie for their place in its
+//!   queue (and their fence). A second acquire of a key already in the batch waits for the
+//!   next one.
+//! - **deletions come before the puts and ranges**, so an acquire behind a hold released just
+//!   before reads the key free.
+//! - **an owed deletion is retried until etcd confirms it or its session lease is gone**; on
+//!   confirmation the entries are marked deleted in the index and waiting acquires are woken.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,8 +26,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::Cluster;
 use crate::error::Error;
 
-/// etcd's default limit is 128 operations per transaction: two per acquire.
-const MAX_BATCH: usize = 64;
+/// etcd's default limit is 128 operations per transaction: two per acquire, one per deletion.
+const MAX_OPS: usize = 128;
+/// How long deletions wait for an acquire to travel with.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+/// Acquires per transaction at most (leaving room for deletions).
+const MAX_BATCH: usize = 48;
+const _: () = assert!(2 * MAX_BATCH < MAX_OPS);
 /// Bytes of keys and values in one transaction at most (etcd refuses requests over 1.5 MiB by
 /// default; `max_data` may be raised).
 const MAX_BATCH_BYTES: usize = 512 * 1024;
@@ -35,20 +49,58 @@ pub struct Enqueue {
 }
 
 /// Writes batches until the daemon stops.
-pub async fn run(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Enqueue>) {
+pub async fn run(
+    cluster: Arc<Cluster>,
+    mut rx: mpsc::UnboundedReceiver<Enqueue>,
+    mut deletions: mpsc::UnboundedReceiver<(Vec<u8>, u64)>,
+) {
     let mut waiting: VecDeque<Enqueue> = VecDeque::new();
+    let mut owed: Vec<(Vec<u8>, u64)> = Vec::new();
     loop {
-        if waiting.is_empty() {
-            match rx.recv().await {
-                Some(e) => waiting.push_back(e),
-                None => return,
+        if waiting.is_empty() && owed.is_empty() {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => waiting.push_back(e),
+                    None => return,
+                },
+                d = deletions.recv() => match d {
+                    Some(d) => owed.push(d),
+                    None => return,
+                },
             }
         }
         while let Ok(e) = rx.try_recv() {
             waiting.push_back(e);
         }
+        while let Ok(d) = deletions.try_recv() {
+            owed.push(d);
+        }
+        if waiting.is_empty() && !owed.is_empty() {
+            // Deletions alone: give the releasing client's next acquire a moment to join them
+            // (one round trip per lock/unlock pair instead of two). The key stays held for
+            // others that much longer, never shorter.
+            if let Ok(Some(e)) = tokio::time::timeout(LINGER, rx.recv()).await {
+                waiting.push_back(e);
+            }
+        }
+        // Entries of a lost session lease are gone with it.
+        let current = cluster.session.current().generation;
+        owed.retain(|(_, g)| *g == current);
+        // etcd refuses a transaction that names a key twice.
+        if owed.len() > 1 {
+            let mut seen = HashSet::new();
+            owed.retain(|(k, _)| seen.insert(k.clone()));
+        }
         let batch = take_batch(&mut waiting);
-        commit(&cluster, batch).await;
+        let n = owed.len().min(MAX_OPS - 2 * batch.len());
+        let deleted = commit(&cluster, &owed[..n], batch).await;
+        if deleted {
+            let done: Vec<Vec<u8>> = owed.drain(..n).map(|(k, _)| k).collect();
+            cluster.index.deleted_by_us(done.iter().map(Vec::as_slice));
+            cluster.deletions.notify_waiters();
+        } else if n > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -73,8 +125,15 @@ fn take_batch(waiting: &mut VecDeque<Enqueue>) -> Vec<Enqueue> {
     batch
 }
 
-async fn commit(cluster: &Cluster, batch: Vec<Enqueue>) {
-    let mut ops = Vec::with_capacity(2 * batch.len());
+/// One transaction: `owed` deletions, then `batch`'s puts and ranges. True if it went through.
+async fn commit(cluster: &Cluster, owed: &[(Vec<u8>, u64)], batch: Vec<Enqueue>) -> bool {
+    if owed.is_empty() && batch.is_empty() {
+        return true;
+    }
+    let mut ops = Vec::with_capacity(owed.len() + 2 * batch.len());
+    for (k, _) in owed {
+        ops.push(TxnOp::delete(k.clone(), None));
+    }
     for e in &batch {
         ops.push(TxnOp::put(
             e.etcd_key.clone(),
@@ -100,11 +159,16 @@ async fn commit(cluster: &Cluster, batch: Vec<Enqueue>) {
                 let kvs = ranges.next().map(|g| g.kvs().to_vec()).unwrap_or_default();
                 let _ = e.done.send(Ok((revision, kvs)));
             }
+            true
         }
         Err(err) => {
+            if !owed.is_empty() {
+                tracing::warn!("{err}; retrying the deletion of {} entries", owed.len());
+            }
             for e in batch {
                 let _ = e.done.send(Err(err.clone()));
             }
+            false
         }
     }
 }
@@ -143,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_at_most_etcds_transaction_limit() {
+    fn a_batch_leaves_room_for_deletions_within_etcds_transaction_limit() {
         let mut waiting: VecDeque<Enqueue> = (0..200).map(|i| enqueue(&format!("k{i}/"))).collect();
         assert_eq!(take_batch(&mut waiting).len(), MAX_BATCH);
         assert_eq!(waiting.len(), 200 - MAX_BATCH);

@@ -139,6 +139,21 @@ impl Record {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// What an undecodable entry is taken for: exclusive, owner unknown.
+    pub fn unknown() -> Record {
+        Record {
+            mode: Mode::Exclusive,
+            node: "?".into(),
+            pid: None,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            client: "an entry lockd cannot read".into(),
+            at_ms: 0,
+            data: String::new(),
+            detached: false,
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Option<Record> {
         serde_json::from_slice(bytes).ok()
     }
@@ -194,17 +209,17 @@ pub enum Standing {
 }
 
 impl Queue {
-    /// From a range answer; entries whose value is not a [`Record`] are skipped.
+    /// From a range answer. An entry whose value is not a [`Record`] (written by something
+    /// else than this lockd) counts as an exclusive entry of an unknown owner: it blocks
+    /// rather than being overlooked.
     pub fn from_kvs(kvs: &[etcd_client::KeyValue]) -> Queue {
         let mut entries: Vec<Entry> = kvs
             .iter()
-            .filter_map(|kv| {
-                Some(Entry {
-                    etcd_key: kv.key().to_vec(),
-                    create_revision: kv.create_revision(),
-                    lease: kv.lease(),
-                    record: Record::decode(kv.value())?,
-                })
+            .map(|kv| Entry {
+                etcd_key: kv.key().to_vec(),
+                create_revision: kv.create_revision(),
+                lease: kv.lease(),
+                record: Record::decode(kv.value()).unwrap_or_else(Record::unknown),
             })
             .collect();
         entries.sort_by_key(|e| e.create_revision);

@@ -8,7 +8,8 @@
 //!   alive, and declared lost *before* etcd could expire it.
 //! - `conn.rs` — one connection: its requests, each run as a task that answers through the
 //!   connection's mailbox; dropping it deletes its entries.
-//! - `batch.rs` — group commit of acquires' first steps (one transaction for many clients).
+//! - `batch.rs` — the one writer of entries: acquires' first steps and owed deletions, grouped
+//!   into one transaction (many clients, and a release with the next acquire, cost etcd one).
 //! - `acquire.rs` — the queue recipe: create an entry, read the key's queue, watch only the
 //!   entry just ahead.
 //! - `admin.rs` — describe, list, force-release, stats, renew and release by ticket.
@@ -134,8 +135,7 @@ impl Cluster {
         });
         tokio::spawn(session::keep(Arc::clone(&cluster)));
         tokio::spawn(watch::deletions(Arc::clone(&cluster)));
-        tokio::spawn(cleanup_task(Arc::clone(&cluster), cleanup_rx));
-        tokio::spawn(batch::run(Arc::clone(&cluster), enqueue_rx));
+        tokio::spawn(batch::run(Arc::clone(&cluster), enqueue_rx, cleanup_rx));
         Ok(cluster)
     }
 
@@ -330,59 +330,4 @@ async fn connect(config: &EtcdConfig) -> Result<Client, StartError> {
     Client::connect(&config.endpoints, Some(options))
         .await
         .map_err(|source| StartError::Client { endpoints, source })
-}
-
-/// Deletes what `delete_later` was given, in batches, retrying failures.
-async fn cleanup_task(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<(Vec<u8>, u64)>) {
-    use etcd_client::TxnOp;
-    /// etcd's default limit of operations per transaction.
-    const BATCH: usize = 128;
-    let mut pending: Vec<(Vec<u8>, u64)> = Vec::new();
-    loop {
-        if pending.is_empty() {
-            match rx.recv().await {
-                Some(item) => pending.push(item),
-                None => return,
-            }
-        }
-        while pending.len() < BATCH {
-            match rx.try_recv() {
-                Ok(item) => pending.push(item),
-                Err(_) => break,
-            }
-        }
-        // Entries of a lost session lease are gone with it.
-        let current = cluster.session.current().generation;
-        pending.retain(|(_, g)| *g == current);
-        if pending.is_empty() {
-            continue;
-        }
-        let n = pending.len().min(BATCH);
-        let ops: Vec<TxnOp> = pending[..n]
-            .iter()
-            .map(|(k, _)| TxnOp::delete(k.clone(), None))
-            .collect();
-        match cluster
-            .txn("delete entries", Txn::new().and_then(ops))
-            .await
-        {
-            Ok(_) => {
-                // Deleted: their deletion events mean nothing now, and acquires queued behind
-                // them may go on.
-                cluster.index.deleted_by_us(
-                    pending
-                        .drain(..n)
-                        .map(|(k, _)| k)
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .map(Vec::as_slice),
-                );
-                cluster.deletions.notify_waiters();
-            }
-            Err(e) => {
-                tracing::warn!("{e}; retrying the deletion of {n} entries");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
 }
