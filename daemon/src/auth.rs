@@ -51,6 +51,22 @@ impl Authz {
         uid == 0 || self.admins.admits(uid, groups)
     }
 
+    /// `PermissionDenied` unless this peer may use `namespace` (both backends' one check).
+    pub fn authorize(
+        &self,
+        namespace: &str,
+        uid: u32,
+        groups: &[u32],
+    ) -> Result<(), crate::error::Error> {
+        if self.may_use(namespace, uid, groups) {
+            Ok(())
+        } else {
+            Err(crate::error::Error::PermissionDenied(format!(
+                "uid {uid} may not use namespace {namespace:?}"
+            )))
+        }
+    }
+
     /// May this peer use `namespace`?
     pub fn may_use(&self, namespace: &str, uid: u32, groups: &[u32]) -> bool {
         match self.namespaces.get(namespace) {

@@ -170,6 +170,24 @@ impl Default for Limits {
 
 impl Limits {
     /// The part of the limits announced in `Welcome`.
+    /// A requested lease length in milliseconds, checked: above 0, at most `max_lease`.
+    pub fn check_lease(&self, ms: u64) -> Result<Duration, crate::error::Error> {
+        use crate::error::Error;
+        if ms == 0 {
+            return Err(Error::InvalidArgument(
+                "a lease of 0 ms: it must be above 0".into(),
+            ));
+        }
+        let length = Duration::from_millis(ms);
+        if length > self.max_lease {
+            return Err(Error::LimitExceeded(format!(
+                "lease of {ms} ms: the limit is {} ms",
+                self.max_lease.as_millis()
+            )));
+        }
+        Ok(length)
+    }
+
     pub fn to_wire(&self) -> lockd_protocol::Limits {
         lockd_protocol::Limits {
             max_frame: self.max_frame as u32,

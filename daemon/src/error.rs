@@ -61,6 +61,13 @@ impl Error {
         )
     }
 
+    /// Force-release asked by someone who is neither root nor an admin.
+    pub fn force_release_denied(uid: u32) -> Error {
+        Error::PermissionDenied(format!(
+            "force-release needs root or an admin (lockd --admin-uid/--admin-gid); uid {uid} is neither"
+        ))
+    }
+
     /// A store commit failed: the change was not made.
     pub fn not_stored(why: &str) -> Error {
         Error::Unavailable(format!(

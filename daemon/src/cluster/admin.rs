@@ -247,12 +247,7 @@ impl Cluster {
         if let Some(ns) = &query.namespace {
             lockd_protocol::key::validate_namespace(ns)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            if !config.authz.may_use(ns, owner.uid, &owner.groups) {
-                return Err(Error::PermissionDenied(format!(
-                    "uid {} may not use namespace {ns:?}",
-                    owner.uid
-                )));
-            }
+            config.authz.authorize(ns, owner.uid, &owner.groups)?;
         }
         let root = match &query.namespace {
             Some(ns) => self.layout.name_prefix(ns, &query.prefix),

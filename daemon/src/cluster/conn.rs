@@ -311,24 +311,14 @@ impl Conn {
 
     fn authorize(&self, namespace: &str) -> Result<(), Error> {
         let o = self.owner();
-        if self.config.authz.may_use(namespace, o.uid, &o.groups) {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!(
-                "uid {} may not use namespace {namespace:?}",
-                o.uid
-            )))
-        }
+        self.config.authz.authorize(namespace, o.uid, &o.groups)
     }
 
     fn check_force(&self, key: &Key) -> Result<(), Error> {
         key.validate()
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         if !self.owner().is_admin() {
-            return Err(Error::PermissionDenied(format!(
-                "force-release needs root or an admin (lockd --admin-uid/--admin-gid); uid {} is neither",
-                self.owner().uid
-            )));
+            return Err(Error::force_release_denied(self.owner().uid));
         }
         Ok(())
     }
@@ -383,20 +373,7 @@ impl Conn {
     }
 
     fn check_lease(&self, ms: u64) -> Result<Duration, Error> {
-        let max = self.config.limits.max_lease;
-        if ms == 0 {
-            return Err(Error::InvalidArgument(
-                "a lease of 0 ms: it must be above 0".into(),
-            ));
-        }
-        let length = Duration::from_millis(ms);
-        if length > max {
-            return Err(Error::LimitExceeded(format!(
-                "lease of {ms} ms: the limit is {} ms",
-                max.as_millis()
-            )));
-        }
-        Ok(length)
+        self.config.limits.check_lease(ms)
     }
 
     /// Starts watching `key`; the watch task answers `Watching` once it has read the key's

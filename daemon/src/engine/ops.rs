@@ -61,14 +61,7 @@ impl Conn {
     /// PermissionDenied unless this peer may use `namespace`.
     fn authorize(&self, namespace: &str) -> Result<(), Error> {
         let o = &self.owner;
-        if self.config.authz.may_use(namespace, o.uid, &o.groups) {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!(
-                "uid {} may not use namespace {namespace:?}",
-                o.uid
-            )))
-        }
+        self.config.authz.authorize(namespace, o.uid, &o.groups)
     }
 
     fn acquire(&mut self, id: RequestId, mut a: Acquire) -> Answer {
@@ -262,20 +255,7 @@ impl Conn {
 
     /// A lease length in milliseconds, checked against the configured maximum.
     fn check_lease(&self, ms: u64) -> Result<Duration, Error> {
-        let max = self.config.limits.max_lease;
-        let length = Duration::from_millis(ms);
-        if ms == 0 {
-            return Err(Error::InvalidArgument(
-                "a lease of 0 ms: it must be above 0".into(),
-            ));
-        }
-        if length > max {
-            return Err(Error::LimitExceeded(format!(
-                "lease of {ms} ms: the limit is {} ms",
-                max.as_millis()
-            )));
-        }
-        Ok(length)
+        self.config.limits.check_lease(ms)
     }
 
     /// Records a grant of request `id` and builds its answer (after the store, for a detached
@@ -474,10 +454,7 @@ impl Conn {
             return Answer::Now(Err(invalid(e)));
         }
         if !self.owner.is_admin() {
-            return Answer::Now(Err(Error::PermissionDenied(format!(
-                "force-release needs root or an admin (lockd --admin-uid/--admin-gid); uid {} is neither",
-                self.owner.uid
-            ))));
+            return Answer::Now(Err(Error::force_release_denied(self.owner.uid)));
         }
         tracing::warn!(key = %key, "force-release by {}", self.owner.describe());
         self.engine.force_release(key)
