@@ -82,6 +82,9 @@ pub async fn keep(cluster: Arc<Cluster>) {
     let stopping = || cluster.stopping.load(std::sync::atomic::Ordering::Relaxed);
     // No entry may exist before the deletion watch knows where it starts.
     cluster.watching_deletions.notified().await;
+    // A lost lease etcd may still have (it keeps leases alive across its own restart): its
+    // entries would hold their keys, for everyone, until it expires.
+    let mut unrevoked: Option<i64> = None;
     loop {
         if stopping() {
             return;
@@ -93,13 +96,28 @@ pub async fn keep(cluster: Arc<Cluster>) {
                 continue;
             }
         };
+        if let Some(old) = unrevoked.take() {
+            // etcd answers again: free the lost lease's keys now, not when it expires.
+            let c = Arc::clone(&cluster);
+            tokio::spawn(async move {
+                if c.revoke("revoke the lost session lease", old).await.is_ok() {
+                    tracing::info!(
+                        lease = format_args!("{old:x}"),
+                        "the lost etcd session lease is revoked: its keys are free"
+                    );
+                }
+            });
+        }
         let why = keep_alive(&cluster, lease, ttl).await;
         if stopping() {
             return;
         }
         lose(&cluster, lease, &why);
-        // Free whatever is left of it (etcd may still have it, if only we lost touch).
-        let _ = cluster.revoke("revoke a lease", lease.0).await;
+        // Free whatever is left of it (etcd may still have it, if only we lost touch); if etcd
+        // does not answer, again once it does.
+        if cluster.revoke("revoke a lease", lease.0).await.is_err() {
+            unrevoked = Some(lease.0);
+        }
     }
 }
 
