@@ -170,6 +170,17 @@ impl Default for Limits {
 
 impl Limits {
     /// The part of the limits announced in `Welcome`.
+    /// A hold's data of `len` bytes, checked against `max_data`.
+    pub fn check_data(&self, len: usize) -> Result<(), crate::error::Error> {
+        if len > self.max_data {
+            return Err(crate::error::Error::LimitExceeded(format!(
+                "data is {len} bytes; the limit is {}",
+                self.max_data
+            )));
+        }
+        Ok(())
+    }
+
     /// A requested lease length in milliseconds, checked: above 0, at most `max_lease`.
     pub fn check_lease(&self, ms: u64) -> Result<Duration, crate::error::Error> {
         use crate::error::Error;

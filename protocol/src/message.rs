@@ -286,6 +286,21 @@ pub struct Description {
 }
 
 impl Description {
+    /// A key with no holders and no waiters (what describe answers for an unused key).
+    pub fn empty(key: Key) -> Description {
+        Description {
+            key,
+            holders: Vec::new(),
+            waiters: Vec::new(),
+            omitted_holders: 0,
+            omitted_waiters: 0,
+            permits: None,
+            delayed_until_ms: None,
+        }
+    }
+}
+
+impl Description {
     /// The end of the key's lock-delay ([`Description::delayed_until_ms`]), if it is in one.
     pub fn delayed_until(&self) -> Option<SystemTime> {
         self.delayed_until_ms.map(system_time_from_ms)

@@ -43,6 +43,25 @@ async fn queued(c: &Client, name: &str, n: usize) {
     .await;
 }
 
+/// Locks `name`, trying again while the daemon answers Unavailable (etcd electing a leader or
+/// coming back), at most `limit`; any other refusal fails the test.
+async fn lock_while_unavailable(
+    c: &Client,
+    name: &str,
+    limit: Duration,
+) -> lockd_client::LockGuard {
+    within(limit, "lock while etcd recovers", async {
+        loop {
+            match c.lock(name).await {
+                Ok(g) => return g,
+                Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("lock {name}: {e}"),
+            }
+        }
+    })
+    .await
+}
+
 fn key(name: &str) -> Key {
     Key::in_default(name).expect("key")
 }
@@ -377,22 +396,7 @@ async fn cluster_of_three_survives_a_killed_member() {
     while killed.elapsed() < Duration::from_secs(12) {
         for c in [&ca, &cb] {
             let asked = Instant::now();
-            let g = within(
-                Duration::from_secs(10),
-                "acquire with a member down",
-                async {
-                    loop {
-                        match c.lock("busy").await {
-                            Ok(g) => return g,
-                            Err(e) if e.is_unavailable() => {
-                                tokio::time::sleep(Duration::from_millis(50)).await
-                            }
-                            Err(e) => panic!("acquire with a member down: {e}"),
-                        }
-                    }
-                },
-            )
-            .await;
+            let g = lock_while_unavailable(c, "busy", Duration::from_secs(10)).await;
             longest_gap = longest_gap.max(asked.elapsed());
             g.release().await.expect("release");
             rounds += 1;
@@ -468,18 +472,7 @@ async fn cluster_outage_loses_holds_in_time_and_service_resumes() {
     .await
     .expect("restart");
     let back = Instant::now();
-    let g = within(Duration::from_secs(30), "service resumes", async {
-        loop {
-            match ca.lock("x").await {
-                Ok(g) => return g,
-                Err(e) if e.is_unavailable() => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+    let g = lock_while_unavailable(&ca, "x", Duration::from_secs(30)).await;
     let resumed = back.elapsed();
     eprintln!("cluster: etcd back; first grant after {resumed:?}");
     // The lost lease survived etcd's restart (etcd renews leases then) and its entry held

@@ -33,6 +33,7 @@ pub async fn run(
     id: RequestId,
     a: Acquire,
     lease: Option<Duration>,
+    ticket: Ticket,
     cancel: CancellationToken,
 ) -> Result<Reply, Error> {
     let started = Instant::now();
@@ -45,10 +46,6 @@ pub async fn run(
     };
     let limit = cluster.config.request_timeout;
     let session = cluster.session.alive_within(limit).await?;
-    let ticket = Ticket::generate().map_err(|e| {
-        tracing::error!("the OS random source failed: {e}");
-        Error::Internal("the daemon could not draw a ticket from the OS random source".into())
-    })?;
     let o = &conn.owner;
     let record = Record {
         mode: a.mode,

@@ -187,15 +187,7 @@ impl Cluster {
             }
             ok
         };
-        let mut d = Description {
-            key: key.clone(),
-            holders: Vec::new(),
-            waiters: Vec::new(),
-            omitted_holders: 0,
-            omitted_waiters: 0,
-            permits: None,
-            delayed_until_ms: None,
-        };
+        let mut d = Description::empty(key.clone());
         for h in holders {
             let r = &h.record;
             let size = OWNER_SIZE + r.client.len() + r.node.len() + 50 + r.data.len() / 2;

@@ -94,6 +94,9 @@ pub struct Conn {
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) shared: Arc<ConnShared>,
     pub(crate) config: Arc<Config>,
+    /// Tickets drawn from the OS in batches (one syscall per 32 acquires, as on the local
+    /// backend).
+    tickets: crate::tickets::TicketPool,
 }
 
 impl Conn {
@@ -105,7 +108,16 @@ impl Conn {
                 state: Mutex::new(State::default()),
             }),
             config,
+            tickets: crate::tickets::TicketPool::default(),
         }
+    }
+
+    /// A ticket for the next hold (a capability: never logged).
+    fn ticket(&mut self) -> Result<Ticket, Error> {
+        self.tickets.draw().map_err(|e| {
+            tracing::error!("the OS random source failed: {e}");
+            Error::Internal("the daemon could not draw a ticket from the OS random source".into())
+        })
     }
 
     pub fn owner(&self) -> &Owner {
@@ -146,10 +158,13 @@ impl Conn {
         // Err: the answer now. Ok: a task answers.
         let checked: Result<(), Result<Reply, Error>> = match op {
             Op::Ping => Err(Ok(Reply::Pong)),
-            Op::Acquire(a) => self
-                .check_acquire(&a)
-                .map(|lease| self.spawn_acquire(id, a, lease))
-                .map_err(Err),
+            Op::Acquire(a) => match self.check_acquire(&a).and_then(|l| Ok((l, self.ticket()?))) {
+                Ok((lease, ticket)) => {
+                    self.spawn_acquire(id, a, lease, ticket);
+                    Ok(())
+                }
+                Err(e) => Err(Err(e)),
+            },
             Op::Release { ticket } => match self.release_session_hold(&ticket) {
                 true => Err(Ok(Reply::Released)),
                 false => {
@@ -258,7 +273,13 @@ impl Conn {
         });
     }
 
-    fn spawn_acquire(&self, id: RequestId, a: lockd_protocol::Acquire, lease: Option<Duration>) {
+    fn spawn_acquire(
+        &self,
+        id: RequestId,
+        a: lockd_protocol::Acquire,
+        lease: Option<Duration>,
+        ticket: Ticket,
+    ) {
         let waiting = !matches!(a.wait, Wait::No | Wait::Millis(0));
         let finished = CancellationToken::new();
         let cancel = CancellationToken::new();
@@ -273,7 +294,7 @@ impl Conn {
         }
         let (cluster, shared) = (Arc::clone(&self.cluster), Arc::clone(&self.shared));
         tokio::spawn(async move {
-            let result = super::acquire::run(&cluster, &shared, id, a, lease, cancel).await;
+            let result = super::acquire::run(&cluster, &shared, id, a, lease, ticket, cancel).await;
             shared.state().waits.remove(&id);
             shared.reply(id, result);
             finished.cancel();
@@ -328,13 +349,7 @@ impl Conn {
     fn check_acquire(&self, a: &lockd_protocol::Acquire) -> Result<Option<Duration>, Error> {
         self.check_key(&a.key)?;
         let limits = &self.config.limits;
-        if a.data.len() > limits.max_data {
-            return Err(Error::LimitExceeded(format!(
-                "data is {} bytes; the limit is {}",
-                a.data.len(),
-                limits.max_data
-            )));
-        }
+        limits.check_data(a.data.len())?;
         if a.permits.is_some() {
             return Err(Error::InvalidArgument(
                 "counting semaphores (permits) are not available on the etcd backend; \

@@ -183,13 +183,7 @@ impl Conn {
         a.key.validate().map_err(invalid)?;
         self.authorize(&a.key.namespace)?;
         let limits = &self.config.limits;
-        if a.data.len() > limits.max_data {
-            return Err(Error::LimitExceeded(format!(
-                "data is {} bytes; the limit is {}",
-                a.data.len(),
-                limits.max_data
-            )));
-        }
+        limits.check_data(a.data.len())?;
         match a.permits {
             Some(0) => return Err(invalid("permits must be at least 1")),
             Some(_) if a.mode == Mode::Shared => {

@@ -114,15 +114,7 @@ impl LockSpace {
         };
         let k = self.hasher.hashed(key);
         let shard = self.shard(k.hash);
-        let mut d = Description {
-            key: key.clone(),
-            holders: Vec::new(),
-            waiters: Vec::new(),
-            omitted_holders: 0,
-            omitted_waiters: 0,
-            permits: None,
-            delayed_until_ms: None,
-        };
+        let mut d = Description::empty(key.clone());
         let Some(e) = shard.table.get(k) else {
             return d;
         };
