@@ -8,6 +8,7 @@ mod attacks;
 mod bench;
 mod blocking;
 mod client;
+#[cfg(feature = "etcd")]
 mod cluster;
 mod counter;
 mod crash;

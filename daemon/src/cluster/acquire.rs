@@ -16,9 +16,10 @@ use lockd_protocol::{Acquire, Grant, Key, Reply, RequestId, Ticket, Wait};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Owed;
 use super::conn::{mode_word, ConnShared, Hold, LeaseClock};
-use super::index::HeldRef;
-use super::layout::{Queue, Record, Standing};
+use super::index::{HeldRef, Naming, Token};
+use super::layout::{hold_name, Queue, Record, Standing};
 use super::{Cluster, Counters};
 use crate::clock;
 use crate::error::Error;
@@ -58,45 +59,27 @@ pub async fn run(
         data: Record::hex(&a.data),
         detached: a.detach,
     };
-    let etcd_key = cluster
-        .layout
-        .hold_key(&a.key, session.lease, cluster.next_seq());
     let prefix = cluster.layout.key_prefix(&a.key);
-    cluster.index.begin(etcd_key.as_bytes(), session.generation);
-    // The session may have been given up since it was read. `lose` publishes the new
-    // generation before it purges the index, so either this sees the change, or the purge
-    // removes the entry just begun and its grant is refused (`Index::hold`).
-    let now = cluster.session.current();
-    if now.generation != session.generation || !now.alive {
-        cluster.index.forget(etcd_key.as_bytes());
-        return Err(lost_session(&a.key));
-    }
-    let entry = Entry {
-        cluster,
-        etcd_key: etcd_key.as_bytes().to_vec(),
-        generation: session.generation,
-        done: false,
+    let value = record.encode();
+    let (entry, mut range_revision, kvs) = {
+        let mut tries = 0;
+        loop {
+            let written = write_entry(cluster, &a.key, &session, &prefix, &value, a.detach).await?;
+            match written {
+                Written::Queued(entry, revision, kvs) => break (entry, revision, kvs),
+                Written::NameTaken if tries < 3 => tries += 1,
+                Written::NameTaken => {
+                    return Err(Error::Unavailable(format!(
+                        "{}: the names this daemon chose for its entry were taken in etcd \
+                         (by entries it lost track of); retry",
+                        a.key
+                    )))
+                }
+            }
+        }
     };
-
-    let (done, queued) = tokio::sync::oneshot::channel();
-    let _ = cluster.enqueue.send(super::batch::Enqueue {
-        etcd_key: etcd_key.as_bytes().to_vec(),
-        value: record.encode(),
-        lease: session.lease,
-        prefix: prefix.as_bytes().to_vec(),
-        done,
-    });
-    let (mut range_revision, kvs) = queued
-        .await
-        .map_err(|_| Error::Unavailable("the daemon is stopping".into()))??;
     let mut queue = Queue::from_kvs(&kvs);
-    // The entry's creation revision is its place and fence: read from the entry itself, so a
-    // retried put (which keeps the first creation) cannot mislead.
-    let revision = queue
-        .entries
-        .iter()
-        .find(|e| e.etcd_key == etcd_key.as_bytes())
-        .map_or(range_revision, |e| e.create_revision);
+    let revision = entry.created.unwrap_or(range_revision);
     let mut session_rx = cluster.session.subscribe();
     loop {
         match queue.standing(revision) {
@@ -112,10 +95,19 @@ pub async fn run(
                 // Behind an entry this daemon is deleting (a release it already acknowledged):
                 // wait for its own deleter to confirm, then drop it from the queue as read.
                 // No re-read is needed: entries ahead of ours can only go, never come.
-                if cluster.index.own_deletion(&blocker).is_some() {
+                let blocker_created = queue
+                    .entries
+                    .iter()
+                    .find(|e| e.etcd_key == blocker)
+                    .map_or(0, |e| e.create_revision);
+                if cluster
+                    .index
+                    .own_deletion(&blocker, blocker_created)
+                    .is_some()
+                {
                     let limit = Instant::now() + cluster.config.request_timeout;
                     let until = deadline.flatten().map_or(limit, |d| d.min(limit));
-                    if own_deletion(cluster, &blocker, until, &cancel).await {
+                    if own_deletion(cluster, &blocker, blocker_created, until, &cancel).await {
                         queue.entries.retain(|e| e.etcd_key != blocker);
                         continue;
                     }
@@ -191,7 +183,7 @@ async fn granted(
         let length = lease.unwrap_or(Duration::from_secs(1));
         let expires = detach(cluster, &entry, &a.key, length, &ticket, fence).await?;
         entry.done = true;
-        cluster.index.forget(&entry.etcd_key);
+        cluster.index.forget(&entry.etcd_key, entry.token);
         Counters::inc(&cluster.counters.grants);
         return Ok(Reply::Granted(Grant {
             ticket,
@@ -219,7 +211,11 @@ async fn granted(
             key: a.key.clone(),
             fence,
         };
-        if cluster.index.hold(&entry.etcd_key, held).is_err() {
+        if cluster
+            .index
+            .hold(&entry.etcd_key, entry.token, held)
+            .is_err()
+        {
             drop(state);
             entry.done = true;
             return Err(Error::Unavailable(format!(
@@ -233,6 +229,7 @@ async fn granted(
             Hold {
                 key: a.key.clone(),
                 etcd_key: entry.etcd_key.clone(),
+                token: entry.token,
                 fence,
                 generation: entry.generation,
                 lease: clock.clone(),
@@ -335,12 +332,12 @@ async fn expire_when_due(
         let Some(conn) = conn.upgrade() else { return };
         let hold = conn.state().holds.remove(&ticket);
         if let Some(h) = hold {
-            cluster.index.releasing(&h.etcd_key);
-            cluster.delete_later(h.etcd_key, h.generation);
+            let (key, fence) = (h.key.clone(), h.fence);
+            cluster.give_up(h.owed());
             Counters::inc(&cluster.counters.expiries);
             conn.owner.push(crate::peer::Push::Lost {
-                key: h.key,
-                fence: h.fence,
+                key,
+                fence,
                 reason: lockd_protocol::LostReason::Expired,
             });
         }
@@ -348,11 +345,12 @@ async fn expire_when_due(
     }
 }
 
-/// Waits until this daemon's deleter confirms `etcd_key` is deleted (true), or `until`, a
+/// Waits until this daemon's deleter confirms `etcd_key` (created at `created`) is deleted (true), or `until`, a
 /// cancel, or the entry is no longer tracked (false: the caller asks etcd instead).
 async fn own_deletion(
     cluster: &Cluster,
     etcd_key: &[u8],
+    created: i64,
     until: Instant,
     cancel: &CancellationToken,
 ) -> bool {
@@ -360,7 +358,7 @@ async fn own_deletion(
         let notified = cluster.deletions.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match cluster.index.own_deletion(etcd_key) {
+        match cluster.index.own_deletion(etcd_key, created) {
             Some(true) => return true,
             Some(false) => {}
             // No longer tracked (a resynchronisation, a lost session): ask etcd instead.
@@ -480,29 +478,38 @@ fn conflict_message(key: &Key, queue: &Queue) -> String {
 struct Entry<'a> {
     cluster: &'a Cluster,
     etcd_key: Vec<u8>,
+    token: Token,
     generation: u64,
+    /// Its creation revision, once etcd answered the write.
+    created: Option<i64>,
     /// Handed on (held, detached, or already deleted).
     done: bool,
 }
 
 impl Entry<'_> {
+    /// The deletion owed for it.
+    fn owed(&mut self) -> Owed {
+        Owed {
+            etcd_key: std::mem::take(&mut self.etcd_key),
+            generation: self.generation,
+            token: self.token,
+            created: self.created,
+        }
+    }
+
     /// Deletes the entry before answering (a retry must not queue behind it), falling back
     /// to the background.
     async fn delete_now(mut self) {
         self.done = true;
-        self.cluster.index.releasing(&self.etcd_key);
-        let deleted = self
-            .cluster
-            .delete("delete an entry", self.etcd_key.clone())
-            .await;
-        if deleted.is_err() {
-            self.cluster
-                .delete_later(std::mem::take(&mut self.etcd_key), self.generation);
+        self.cluster.index.releasing(&self.etcd_key, self.token);
+        let owed = self.owed();
+        let txn = Txn::new().and_then([super::batch::deletion(&owed)]);
+        if self.cluster.txn("delete an entry", txn).await.is_err() {
+            self.cluster.delete_later(owed);
         } else {
             // Known gone: acquires of this daemon queued behind it need not ask etcd.
-            self.cluster
-                .index
-                .deleted_by_us(std::iter::once(self.etcd_key.as_slice()));
+            let done = std::iter::once((owed.etcd_key.as_slice(), owed.token));
+            self.cluster.index.deleted_by_us(done);
             self.cluster.deletions.notify_waiters();
         }
     }
@@ -515,11 +522,85 @@ impl Drop for Entry<'_> {
         }
         if self.cluster.session.current().generation != self.generation {
             // Its session lease is gone, and the entry with it.
-            self.cluster.index.forget(&self.etcd_key);
+            self.cluster.index.forget(&self.etcd_key, self.token);
             return;
         }
-        self.cluster.index.releasing(&self.etcd_key);
-        self.cluster
-            .delete_later(std::mem::take(&mut self.etcd_key), self.generation);
+        let owed = self.owed();
+        self.cluster.give_up(owed);
     }
+}
+
+/// How writing an acquire's entry ended.
+enum Written<'a> {
+    /// In the queue: the entry (its creation revision known), the revision the queue was read
+    /// at, and the key's entries then.
+    Queued(Entry<'a>, i64, Vec<etcd_client::KeyValue>),
+    /// The name chosen was taken in etcd by an entry this daemon lost track of: try another.
+    NameTaken,
+}
+
+/// Names an entry for the acquire, writes it through the batch writer and reads the key's
+/// queue with it.
+async fn write_entry<'a>(
+    cluster: &'a Cluster,
+    key: &Key,
+    session: &super::session::Session,
+    prefix: &str,
+    value: &[u8],
+    detach: bool,
+) -> Result<Written<'a>, Error> {
+    let naming = if detach { Naming::Once } else { Naming::Reused };
+    let (etcd_key, token) = cluster.index.begin(
+        prefix.as_bytes(),
+        session.generation,
+        naming,
+        cluster.next_seq(),
+        |naming, n| hold_name(prefix, session.lease, naming, n),
+    );
+    let mut entry = Entry {
+        cluster,
+        etcd_key,
+        token,
+        generation: session.generation,
+        created: None,
+        done: false,
+    };
+    // The session may have been given up since it was read. `lose` publishes the new
+    // generation before it purges the index, so either this sees the change, or the purge
+    // removes the entry just begun and its grant is refused (`Index::hold`).
+    let now = cluster.session.current();
+    if now.generation != session.generation || !now.alive {
+        return Err(lost_session(key));
+    }
+    let (done, answer) = tokio::sync::oneshot::channel();
+    let _ = cluster.enqueue.send(super::batch::Enqueue {
+        etcd_key: entry.etcd_key.clone(),
+        value: value.to_vec(),
+        lease: session.lease,
+        prefix: prefix.as_bytes().to_vec(),
+        done,
+    });
+    let queued = answer
+        .await
+        .map_err(|_| Error::Unavailable("the daemon is stopping".into()))??;
+    let created = if queued.created {
+        Some(queued.revision)
+    } else {
+        // Written by an earlier try of the same transaction (retried after a lost answer),
+        // or the name is taken by an entry this daemon does not know.
+        queued
+            .kvs
+            .iter()
+            .find(|kv| kv.key() == entry.etcd_key.as_slice())
+            .filter(|kv| kv.value() == value && kv.lease() == session.lease)
+            .map(|kv| kv.create_revision())
+    };
+    let Some(created) = created else {
+        entry.done = true;
+        cluster.index.collided(&entry.etcd_key, token);
+        return Ok(Written::NameTaken);
+    };
+    entry.created = Some(created);
+    cluster.index.created(&entry.etcd_key, token, created);
+    Ok(Written::Queued(entry, queued.revision, queued.kvs))
 }

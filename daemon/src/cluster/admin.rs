@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use lockd_protocol::{
     Description, HolderInfo, Key, KeySummary, ListPage, ListQuery, Reply, Stats, Ticket, WaiterInfo,
 };
@@ -293,7 +293,9 @@ impl Cluster {
     }
 
     /// Ends every hold on `key`, on whichever daemon: deletes their entries (a detached lease's
-    /// whole etcd lease). Their daemons tell their clients (`HoldLost`).
+    /// whole etcd lease). Their daemons tell their clients (`HoldLost`). Each entry is deleted
+    /// only if it is still the one read (names are reused): a hold that ended meanwhile is not
+    /// counted, and a later entry under its name is left alone.
     pub(crate) async fn force_release(&self, key: &Key) -> Result<Reply, Error> {
         let queue = self.queue(key).await?;
         let (holders, _) = queue.split();
@@ -303,21 +305,35 @@ impl Cluster {
             if h.record.detached {
                 leases.push(h.lease);
             } else {
-                ops.push(TxnOp::delete(h.etcd_key.clone(), None));
+                let same = Compare::create_revision(
+                    h.etcd_key.clone(),
+                    CompareOp::Equal,
+                    h.create_revision,
+                );
+                let delete = TxnOp::delete(h.etcd_key.clone(), None);
+                ops.push(TxnOp::txn(Txn::new().when([same]).and_then([delete])));
             }
         }
+        let mut ended = 0;
         if !ops.is_empty() {
-            self.txn("delete the holds", Txn::new().and_then(ops))
+            let done = self
+                .txn("delete the holds", Txn::new().and_then(ops))
                 .await?;
+            ended += done
+                .op_responses()
+                .iter()
+                .filter(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()))
+                .count();
         }
         for lease in leases {
             self.revoke("revoke a detached lease", lease).await?;
+            ended += 1;
         }
-        for _ in &holders {
+        for _ in 0..ended {
             Counters::inc(&self.counters.forced);
         }
         Ok(Reply::ForceReleased {
-            holds: holders.len() as u32,
+            holds: ended as u32,
         })
     }
 

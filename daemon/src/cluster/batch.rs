@@ -13,21 +13,32 @@
 //!   next one.
 //! - **deletions come before the puts and ranges**, so an acquire behind a hold released just
 //!   before reads the key free.
+//! - **a deletion removes only the entry it was owed for** (compared by creation revision when
+//!   known), and **an entry is created only where its name is free**: names are reused
+//!   (`index.rs`), so a late deletion must not reach a newer entry of the name, nor a new entry
+//!   overwrite a live one (a put keeps the creation revision, so it would take the old one's
+//!   place in the queue). Each is a small transaction nested in the batch's.
 //! - **an owed deletion is retried until etcd confirms it or its session lease is gone**; on
 //!   confirmation the entries are marked deleted in the index and waiting acquires are woken.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use etcd_client::{GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use foldhash::{HashSet, HashSetExt};
 use tokio::sync::{mpsc, oneshot};
 
+use super::index::Token;
 use super::Cluster;
 use crate::error::Error;
 
-/// etcd's default limit is 128 operations per transaction: two per acquire, one per deletion.
-const MAX_OPS: usize = 128;
+/// Operations of one transaction at most: two per acquire, one per deletion. etcd's default
+/// limit (`--max-txn-ops`) is 128, and a nested transaction may hold only as many operations as
+/// its parent leaves under it (etcd's `checkTxnRequest`): each nested one here holds one, so
+/// the outer ones stay below 128.
+const MAX_OPS: usize = 127;
 /// How long deletions wait for an acquire to travel with.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 /// Acquires per transaction at most (leaving room for deletions).
@@ -44,18 +55,38 @@ pub struct Enqueue {
     pub lease: i64,
     /// The key's queue prefix (also what makes two acquires "the same key").
     pub prefix: Vec<u8>,
-    /// The transaction's revision and the key's entries as read after the put.
-    pub done: oneshot::Sender<Result<(i64, Vec<KeyValue>), Error>>,
+    pub done: oneshot::Sender<Result<Queued, Error>>,
+}
+
+/// What one acquire's first step found.
+pub struct Queued {
+    /// The transaction's revision.
+    pub revision: i64,
+    /// False if the name was taken (by an entry this daemon does not know): nothing written.
+    pub created: bool,
+    /// The key's entries as read after the put.
+    pub kvs: Vec<KeyValue>,
+}
+
+/// An entry this daemon owes a deletion of.
+#[derive(Clone)]
+pub struct Owed {
+    pub etcd_key: Vec<u8>,
+    /// Its session generation (gone with the lease otherwise).
+    pub generation: u64,
+    pub token: Token,
+    /// Its creation revision, if known: only that entry is deleted.
+    pub created: Option<i64>,
 }
 
 /// Writes batches until the daemon stops.
 pub async fn run(
     cluster: Arc<Cluster>,
     mut rx: mpsc::UnboundedReceiver<Enqueue>,
-    mut deletions: mpsc::UnboundedReceiver<(Vec<u8>, u64)>,
+    mut deletions: mpsc::UnboundedReceiver<Owed>,
 ) {
     let mut waiting: VecDeque<Enqueue> = VecDeque::new();
-    let mut owed: Vec<(Vec<u8>, u64)> = Vec::new();
+    let mut owed: Vec<Owed> = Vec::new();
     loop {
         if waiting.is_empty() && owed.is_empty() {
             tokio::select! {
@@ -85,36 +116,54 @@ pub async fn run(
         }
         // Entries of a lost session lease are gone with it.
         let current = cluster.session.current().generation;
-        owed.retain(|(_, g)| *g == current);
-        // etcd refuses a transaction that names a key twice.
-        if owed.len() > 1 {
-            let mut seen = HashSet::new();
-            owed.retain(|(k, _)| seen.insert(k.clone()));
-        }
-        let batch = take_batch(&mut waiting);
-        let n = owed.len().min(MAX_OPS - 2 * batch.len());
-        let deleted = commit(&cluster, &owed[..n], batch).await;
+        owed.retain(|o| o.generation == current);
+        // etcd refuses a transaction that names a key twice: one deletion per name, and no
+        // acquire of a name being deleted (a reused name whose old deletion is still owed).
+        let deleting = take_deletions(&mut owed);
+        let names: HashSet<&[u8]> = deleting.iter().map(|o| o.etcd_key.as_slice()).collect();
+        let batch = take_batch(&mut waiting, &names);
+        let n = deleting.len().min(MAX_OPS - 2 * batch.len());
+        let (now, later) = deleting.split_at(n);
+        let deleted = commit(&cluster, now, batch).await;
         if deleted {
-            let done: Vec<Vec<u8>> = owed.drain(..n).map(|(k, _)| k).collect();
-            cluster.index.deleted_by_us(done.iter().map(Vec::as_slice));
+            let done = now.iter().map(|o| (o.etcd_key.as_slice(), o.token));
+            cluster.index.deleted_by_us(done);
             cluster.deletions.notify_waiters();
-        } else if n > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            owed.splice(0..0, later.iter().map(Owed::clone));
+        } else {
+            owed.splice(0..0, deleting.iter().map(Owed::clone));
+            if n > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
     }
 }
 
-/// Up to [`MAX_BATCH`] acquires (and [`MAX_BATCH_BYTES`]) of distinct keys, oldest first (at
-/// least one); the rest stay in order.
-fn take_batch(waiting: &mut VecDeque<Enqueue>) -> Vec<Enqueue> {
+/// The owed deletions to try now, oldest first: one per name (the rest stay in order).
+fn take_deletions(owed: &mut Vec<Owed>) -> Vec<Owed> {
+    let mut names = HashSet::new();
+    let (now, rest): (Vec<Owed>, Vec<Owed>) = std::mem::take(owed)
+        .into_iter()
+        .partition(|o| names.insert(o.etcd_key.clone()));
+    *owed = rest;
+    now
+}
+
+/// Up to [`MAX_BATCH`] acquires (and [`MAX_BATCH_BYTES`]) of distinct keys, none named in
+/// `deleting`, oldest first; the rest stay in order.
+fn take_batch(waiting: &mut VecDeque<Enqueue>, deleting: &HashSet<&[u8]>) -> Vec<Enqueue> {
     let mut keys = HashSet::new();
     let mut batch = Vec::new();
     let mut bytes = 0;
     let mut rest = VecDeque::with_capacity(waiting.len());
     while let Some(e) = waiting.pop_front() {
+        if e.done.is_closed() {
+            // Its acquire is gone (and deletes the name, which is never reused): write nothing.
+            continue;
+        }
         let size = e.etcd_key.len() + e.value.len() + e.prefix.len();
         let fits = batch.is_empty() || (batch.len() < MAX_BATCH && bytes + size <= MAX_BATCH_BYTES);
-        if fits && keys.insert(e.prefix.clone()) {
+        if fits && !deleting.contains(e.etcd_key.as_slice()) && keys.insert(e.prefix.clone()) {
             bytes += size;
             batch.push(e);
         } else {
@@ -126,20 +175,22 @@ fn take_batch(waiting: &mut VecDeque<Enqueue>) -> Vec<Enqueue> {
 }
 
 /// One transaction: `owed` deletions, then `batch`'s puts and ranges. True if it went through.
-async fn commit(cluster: &Cluster, owed: &[(Vec<u8>, u64)], batch: Vec<Enqueue>) -> bool {
+async fn commit(cluster: &Cluster, owed: &[Owed], batch: Vec<Enqueue>) -> bool {
     if owed.is_empty() && batch.is_empty() {
         return true;
     }
     let mut ops = Vec::with_capacity(owed.len() + 2 * batch.len());
-    for (k, _) in owed {
-        ops.push(TxnOp::delete(k.clone(), None));
+    for o in owed {
+        ops.push(deletion(o));
     }
     for e in &batch {
-        ops.push(TxnOp::put(
+        let put = TxnOp::put(
             e.etcd_key.clone(),
             e.value.clone(),
             Some(PutOptions::new().with_lease(e.lease)),
-        ));
+        );
+        let absent = Compare::create_revision(e.etcd_key.clone(), CompareOp::Equal, 0);
+        ops.push(TxnOp::txn(Txn::new().when([absent]).and_then([put])));
         ops.push(TxnOp::get(
             e.prefix.clone(),
             Some(GetOptions::new().with_prefix()),
@@ -151,13 +202,20 @@ async fn commit(cluster: &Cluster, owed: &[(Vec<u8>, u64)], batch: Vec<Enqueue>)
     {
         Ok(resp) => {
             let revision = resp.header().map_or(0, |h| h.revision());
-            let mut ranges = resp.op_responses().into_iter().filter_map(|r| match r {
-                TxnOpResponse::Get(g) => Some(g),
-                _ => None,
-            });
+            let mut answers = resp.op_responses().into_iter().skip(owed.len());
             for e in batch {
-                let kvs = ranges.next().map(|g| g.kvs().to_vec()).unwrap_or_default();
-                let _ = e.done.send(Ok((revision, kvs)));
+                let created =
+                    matches!(answers.next(), Some(TxnOpResponse::Txn(t)) if t.succeeded());
+                let kvs = match answers.next() {
+                    Some(TxnOpResponse::Get(g)) => g.kvs().to_vec(),
+                    _ => Vec::new(),
+                };
+                let queued = Queued {
+                    revision,
+                    created,
+                    kvs,
+                };
+                let _ = e.done.send(Ok(queued));
             }
             true
         }
@@ -173,27 +231,49 @@ async fn commit(cluster: &Cluster, owed: &[(Vec<u8>, u64)], batch: Vec<Enqueue>)
     }
 }
 
+/// The operation deleting `o`: only the entry created at its revision, if that is known.
+pub fn deletion(o: &Owed) -> TxnOp {
+    let delete = TxnOp::delete(o.etcd_key.clone(), None);
+    match o.created {
+        Some(revision) => {
+            let same = Compare::create_revision(o.etcd_key.clone(), CompareOp::Equal, revision);
+            TxnOp::txn(Txn::new().when([same]).and_then([delete]))
+        }
+        None => delete,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn enqueue(prefix: &str) -> Enqueue {
-        Enqueue {
-            etcd_key: format!("{prefix}x").into_bytes(),
+    type Answer = oneshot::Receiver<Result<Queued, Error>>;
+
+    /// An acquire of `name` (of key `prefix`), and where its answer goes.
+    fn enqueue(prefix: &str, name: &str) -> (Enqueue, Answer) {
+        let (done, answer) = oneshot::channel();
+        let e = Enqueue {
+            etcd_key: format!("{prefix}{name}").into_bytes(),
             value: Vec::new(),
             lease: 1,
             prefix: prefix.as_bytes().to_vec(),
-            done: oneshot::channel().0,
-        }
+            done,
+        };
+        (e, answer)
+    }
+
+    fn queue(of: impl Iterator<Item = (Enqueue, Answer)>) -> (VecDeque<Enqueue>, Vec<Answer>) {
+        of.unzip()
     }
 
     #[test]
     fn a_batch_never_holds_two_entries_of_one_key_and_keeps_the_rest_in_order() {
-        let mut waiting: VecDeque<Enqueue> = ["a/", "b/", "a/", "c/", "a/"]
-            .into_iter()
-            .map(enqueue)
-            .collect();
-        let batch = take_batch(&mut waiting);
+        let (mut waiting, _answers) = queue(
+            ["a/", "b/", "a/", "c/", "a/"]
+                .into_iter()
+                .map(|p| enqueue(p, "x")),
+        );
+        let batch = take_batch(&mut waiting, &HashSet::new());
         let names = |v: &[&Enqueue]| {
             v.iter()
                 .map(|e| String::from_utf8_lossy(&e.prefix).into_owned())
@@ -201,15 +281,45 @@ mod tests {
         };
         assert_eq!(names(&batch.iter().collect::<Vec<_>>()), ["a/", "b/", "c/"]);
         assert_eq!(names(&waiting.iter().collect::<Vec<_>>()), ["a/", "a/"]);
-        let batch = take_batch(&mut waiting);
+        let batch = take_batch(&mut waiting, &HashSet::new());
         assert_eq!(batch.len(), 1);
         assert_eq!(waiting.len(), 1);
     }
 
     #[test]
+    fn a_name_being_deleted_is_neither_deleted_twice_nor_written_in_the_same_transaction() {
+        let owed = |k: &str, token| Owed {
+            etcd_key: k.as_bytes().to_vec(),
+            generation: 1,
+            token,
+            created: Some(3),
+        };
+        let mut all = vec![owed("a/1.0", 1), owed("b/1.0", 2), owed("a/1.0", 3)];
+        let now = take_deletions(&mut all);
+        assert_eq!(now.iter().map(|o| o.token).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(all.iter().map(|o| o.token).collect::<Vec<_>>(), [3]);
+        let names: HashSet<&[u8]> = now.iter().map(|o| o.etcd_key.as_slice()).collect();
+        let (mut waiting, answers) =
+            queue([enqueue("a/", "1.0"), enqueue("c/", "1.0")].into_iter());
+        let batch = take_batch(&mut waiting, &names);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].etcd_key, b"c/1.0");
+        assert_eq!(
+            waiting.len(),
+            1,
+            "the reused name waits for the next transaction"
+        );
+        // An acquire that gave up before its entry was written is dropped.
+        drop(batch);
+        drop(answers);
+        assert!(take_batch(&mut waiting, &HashSet::new()).is_empty());
+        assert!(waiting.is_empty());
+    }
+
+    #[test]
     fn a_batch_leaves_room_for_deletions_within_etcds_transaction_limit() {
-        let mut waiting: VecDeque<Enqueue> = (0..200).map(|i| enqueue(&format!("k{i}/"))).collect();
-        assert_eq!(take_batch(&mut waiting).len(), MAX_BATCH);
+        let (mut waiting, _answers) = queue((0..200).map(|i| enqueue(&format!("k{i}/"), "x")));
+        assert_eq!(take_batch(&mut waiting, &HashSet::new()).len(), MAX_BATCH);
         assert_eq!(waiting.len(), 200 - MAX_BATCH);
     }
 }

@@ -18,6 +18,8 @@ use lockd_protocol::{Event, Key, LostReason, Mode, Op, Reply, RequestId, Ticket,
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Owed;
+use super::index::Token;
 use super::Cluster;
 use crate::config::Config;
 use crate::engine::{Answer, Outgoing};
@@ -28,10 +30,25 @@ use crate::peer::{Owner, Push};
 pub(crate) struct Hold {
     pub key: Key,
     pub etcd_key: Vec<u8>,
+    /// Its entry in the index.
+    pub token: Token,
+    /// The entry's creation revision.
     pub fence: u64,
     pub generation: u64,
     /// A session hold with a lease: when it ends unless renewed.
     pub lease: Option<Arc<LeaseClock>>,
+}
+
+impl Hold {
+    /// The deletion of its entry, owed once the hold ends.
+    pub fn owed(self) -> Owed {
+        Owed {
+            etcd_key: self.etcd_key,
+            generation: self.generation,
+            token: self.token,
+            created: Some(self.fence as i64),
+        }
+    }
 }
 
 /// The end of a session hold's lease (kept by this daemon; the entry is on the session lease).
@@ -242,8 +259,7 @@ impl Conn {
         if let Some(clock) = &h.lease {
             clock.ended.cancel();
         }
-        self.cluster.index.releasing(&h.etcd_key);
-        self.cluster.delete_later(h.etcd_key, h.generation);
+        self.cluster.give_up(h.owed());
         super::Counters::inc(&self.cluster.counters.releases);
         true
     }
@@ -474,8 +490,7 @@ impl Conn {
             if let Some(clock) = &h.lease {
                 clock.ended.cancel();
             }
-            self.cluster.index.releasing(&h.etcd_key);
-            self.cluster.delete_later(h.etcd_key, h.generation);
+            self.cluster.give_up(h.owed());
             super::Counters::inc(&self.cluster.counters.disconnect_releases);
         }
         n

@@ -3,8 +3,10 @@
 //! Under the configured prefix `P`:
 //! - `P` `k/` NAMESPACE `/` NAME `/` HOLD — one entry per hold or waiting acquire of the key
 //!   (NAME with `%` and `/` percent-encoded, so a key's entries are exactly one prefix and no
-//!   other key's). HOLD is `LEASE.SEQ`: the creating daemon's etcd lease id in hex and a
-//!   sequence number of that daemon, so it names its daemon and is unique in the cluster.
+//!   other key's). HOLD is `LEASE.SLOT` (or `LEASE-SEQ` for a detached lease): the creating
+//!   daemon's etcd lease id in hex, and a slot of the key that the daemon reuses once the
+//!   entry is gone (or a number it never reuses), so it names its daemon and no two live
+//!   entries share it.
 //!   The value is a [`Record`] (JSON, readable with `etcdctl get`). Its **create revision**
 //!   orders the queue and is the hold's fence.
 //! - `P` `t/` SHA256(ticket) — for a detached lease only: the HOLD key it names, under the same
@@ -20,6 +22,8 @@
 use lockd_protocol::{Key, Mode, OwnerInfo};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use super::index::Naming;
 
 /// Key names under the prefix.
 #[derive(Debug, Clone)]
@@ -60,11 +64,6 @@ impl Layout {
         s
     }
 
-    /// A hold entry's full etcd key.
-    pub fn hold_key(&self, key: &Key, session_lease: i64, seq: u64) -> String {
-        format!("{}{session_lease:x}.{seq:x}", self.key_prefix(key))
-    }
-
     /// The ticket index entry of a detached lease.
     pub fn ticket_key(&self, ticket: &lockd_protocol::Ticket) -> String {
         let digest = Sha256::digest(ticket.bytes());
@@ -82,6 +81,15 @@ impl Layout {
         let (namespace, rest) = rest.split_once('/')?;
         let (name, _hold) = rest.rsplit_once('/')?;
         Key::new(namespace, decode_name(name)?).ok()
+    }
+}
+
+/// The entry name under key prefix `prefix`: `LEASE.SLOT`, or `LEASE-SEQ` for a name used
+/// once (the two never collide: hex digits never contain the other's separator).
+pub fn hold_name(prefix: &str, session_lease: i64, naming: Naming, n: u64) -> String {
+    match naming {
+        Naming::Reused => format!("{prefix}{session_lease:x}.{n:x}"),
+        Naming::Once => format!("{prefix}{session_lease:x}-{n:x}"),
     }
 }
 
@@ -318,8 +326,14 @@ mod tests {
         let key = Key::new("ops", "a/b%c").unwrap();
         let prefix = layout.key_prefix(&key);
         assert_eq!(prefix, "/lockd/k/ops/a%2Fb%25c/");
-        let hold = layout.hold_key(&key, 0xabc, 7);
-        assert_eq!(layout.key_of(hold.as_bytes()), Some(key.clone()));
+        for (naming, n) in [(Naming::Reused, 7), (Naming::Once, 7)] {
+            let hold = hold_name(&prefix, 0xabc, naming, n);
+            assert_eq!(layout.key_of(hold.as_bytes()), Some(key.clone()));
+        }
+        assert_ne!(
+            hold_name(&prefix, 0xabc, Naming::Reused, 0xd7),
+            hold_name(&prefix, 0xabc, Naming::Once, 7)
+        );
         // "a" and "a/b" are different keys: neither's entries are in the other's prefix.
         let a = layout.key_prefix(&Key::new("ops", "a").unwrap());
         assert!(!prefix.starts_with(&a));

@@ -26,6 +26,9 @@
 //! - **Every entry this daemon creates is in the [`index::Index`] from before it is written
 //!   until its deletion is seen**, so a deletion by anyone else is always attributed to its
 //!   hold (or to its still-running acquire).
+//! - **Entry names are reused, never shared**: a key's slot is reissued only once the
+//!   deletion watch saw its entry gone; deletions compare the creation revision, puts that
+//!   the name is free (`index.rs`, `batch.rs`).
 
 mod acquire;
 mod admin;
@@ -99,7 +102,7 @@ pub struct Cluster {
     /// Acquires' first steps, to the batching task.
     pub(crate) enqueue: mpsc::UnboundedSender<batch::Enqueue>,
     /// Entries to delete in the background: (etcd key, the session generation it was made in).
-    cleanup: mpsc::UnboundedSender<(Vec<u8>, u64)>,
+    cleanup: mpsc::UnboundedSender<batch::Owed>,
     seq: AtomicU64,
     /// Notified each time the background deleter has deleted a batch (its keys are out of the
     /// index by then).
@@ -221,16 +224,6 @@ impl Cluster {
         .await
     }
 
-    pub(crate) async fn delete(&self, what: &str, key: impl Into<Vec<u8>>) -> Result<(), Error> {
-        let key = key.into();
-        self.retry(what, |mut c| {
-            let key = key.clone();
-            async move { c.delete(key, None).await }
-        })
-        .await
-        .map(drop)
-    }
-
     pub(crate) async fn grant(&self, what: &str, ttl: i64) -> Result<LeaseGrantResponse, Error> {
         self.retry(what, |mut c| async move { c.lease_grant(ttl, None).await })
             .await
@@ -278,10 +271,17 @@ impl Cluster {
         .await
     }
 
-    /// Deletes `etcd_key` in the background, retrying until it is gone or its session lease
-    /// (generation `generation`) is.
-    pub(crate) fn delete_later(&self, etcd_key: Vec<u8>, generation: u64) {
-        let _ = self.cleanup.send((etcd_key, generation));
+    /// Gives up an entry this daemon created: tracked as being deleted, and deleted in the
+    /// background.
+    pub(crate) fn give_up(&self, owed: batch::Owed) {
+        self.index.releasing(&owed.etcd_key, owed.token);
+        self.delete_later(owed);
+    }
+
+    /// Deletes an entry in the background, retrying until it is gone or its session lease
+    /// is.
+    pub(crate) fn delete_later(&self, owed: batch::Owed) {
+        let _ = self.cleanup.send(owed);
     }
 }
 

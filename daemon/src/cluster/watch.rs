@@ -64,7 +64,7 @@ pub async fn deletions(cluster: Arc<Cluster>) {
                             continue;
                         }
                         let Some(kv) = e.kv() else { continue };
-                        if let Some(held) = cluster.index.deleted(kv.key()) {
+                        if let Some(held) = cluster.index.deleted(kv.key(), kv.mod_revision()) {
                             report(held, LostReason::ForceReleased);
                         }
                     }
@@ -106,7 +106,8 @@ async fn resync(cluster: &Cluster) -> i64 {
     for (etcd_key, held) in cluster.index.held() {
         let got = cluster.get("check a hold", etcd_key.clone(), None).await;
         if let Ok(got) = got {
-            if got.kvs().is_empty() && cluster.index.deleted(&etcd_key).is_some() {
+            let at = got.header().map_or(from, |h| h.revision());
+            if got.kvs().is_empty() && cluster.index.deleted(&etcd_key, at).is_some() {
                 report(held, LostReason::ForceReleased);
             }
         }
