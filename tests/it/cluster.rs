@@ -611,6 +611,13 @@ async fn cluster_exclusion_holds_while_a_daemon_is_sigkilled_under_load() {
     }
 }
 
+/// A client of the cluster's first member, to look at (and write) what lockd keeps there.
+async fn etcd_client_of(etcd: &Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([etcd.endpoint(0)], None)
+        .await
+        .expect("connect to etcd")
+}
+
 /// Every name a PUT event under `prefix` ever wrote, from etcd's whole history (read up to the
 /// revision current when called).
 async fn names_ever_written(etcd: &mut etcd_client::Client, prefix: &str) -> Vec<String> {
@@ -652,9 +659,7 @@ async fn cluster_entry_names_are_reused_and_never_overwrite_an_entry_they_do_not
     };
     let a = one_host(&etcd).await;
     let c = a.client().await;
-    let mut direct = etcd_client::Client::connect([etcd.endpoint(0)], None)
-        .await
-        .expect("connect to etcd");
+    let mut direct = etcd_client_of(&etcd).await;
 
     // etcd keeps every deleted name until compaction, and reading a key's queue walks them
     // all: a fresh name per acquire would make each acquire slower than the last. One client
@@ -780,4 +785,84 @@ async fn cluster_many_clients_share_whole_transactions() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_an_entry_on_the_daemons_lease_that_no_request_owns_is_deleted() {
+    let Some(etcd) = Etcd::start(1, "cluster_an_entry_on_the_daemons_lease") else {
+        return;
+    };
+    let a = one_host(&etcd).await;
+    let c = a.client().await;
+    let mut direct = etcd_client_of(&etcd).await;
+    let prefix = "/lockd-test/k/default/orphaned/";
+    let entries = |got: etcd_client::GetResponse| -> Vec<(String, i64, i64)> {
+        got.kvs()
+            .iter()
+            .map(|kv| {
+                let name = String::from_utf8_lossy(kv.key()).into_owned();
+                (name, kv.create_revision(), kv.lease())
+            })
+            .collect()
+    };
+    let all = || Some(etcd_client::GetOptions::new().with_prefix());
+
+    // The daemon's session lease, from its first entry's name (LEASE.SLOT).
+    let g = c.lock("orphaned").await.expect("lock");
+    let live = entries(direct.get(prefix, all()).await.expect("get"));
+    let (name, _, lease) = live[0].clone();
+    g.release().await.expect("release");
+    let lease_hex = name.rsplit('/').next().and_then(|l| l.split('.').next());
+    assert_eq!(lease_hex, Some(format!("{lease:x}").as_str()), "{name}");
+
+    // A write the daemon gave up on but etcd applied later: entries on the daemon's lease that
+    // no request owns, at the names it would reuse first. Left alone they would hold the key
+    // until the daemon stops. An acquire that meets one (in its way, or in its name's place)
+    // has it deleted, and is granted after it.
+    for slot in 0..2 {
+        let orphan = format!("{prefix}{lease:x}.{slot:x}");
+        let put = etcd_client::PutOptions::new().with_lease(lease);
+        direct
+            .put(orphan, "a write applied late", Some(put))
+            .await
+            .expect("put an orphan");
+    }
+    let orphans = entries(direct.get(prefix, all()).await.expect("get"));
+    let started = Instant::now();
+    let g = within(
+        PROMPT,
+        "granted once the orphans are gone",
+        c.lock("orphaned"),
+    )
+    .await
+    .expect("lock");
+    println!("granted {:?} after the orphans appeared", started.elapsed());
+    for (_, created, _) in &orphans {
+        assert!(g.fence() > *created as u64, "queued behind the orphans");
+    }
+    let live = entries(direct.get(prefix, all()).await.expect("get"));
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(
+        live[0].1 as u64,
+        g.fence(),
+        "only the grant's own entry is left"
+    );
+    g.release().await.expect("release");
+
+    // An entry on another lease (another daemon's, or a stranger's) is never taken for one.
+    let other = direct.lease_grant(60, None).await.expect("grant").id();
+    let stranger = format!("{prefix}{other:x}.0");
+    let put = etcd_client::PutOptions::new().with_lease(other);
+    direct
+        .put(stranger.as_str(), "another daemon's", Some(put))
+        .await
+        .expect("put");
+    let err = c.try_lock("orphaned").await.expect_err("blocked");
+    assert!(err.is_conflict(), "{err}");
+    let err = within(PROMPT, "try again", c.try_lock("orphaned"))
+        .await
+        .expect_err("still blocked");
+    assert!(err.is_conflict(), "{err}");
+    let left = direct.get(stranger.as_str(), None).await.expect("get");
+    assert_eq!(left.kvs().len(), 1, "the other lease's entry is left alone");
 }

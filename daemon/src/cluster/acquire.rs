@@ -81,6 +81,8 @@ pub async fn run(
     let mut queue = Queue::from_kvs(&kvs);
     let revision = entry.created.unwrap_or(range_revision);
     let mut session_rx = cluster.session.subscribe();
+    // The last blocker reported as an orphan.
+    let mut suspected = None;
     loop {
         match queue.standing(revision) {
             Standing::Granted => break,
@@ -95,11 +97,11 @@ pub async fn run(
                 // Behind an entry this daemon is deleting (a release it already acknowledged):
                 // wait for its own deleter to confirm, then drop it from the queue as read.
                 // No re-read is needed: entries ahead of ours can only go, never come.
-                let blocker_created = queue
+                let (blocker_created, blocker_lease) = queue
                     .entries
                     .iter()
                     .find(|e| e.etcd_key == blocker)
-                    .map_or(0, |e| e.create_revision);
+                    .map_or((0, 0), |e| (e.create_revision, e.lease));
                 if cluster
                     .index
                     .own_deletion(&blocker, blocker_created)
@@ -111,6 +113,14 @@ pub async fn run(
                         queue.entries.retain(|e| e.etcd_key != blocker);
                         continue;
                     }
+                }
+                if blocker_lease == session.lease
+                    && suspected != Some(blocker_created)
+                    && !cluster.index.knows(&blocker, blocker_created)
+                {
+                    // On this daemon's lease, yet no request's (`orphans.rs`).
+                    suspected = Some(blocker_created);
+                    cluster.suspect(blocker.clone(), session.lease, suspected);
                 }
                 let until = match deadline {
                     Some(d) => d,
@@ -480,6 +490,8 @@ struct Entry<'a> {
     etcd_key: Vec<u8>,
     token: Token,
     generation: u64,
+    /// The session lease it is written on.
+    lease: i64,
     /// Its creation revision, once etcd answered the write.
     created: Option<i64>,
     /// Handed on (held, detached, or already deleted).
@@ -487,8 +499,13 @@ struct Entry<'a> {
 }
 
 impl Entry<'_> {
-    /// The deletion owed for it.
+    /// The deletion owed for it. Without a known creation revision the write may yet be
+    /// applied after the deletion: the name is watched for an orphan too.
     fn owed(&mut self) -> Owed {
+        if self.created.is_none() {
+            self.cluster
+                .suspect(self.etcd_key.clone(), self.lease, None);
+        }
         Owed {
             etcd_key: std::mem::take(&mut self.etcd_key),
             generation: self.generation,
@@ -562,6 +579,7 @@ async fn write_entry<'a>(
         etcd_key,
         token,
         generation: session.generation,
+        lease: session.lease,
         created: None,
         done: false,
     };
@@ -583,21 +601,26 @@ async fn write_entry<'a>(
     let queued = answer
         .await
         .map_err(|_| Error::Unavailable("the daemon is stopping".into()))??;
+    let taker = queued
+        .kvs
+        .iter()
+        .find(|kv| kv.key() == entry.etcd_key.as_slice());
     let created = if queued.created {
         Some(queued.revision)
     } else {
         // Written by an earlier try of the same transaction (retried after a lost answer),
         // or the name is taken by an entry this daemon does not know.
-        queued
-            .kvs
-            .iter()
-            .find(|kv| kv.key() == entry.etcd_key.as_slice())
+        taker
             .filter(|kv| kv.value() == value && kv.lease() == session.lease)
             .map(|kv| kv.create_revision())
     };
     let Some(created) = created else {
         entry.done = true;
         cluster.index.collided(&entry.etcd_key, token);
+        if let Some(kv) = taker.filter(|kv| kv.lease() == session.lease) {
+            // On this daemon's lease, yet no request's: an orphan of an earlier lost write.
+            cluster.suspect(kv.key().to_vec(), session.lease, Some(kv.create_revision()));
+        }
         return Ok(Written::NameTaken);
     };
     entry.created = Some(created);

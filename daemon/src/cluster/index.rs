@@ -313,6 +313,14 @@ impl Index {
         }
     }
 
+    /// Whether this daemon knows the entry `name` created at `created`: tracked (from before
+    /// its write until its deletion is seen), or recently seen deleted. An entry on this
+    /// daemon's session lease that it does not know is an orphan (`orphans.rs`).
+    pub fn knows(&self, name: &[u8], created: i64) -> bool {
+        let entries = self.lock();
+        entries.map.contains_key(name) || entries.gone.contains(&(name.to_vec(), created))
+    }
+
     /// The deleter deleted these entries (etcd answered).
     pub fn deleted_by_us<'a>(&self, done: impl Iterator<Item = (&'a [u8], Token)>) {
         let mut entries = self.lock();

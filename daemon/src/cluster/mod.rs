@@ -13,6 +13,7 @@
 //! - `acquire.rs` — the queue recipe: create an entry, read the key's queue, watch only the
 //!   entry just ahead.
 //! - `admin.rs` — describe, list, force-release, stats, renew and release by ticket.
+//! - `orphans.rs` — entries on this daemon's lease that no request owns (late writes).
 //! - `watch.rs` — the daemon-wide watch that tells holders their entry was deleted by someone
 //!   else (force-release, expiry), and the per-key watches of `lockctl watch`.
 //!
@@ -36,6 +37,7 @@ mod batch;
 mod conn;
 mod index;
 mod layout;
+mod orphans;
 mod session;
 mod watch;
 
@@ -103,6 +105,8 @@ pub struct Cluster {
     pub(crate) enqueue: mpsc::UnboundedSender<batch::Enqueue>,
     /// Entries to delete in the background: (etcd key, the session generation it was made in).
     cleanup: mpsc::UnboundedSender<batch::Owed>,
+    /// Names that may hold an entry this daemon does not know it wrote.
+    orphans: mpsc::UnboundedSender<orphans::Suspect>,
     seq: AtomicU64,
     /// Notified each time the background deleter has deleted a batch (its keys are out of the
     /// index by then).
@@ -121,6 +125,7 @@ impl Cluster {
         let client = connect(&config).await?;
         let (cleanup, cleanup_rx) = mpsc::unbounded_channel();
         let (enqueue, enqueue_rx) = mpsc::unbounded_channel();
+        let (orphans, orphans_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             layout: Layout::new(&config.prefix),
             session: session::Sessions::new(),
@@ -130,6 +135,7 @@ impl Cluster {
             client,
             config,
             cleanup,
+            orphans,
             enqueue,
             seq: AtomicU64::new(1),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -139,6 +145,7 @@ impl Cluster {
         tokio::spawn(session::keep(Arc::clone(&cluster)));
         tokio::spawn(watch::deletions(Arc::clone(&cluster)));
         tokio::spawn(batch::run(Arc::clone(&cluster), enqueue_rx, cleanup_rx));
+        tokio::spawn(orphans::run(Arc::clone(&cluster), orphans_rx));
         Ok(cluster)
     }
 
@@ -276,6 +283,16 @@ impl Cluster {
     pub(crate) fn give_up(&self, owed: batch::Owed) {
         self.index.releasing(&owed.etcd_key, owed.token);
         self.delete_later(owed);
+    }
+
+    /// `etcd_key` may hold an entry of session lease `lease` that no request owns (the one
+    /// created at `created`, seen there: looked at at once): deleted in the background.
+    pub(crate) fn suspect(&self, etcd_key: Vec<u8>, lease: i64, created: Option<i64>) {
+        let _ = self.orphans.send(orphans::Suspect {
+            etcd_key,
+            lease,
+            created,
+        });
     }
 
     /// Deletes an entry in the background, retrying until it is gone or its session lease
