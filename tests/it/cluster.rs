@@ -672,12 +672,11 @@ async fn cluster_entry_names_are_reused_and_never_overwrite_an_entry_they_do_not
         g.release().await.expect("release");
     }
     let busy = "/lockd-test/k/default/busy/";
-    let names = names_ever_written(&mut direct, busy).await;
-    println!(
-        "300 sequential pairs wrote {} names: {names:?}",
-        names.len()
-    );
-    assert!(names.len() <= 4, "{names:?}");
+    let busy_names = names_ever_written(&mut direct, busy).await;
+    let n = busy_names.len();
+    println!("300 sequential pairs wrote {n} names: {busy_names:?}");
+    // Usually 2; more only if the daemon's watch fell many pairs behind (a loaded machine).
+    assert!(n <= 10, "{busy_names:?}");
 
     let clients: Vec<Client> = clients_of(4, &a).await;
     let overlap = Arc::new(AtomicBool::new(false));
@@ -709,39 +708,66 @@ async fn cluster_entry_names_are_reused_and_never_overwrite_an_entry_they_do_not
         "200 contended pairs (4 clients) wrote {} names",
         names.len()
     );
-    assert!(names.len() <= 16, "{names:?}");
+    assert!(names.len() <= 40, "{names:?}");
 
-    // A name the daemon would reuse is taken by an entry it does not know (written by hand
-    // here; in life, a write whose answer was lost): it is never overwritten. The acquire
-    // takes another name and queues behind the stranger, an exclusive blocker of unknown
-    // owner, until it is gone.
-    let stranger = names[0].clone();
-    direct
-        .put(stranger.as_str(), "not a lockd record", None)
-        .await
-        .expect("put the stranger");
-    let before = direct.get(stranger.as_str(), None).await.expect("get");
-    let before = before.kvs()[0].create_revision();
-    let err = c
-        .try_lock("contended")
-        .await
-        .expect_err("the stranger blocks");
+    // The names the daemon would reuse are taken by entries it does not know (written by
+    // hand here; in life, writes whose answers were lost): they are never overwritten. It
+    // takes other names and queues behind the strangers, exclusive blockers of unknown owner,
+    // until they are gone.
+    //
+    // First every slot of "busy" is free again: its entries are deleted in etcd, and then the
+    // daemon's deletion watch reports a later deletion (a force-release its holder hears of);
+    // watch events come in order, so it saw the earlier ones. Its first choice is slot 0.
+    let count = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    within(PROMPT, "busy's entries deleted", async {
+        while direct
+            .get(busy, Some(count.clone()))
+            .await
+            .expect("count")
+            .count()
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let g = c.lock("sync").await.expect("lock");
+    assert_eq!(
+        c.force_release(&key("sync")).await.expect("force-release"),
+        1
+    );
+    within(PROMPT, "the holder hears of it", g.lost()).await;
+    let lease_hex = busy_names[0]
+        .rsplit('/')
+        .next()
+        .and_then(|l| l.split('.').next())
+        .expect("LEASE.SLOT")
+        .to_string();
+    let strangers: Vec<String> = (0..2).map(|n| format!("{busy}{lease_hex}.{n:x}")).collect();
+    let mut before = Vec::new();
+    for s in &strangers {
+        direct
+            .put(s.as_str(), "not a lockd record", None)
+            .await
+            .expect("put a stranger");
+        let got = direct.get(s.as_str(), None).await.expect("get");
+        before.push(got.kvs()[0].create_revision());
+    }
+    let err = c.try_lock("busy").await.expect_err("the strangers block");
     assert!(err.is_conflict(), "{err}");
-    let after = direct.get(stranger.as_str(), None).await.expect("get");
-    let kv = &after.kvs()[0];
-    assert_eq!(kv.value(), b"not a lockd record");
-    assert_eq!(kv.create_revision(), before);
-    assert_eq!(kv.lease(), 0, "still on no lease: not taken over");
-    direct
-        .delete(stranger.as_str(), None)
-        .await
-        .expect("delete");
-    let g = c.try_lock("contended").await.expect("free again");
+    for (s, created) in strangers.iter().zip(&before) {
+        let after = direct.get(s.as_str(), None).await.expect("get");
+        let kv = &after.kvs()[0];
+        assert_eq!(kv.value(), b"not a lockd record");
+        assert_eq!(kv.create_revision(), *created, "{s} not written over");
+        assert_eq!(kv.lease(), 0, "{s} still on no lease: not taken over");
+        direct.delete(s.as_str(), None).await.expect("delete");
+    }
+    let g = c.try_lock("busy").await.expect("free again");
     let live = direct
-        .get(
-            "/lockd-test/k/default/contended/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
+        .get(busy, Some(etcd_client::GetOptions::new().with_prefix()))
         .await
         .expect("get");
     assert_eq!(live.kvs().len(), 1);
@@ -782,6 +808,24 @@ async fn cluster_many_clients_share_whole_transactions() {
     within(Duration::from_secs(60), "64 clients x 40 pairs", async {
         for t in tasks {
             t.await.expect("worker");
+        }
+    })
+    .await;
+    // Every release's deletion got through (they travel in the same transactions).
+    let mut direct = etcd_client_of(&etcd).await;
+    let all = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_count_only();
+    within(PROMPT, "every entry deleted", async {
+        loop {
+            let left = direct
+                .get("/lockd-test/k/", Some(all.clone()))
+                .await
+                .expect("count");
+            if left.count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;

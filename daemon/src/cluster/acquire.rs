@@ -67,7 +67,12 @@ pub async fn run(
             let written = write_entry(cluster, &a.key, &session, &prefix, &value, a.detach).await?;
             match written {
                 Written::Queued(entry, revision, kvs) => break (entry, revision, kvs),
-                Written::NameTaken if tries < 3 => tries += 1,
+                Written::NameTaken if tries < 3 => {
+                    tries += 1;
+                    if cluster.session.current().generation != session.generation {
+                        return Err(lost_session(&a.key));
+                    }
+                }
                 Written::NameTaken => {
                     return Err(Error::Unavailable(format!(
                         "{}: the names this daemon chose for its entry were taken in etcd \
@@ -227,7 +232,8 @@ async fn granted(
             .is_err()
         {
             drop(state);
-            entry.done = true;
+            // Not `done`: the entry is deleted (guarded by its creation revision, so nothing
+            // happens if it is gone), in case the deletion seen was not its own.
             return Err(Error::Unavailable(format!(
                 "{}: its entry in etcd was removed as it was granted (by an administrator, or \
                  with this daemon's session lease); retry",

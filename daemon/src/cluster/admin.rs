@@ -302,7 +302,10 @@ impl Cluster {
         let mut ops = Vec::new();
         let mut leases = Vec::new();
         for h in &holders {
-            if h.record.detached {
+            // A detached lease's entry is on its own etcd lease once moved there; until then
+            // (just granted) it is on its daemon's session lease, which must not be revoked.
+            let own_lease = super::layout::creator_lease(&h.etcd_key) != Some(h.lease);
+            if h.record.detached && own_lease {
                 leases.push(h.lease);
             } else {
                 let same = Compare::create_revision(
@@ -315,9 +318,11 @@ impl Cluster {
             }
         }
         let mut ended = 0;
-        if !ops.is_empty() {
+        // Nested transactions count against etcd's operation limit with their parent's.
+        while !ops.is_empty() {
+            let chunk: Vec<TxnOp> = ops.drain(..ops.len().min(super::batch::MAX_OPS)).collect();
             let done = self
-                .txn("delete the holds", Txn::new().and_then(ops))
+                .txn("delete the holds", Txn::new().and_then(chunk))
                 .await?;
             ended += done
                 .op_responses()

@@ -38,7 +38,7 @@ use crate::error::Error;
 /// limit (`--max-txn-ops`) is 128, and a nested transaction may hold only as many operations as
 /// its parent leaves under it (etcd's `checkTxnRequest`): each nested one here holds one, so
 /// the outer ones stay below 128.
-const MAX_OPS: usize = 127;
+pub const MAX_OPS: usize = 127;
 /// How long deletions wait for an acquire to travel with.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 /// Acquires per transaction at most (leaving room for deletions).

@@ -17,7 +17,12 @@
 //!   an earlier entry of a reused name changes nothing.
 //! - a slot whose entry may outlive what this daemon knows (a write that may or may not have
 //!   happened, an entry dropped by a resynchronisation) is never reissued under this session
-//!   lease. Detached leases take names that are never reused (`Naming::Once`).
+//!   lease: it is burned, and every key's numbering starts above the highest burned slot.
+//!   Detached leases take names that are never reused (`Naming::Once`), and so does an acquire
+//!   begun under a session lease already replaced.
+//! - a deletion seen before an entry's creation revision is known is its own only if not older
+//!   than that revision (a watch resumed after a resync replays older ones).
+//! - bookkeeping is bounded by what is live: a key's slots are dropped once none is out.
 //! - deletions of entries with a known creation revision are guarded by it, and every entry
 //!   is created only if its name is free (`batch.rs`): together with the above, a stale
 //!   deletion never removes a newer entry and a new entry never overwrites an old one.
@@ -53,9 +58,10 @@ pub enum Naming {
 }
 
 enum State {
-    /// Being created or waiting in the queue; `deleted` once a deletion was seen, which the
-    /// acquire checks before it reports a grant.
-    Pending { deleted: bool },
+    /// Being created or waiting in the queue; `deleted_at` the revision of a deletion seen,
+    /// which the acquire checks before it reports a grant. One seen before the entry's own
+    /// creation revision was known, and older than it, was an earlier entry's: cleared then.
+    Pending { deleted_at: Option<i64> },
     /// Granted to a connection.
     Held(HeldRef),
     /// Being deleted by this daemon; `confirmed` once etcd answered the deletion.
@@ -73,14 +79,11 @@ struct Tracked {
 }
 
 /// The slots of one key under the current session lease.
-#[derive(Default)]
 struct Slots {
     next: u64,
     free: Vec<u64>,
     /// Slots handed out and neither freed nor burned.
     out: usize,
-    /// A slot was burned: the lowest slots may name live entries, so numbering never restarts.
-    burned: bool,
 }
 
 /// See the module doc.
@@ -93,8 +96,11 @@ struct Entries {
     next_token: Token,
     /// The session generation `slots` belong to.
     slots_generation: u64,
-    /// By key prefix; a key with no slot out (and none burned) has no entry.
+    /// By key prefix; a key with no slot out has no entry.
     slots: HashMap<Vec<u8>, Slots>,
+    /// Above every slot burned in this generation: a key's numbering starts here, so a burned
+    /// slot is never handed out again whatever became of its key's bookkeeping.
+    slots_floor: u64,
     /// Entries of this daemon seen deleted, as (name, creation revision): kept a while so an
     /// acquire that read the queue before the deletion knows it is gone without asking etcd.
     gone: HashSet<(Vec<u8>, i64)>,
@@ -112,6 +118,7 @@ impl Default for Index {
                 next_token: 1,
                 slots_generation: 0,
                 slots: HashMap::new(),
+                slots_floor: 0,
                 gone: HashSet::new(),
                 gone_order: VecDeque::new(),
             }),
@@ -120,15 +127,21 @@ impl Default for Index {
 }
 
 impl Entries {
-    /// The lowest free slot of `prefix` in `generation`.
+    /// The lowest free slot of `prefix` in `generation` (the current one, or a newer one).
     fn take_slot(&mut self, prefix: &[u8], generation: u64) -> u64 {
-        if generation != self.slots_generation {
+        if generation > self.slots_generation {
             self.slots.clear();
+            self.slots_floor = 0;
             self.slots_generation = generation;
         }
+        let floor = self.slots_floor;
         let slots = match self.slots.get_mut(prefix) {
             Some(s) => s,
-            None => self.slots.entry(prefix.to_vec()).or_default(),
+            None => self.slots.entry(prefix.to_vec()).or_insert(Slots {
+                next: floor,
+                free: Vec::new(),
+                out: 0,
+            }),
         };
         slots.out += 1;
         match slots.free.iter().enumerate().min_by_key(|(_, s)| **s) {
@@ -153,9 +166,9 @@ impl Entries {
         if reuse {
             slots.free.push(n);
         } else {
-            slots.burned = true;
+            self.slots_floor = self.slots_floor.max(n + 1);
         }
-        if slots.out == 0 && !slots.burned {
+        if slots.out == 0 {
             self.slots.remove(&prefix);
         }
     }
@@ -217,6 +230,13 @@ impl Index {
         let mut entries = self.lock();
         let token = entries.next_token;
         entries.next_token += 1;
+        // A session already replaced (the acquire is refused right after): never touch the
+        // current generation's slots.
+        let naming = if generation < entries.slots_generation {
+            Naming::Once
+        } else {
+            naming
+        };
         let (etcd_key, slot) = loop {
             if naming == Naming::Once {
                 break (name(Naming::Once, once).into_bytes(), None);
@@ -232,7 +252,7 @@ impl Index {
         };
         let tracked = Tracked {
             token,
-            state: State::Pending { deleted: false },
+            state: State::Pending { deleted_at: None },
             generation,
             created: None,
             slot,
@@ -248,6 +268,12 @@ impl Index {
     pub fn created(&self, name: &[u8], token: Token, revision: i64) {
         if let Some(t) = self.lock().get_mut(name, token) {
             t.created = Some(revision);
+            if let State::Pending { deleted_at } = &mut t.state {
+                if deleted_at.is_some_and(|d| d < revision) {
+                    // An earlier entry's deletion, replayed (a watch resumed after a resync).
+                    *deleted_at = None;
+                }
+            }
         }
     }
 
@@ -265,11 +291,18 @@ impl Index {
     pub fn hold(&self, name: &[u8], token: Token, held: HeldRef) -> Result<(), DeletedMeanwhile> {
         let mut entries = self.lock();
         match entries.get_mut(name, token) {
-            Some(t) if matches!(t.state, State::Pending { deleted: false }) => {
+            Some(t) if matches!(t.state, State::Pending { deleted_at: None }) => {
                 t.state = State::Held(held);
                 Ok(())
             }
-            Some(t) if matches!(t.state, State::Pending { deleted: true }) => {
+            Some(t)
+                if matches!(
+                    t.state,
+                    State::Pending {
+                        deleted_at: Some(_)
+                    }
+                ) =>
+            {
                 entries.settle(name);
                 Err(DeletedMeanwhile)
             }
@@ -287,7 +320,12 @@ impl Index {
         let Some(t) = entries.get_mut(name, token) else {
             return;
         };
-        if matches!(t.state, State::Pending { deleted: true }) {
+        if matches!(
+            t.state,
+            State::Pending {
+                deleted_at: Some(_)
+            }
+        ) {
             // Its deletion was seen already: the deletion this daemon owes is a no-op.
             entries.settle(name);
             return;
@@ -325,9 +363,15 @@ impl Index {
     pub fn deleted_by_us<'a>(&self, done: impl Iterator<Item = (&'a [u8], Token)>) {
         let mut entries = self.lock();
         for (name, token) in done {
-            if let Some(t) = entries.get_mut(name, token) {
-                if let State::Releasing { confirmed } = &mut t.state {
-                    *confirmed = true;
+            let Some(t) = entries.get_mut(name, token) else {
+                continue;
+            };
+            if let State::Releasing { confirmed } = &mut t.state {
+                *confirmed = true;
+                if t.created.is_none() {
+                    // Its write may never have happened, and then no deletion event comes:
+                    // done with it (its slot is burned, so a late event meets no new entry).
+                    entries.abandon(name);
                 }
             }
         }
@@ -352,7 +396,9 @@ impl Index {
         }
         match &t.state {
             State::Pending { .. } => {
-                t.state = State::Pending { deleted: true };
+                t.state = State::Pending {
+                    deleted_at: Some(revision),
+                };
                 None
             }
             State::Releasing { .. } => {
@@ -416,6 +462,7 @@ impl Index {
             });
             if entries.slots_generation == generation {
                 entries.slots.clear();
+                entries.slots_floor = 0;
             }
             lost
         };
@@ -507,12 +554,60 @@ mod tests {
         ix.created(&b, tb, 3);
         ix.releasing(&b, tb);
         ix.deleted(&b, 4);
-        // Slot 1 is free again, slot 0 never is; the key's bookkeeping stays.
+        // Slot 1 is free again, slot 0 never is, even once the key's bookkeeping is gone.
+        assert_eq!(ix.keys_with_slots(), 0);
         assert_eq!(begin(&ix).0, b"k/a/1.1");
-        assert_eq!(ix.keys_with_slots(), 1);
         // A new session lease starts over (its names are new).
         let (c, _) = ix.begin(b"k/a/", 2, Naming::Reused, 0, name);
         assert_eq!(c, b"k/a/1.0");
+    }
+
+    #[test]
+    fn a_deletion_seen_before_the_entrys_revision_is_known_counts_only_if_not_older() {
+        let ix = Index::default();
+        // A replayed deletion of an earlier entry of the name (revision 5 < 7).
+        let (a, ta) = begin(&ix);
+        ix.deleted(&a, 5);
+        ix.created(&a, ta, 7);
+        ix.hold(&a, ta, held()).expect("not this entry's deletion");
+        // This entry's own deletion (9 >= 7), seen before its write was answered.
+        let (b, tb) = begin(&ix);
+        ix.deleted(&b, 9);
+        ix.created(&b, tb, 7);
+        assert!(ix.hold(&b, tb, held()).is_err());
+    }
+
+    #[test]
+    fn a_write_without_answer_never_lends_its_name_again() {
+        let ix = Index::default();
+        // Given up, deletion confirmed, never seen (the write never happened): done with,
+        // not kept forever.
+        let (a, ta) = begin(&ix);
+        ix.releasing(&a, ta);
+        ix.deleted_by_us([(a.as_slice(), ta)].into_iter());
+        assert_eq!(ix.keys_with_slots(), 0);
+        assert!(!ix.knows(&a, 0));
+        // Given up, and a deletion seen (the write did happen): settled, name burned too.
+        let (b, tb) = begin(&ix);
+        assert_eq!(b, b"k/a/1.1");
+        ix.releasing(&b, tb);
+        ix.deleted(&b, 3);
+        assert_eq!(ix.keys_with_slots(), 0);
+        assert_eq!(
+            begin(&ix).0,
+            b"k/a/1.2",
+            "slots 0 and 1 are never handed out again"
+        );
+    }
+
+    #[test]
+    fn an_older_generation_never_touches_the_current_slots() {
+        let ix = Index::default();
+        let (a, _) = ix.begin(b"k/a/", 2, Naming::Reused, 0, name);
+        assert_eq!(a, b"k/a/1.0");
+        let (stale, _) = ix.begin(b"k/a/", 1, Naming::Reused, 9, name);
+        assert_eq!(stale, b"k/a/1-9", "a stale session gets a name used once");
+        assert_eq!(ix.begin(b"k/a/", 2, Naming::Reused, 0, name).0, b"k/a/1.1");
     }
 
     #[test]

@@ -93,6 +93,13 @@ pub fn hold_name(prefix: &str, session_lease: i64, naming: Naming, n: u64) -> St
     }
 }
 
+/// The session lease an entry was created on, from its name (`LEASE.SLOT` or `LEASE-SEQ`).
+pub fn creator_lease(etcd_key: &[u8]) -> Option<i64> {
+    let leaf = etcd_key.rsplit(|b| *b == b'/').next()?;
+    let hex = leaf.split(|b| *b == b'.' || *b == b'-').next()?;
+    i64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
 /// `%` and `/` as `%25` and `%2F`: a name's encoding never contains `/`, and the encoding of
 /// a prefix of a name is a prefix of the name's encoding.
 fn encode_name(name: &str, out: &mut String) {
@@ -329,6 +336,10 @@ mod tests {
         for (naming, n) in [(Naming::Reused, 7), (Naming::Once, 7)] {
             let hold = hold_name(&prefix, 0xabc, naming, n);
             assert_eq!(layout.key_of(hold.as_bytes()), Some(key.clone()));
+        }
+        for naming in [Naming::Reused, Naming::Once] {
+            let hold = hold_name(&prefix, 0xabc, naming, 7);
+            assert_eq!(creator_lease(hold.as_bytes()), Some(0xabc));
         }
         assert_ne!(
             hold_name(&prefix, 0xabc, Naming::Reused, 0xd7),
