@@ -32,6 +32,8 @@ pub struct Etcd {
     address: Ipv4Addr,
     members: Vec<Member>,
     token: String,
+    /// More arguments for every member (etcd's own settings).
+    extra: Vec<String>,
     dir: TempDir,
 }
 
@@ -51,6 +53,11 @@ impl Etcd {
     /// Starts a cluster of `members` and waits until every member is healthy; `None` (after
     /// saying SKIPPED) when there is no etcd binary and CI does not require one.
     pub fn start(members: usize, test: &str) -> Option<Etcd> {
+        Etcd::start_with(members, test, &[])
+    }
+
+    /// [`Etcd::start`] with more arguments for every member (say `--max-txn-ops 16`).
+    pub fn start_with(members: usize, test: &str, extra: &[&str]) -> Option<Etcd> {
         let Some(bin) = binary() else {
             if std::env::var_os("LOCKD_REQUIRE_ETCD_TESTS").is_some_and(|v| v == "1") {
                 panic!("{test}: no etcd binary (install Debian's etcd-server); CI requires it");
@@ -82,6 +89,7 @@ impl Etcd {
             address,
             members,
             token,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             dir,
         };
         for i in 0..etcd.members.len() {
@@ -143,6 +151,7 @@ impl Etcd {
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.token])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

@@ -320,7 +320,8 @@ impl Cluster {
         let mut ended = 0;
         // Nested transactions count against etcd's operation limit with their parent's.
         while !ops.is_empty() {
-            let chunk: Vec<TxnOp> = ops.drain(..ops.len().min(super::batch::MAX_OPS)).collect();
+            let most = self.max_ops.load(std::sync::atomic::Ordering::Relaxed);
+            let chunk: Vec<TxnOp> = ops.drain(..ops.len().min(most)).collect();
             let done = self
                 .txn("delete the holds", Txn::new().and_then(chunk))
                 .await?;

@@ -24,8 +24,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering;
+
 use etcd_client::{
-    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use foldhash::{HashSet, HashSetExt};
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +41,9 @@ use crate::error::Error;
 /// its parent leaves under it (etcd's `checkTxnRequest`): each nested one here holds one, so
 /// the outer ones stay below 128.
 pub const MAX_OPS: usize = 127;
+/// The fewest operations a transaction of one acquire needs: its put and its range (and the
+/// put's nested compare under them).
+const MIN_OPS: usize = 2;
 /// How long deletions wait for an acquire to travel with.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 /// Acquires per transaction at most (leaving room for deletions).
@@ -121,22 +126,58 @@ pub async fn run(
         // acquire of a name being deleted (a reused name whose old deletion is still owed).
         let deleting = take_deletions(&mut owed);
         let names: HashSet<&[u8]> = deleting.iter().map(|o| o.etcd_key.as_slice()).collect();
-        let batch = take_batch(&mut waiting, &names);
-        let n = deleting.len().min(MAX_OPS - 2 * batch.len());
+        let max_ops = cluster.max_ops.load(Ordering::Relaxed);
+        let batch = take_batch(&mut waiting, &names, MAX_BATCH.min(max_ops / 2));
+        let n = deleting.len().min(max_ops - 2 * batch.len());
         let (now, later) = deleting.split_at(n);
-        let deleted = commit(&cluster, now, batch).await;
-        if deleted {
-            let done = now.iter().map(|o| (o.etcd_key.as_slice(), o.token));
-            cluster.index.deleted_by_us(done);
-            cluster.deletions.notify_waiters();
-            owed.splice(0..0, later.iter().map(Owed::clone));
-        } else {
-            owed.splice(0..0, deleting.iter().map(Owed::clone));
-            if n > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if now.is_empty() && batch.is_empty() {
+            // Everything owed went with its session lease.
+            continue;
+        }
+        match commit(&cluster, now, &batch).await {
+            Ok(resp) => {
+                answer(batch, now.len(), &resp);
+                let done = now.iter().map(|o| (o.etcd_key.as_slice(), o.token));
+                cluster.index.deleted_by_us(done);
+                cluster.deletions.notify_waiters();
+                owed.splice(0..0, later.iter().map(Owed::clone));
+            }
+            Err(err) if too_many_ops(&err) && max_ops > MIN_OPS => {
+                // etcd runs with a lower `--max-txn-ops`: learn it, and send the same again
+                // in smaller transactions.
+                let fewer = (max_ops / 2).max(MIN_OPS);
+                cluster.max_ops.store(fewer, Ordering::Relaxed);
+                tracing::warn!(
+                    "etcd refused a transaction of {} operations (its --max-txn-ops is lower \
+                     than 128); sending at most {fewer} per transaction from now on",
+                    now.len() + 2 * batch.len()
+                );
+                for e in batch.into_iter().rev() {
+                    waiting.push_front(e);
+                }
+                owed.splice(0..0, deleting.iter().map(Owed::clone));
+            }
+            Err(err) => {
+                if n > 0 {
+                    tracing::warn!("{err}; retrying the deletion of {n} entries");
+                }
+                for e in batch {
+                    let _ = e.done.send(Err(err.clone()));
+                }
+                owed.splice(0..0, deleting.iter().map(Owed::clone));
+                if n > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
             }
         }
     }
+}
+
+/// etcd's refusal of a transaction with more operations than its `--max-txn-ops`
+/// (`rpctypes.ErrGRPCTooManyOps`), as [`Cluster::txn`] reports it.
+fn too_many_ops(err: &Error) -> bool {
+    err.to_string()
+        .contains("too many operations in txn request")
 }
 
 /// The owed deletions to try now, oldest first: one per name (the rest stay in order).
@@ -149,9 +190,13 @@ fn take_deletions(owed: &mut Vec<Owed>) -> Vec<Owed> {
     now
 }
 
-/// Up to [`MAX_BATCH`] acquires (and [`MAX_BATCH_BYTES`]) of distinct keys, none named in
+/// Up to `most` acquires (and [`MAX_BATCH_BYTES`]) of distinct keys, none named in
 /// `deleting`, oldest first; the rest stay in order.
-fn take_batch(waiting: &mut VecDeque<Enqueue>, deleting: &HashSet<&[u8]>) -> Vec<Enqueue> {
+fn take_batch(
+    waiting: &mut VecDeque<Enqueue>,
+    deleting: &HashSet<&[u8]>,
+    most: usize,
+) -> Vec<Enqueue> {
     let mut keys = HashSet::new();
     let mut batch = Vec::new();
     let mut bytes = 0;
@@ -162,7 +207,7 @@ fn take_batch(waiting: &mut VecDeque<Enqueue>, deleting: &HashSet<&[u8]>) -> Vec
             continue;
         }
         let size = e.etcd_key.len() + e.value.len() + e.prefix.len();
-        let fits = batch.is_empty() || (batch.len() < MAX_BATCH && bytes + size <= MAX_BATCH_BYTES);
+        let fits = batch.is_empty() || (batch.len() < most && bytes + size <= MAX_BATCH_BYTES);
         if fits && !deleting.contains(e.etcd_key.as_slice()) && keys.insert(e.prefix.clone()) {
             bytes += size;
             batch.push(e);
@@ -174,16 +219,13 @@ fn take_batch(waiting: &mut VecDeque<Enqueue>, deleting: &HashSet<&[u8]>) -> Vec
     batch
 }
 
-/// One transaction: `owed` deletions, then `batch`'s puts and ranges. True if it went through.
-async fn commit(cluster: &Cluster, owed: &[Owed], batch: Vec<Enqueue>) -> bool {
-    if owed.is_empty() && batch.is_empty() {
-        return true;
-    }
+/// One transaction: `owed` deletions, then `batch`'s puts and ranges.
+async fn commit(cluster: &Cluster, owed: &[Owed], batch: &[Enqueue]) -> Result<TxnResponse, Error> {
     let mut ops = Vec::with_capacity(owed.len() + 2 * batch.len());
     for o in owed {
         ops.push(deletion(o));
     }
-    for e in &batch {
+    for e in batch {
         let put = TxnOp::put(
             e.etcd_key.clone(),
             e.value.clone(),
@@ -196,38 +238,28 @@ async fn commit(cluster: &Cluster, owed: &[Owed], batch: Vec<Enqueue>) -> bool {
             Some(GetOptions::new().with_prefix()),
         ));
     }
-    match cluster
+    cluster
         .txn("queue the acquire", Txn::new().and_then(ops))
         .await
-    {
-        Ok(resp) => {
-            let revision = resp.header().map_or(0, |h| h.revision());
-            let mut answers = resp.op_responses().into_iter().skip(owed.len());
-            for e in batch {
-                let created =
-                    matches!(answers.next(), Some(TxnOpResponse::Txn(t)) if t.succeeded());
-                let kvs = match answers.next() {
-                    Some(TxnOpResponse::Get(g)) => g.kvs().to_vec(),
-                    _ => Vec::new(),
-                };
-                let queued = Queued {
-                    revision,
-                    created,
-                    kvs,
-                };
-                let _ = e.done.send(Ok(queued));
-            }
-            true
-        }
-        Err(err) => {
-            if !owed.is_empty() {
-                tracing::warn!("{err}; retrying the deletion of {} entries", owed.len());
-            }
-            for e in batch {
-                let _ = e.done.send(Err(err.clone()));
-            }
-            false
-        }
+}
+
+/// Answers each acquire of `batch` from `resp` (whose first `deletions` answers are the
+/// deletions').
+fn answer(batch: Vec<Enqueue>, deletions: usize, resp: &TxnResponse) {
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut answers = resp.op_responses().into_iter().skip(deletions);
+    for e in batch {
+        let created = matches!(answers.next(), Some(TxnOpResponse::Txn(t)) if t.succeeded());
+        let kvs = match answers.next() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().to_vec(),
+            _ => Vec::new(),
+        };
+        let queued = Queued {
+            revision,
+            created,
+            kvs,
+        };
+        let _ = e.done.send(Ok(queued));
     }
 }
 
@@ -273,7 +305,7 @@ mod tests {
                 .into_iter()
                 .map(|p| enqueue(p, "x")),
         );
-        let batch = take_batch(&mut waiting, &HashSet::new());
+        let batch = take_batch(&mut waiting, &HashSet::new(), MAX_BATCH);
         let names = |v: &[&Enqueue]| {
             v.iter()
                 .map(|e| String::from_utf8_lossy(&e.prefix).into_owned())
@@ -281,7 +313,7 @@ mod tests {
         };
         assert_eq!(names(&batch.iter().collect::<Vec<_>>()), ["a/", "b/", "c/"]);
         assert_eq!(names(&waiting.iter().collect::<Vec<_>>()), ["a/", "a/"]);
-        let batch = take_batch(&mut waiting, &HashSet::new());
+        let batch = take_batch(&mut waiting, &HashSet::new(), MAX_BATCH);
         assert_eq!(batch.len(), 1);
         assert_eq!(waiting.len(), 1);
     }
@@ -301,7 +333,7 @@ mod tests {
         let names: HashSet<&[u8]> = now.iter().map(|o| o.etcd_key.as_slice()).collect();
         let (mut waiting, answers) =
             queue([enqueue("a/", "1.0"), enqueue("c/", "1.0")].into_iter());
-        let batch = take_batch(&mut waiting, &names);
+        let batch = take_batch(&mut waiting, &names, MAX_BATCH);
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].etcd_key, b"c/1.0");
         assert_eq!(
@@ -312,14 +344,17 @@ mod tests {
         // An acquire that gave up before its entry was written is dropped.
         drop(batch);
         drop(answers);
-        assert!(take_batch(&mut waiting, &HashSet::new()).is_empty());
+        assert!(take_batch(&mut waiting, &HashSet::new(), MAX_BATCH).is_empty());
         assert!(waiting.is_empty());
     }
 
     #[test]
     fn a_batch_leaves_room_for_deletions_within_etcds_transaction_limit() {
         let (mut waiting, _answers) = queue((0..200).map(|i| enqueue(&format!("k{i}/"), "x")));
-        assert_eq!(take_batch(&mut waiting, &HashSet::new()).len(), MAX_BATCH);
+        assert_eq!(
+            take_batch(&mut waiting, &HashSet::new(), MAX_BATCH).len(),
+            MAX_BATCH
+        );
         assert_eq!(waiting.len(), 200 - MAX_BATCH);
     }
 }

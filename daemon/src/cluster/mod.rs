@@ -108,6 +108,9 @@ pub struct Cluster {
     /// Names that may hold an entry this daemon does not know it wrote.
     orphans: mpsc::UnboundedSender<orphans::Suspect>,
     seq: AtomicU64,
+    /// Operations per transaction at most: [`batch::MAX_OPS`], or less once etcd refused as
+    /// many (its `--max-txn-ops` is lower).
+    pub(crate) max_ops: std::sync::atomic::AtomicUsize,
     /// Notified each time the background deleter has deleted a batch (its keys are out of the
     /// index by then).
     pub(crate) deletions: tokio::sync::Notify,
@@ -138,6 +141,7 @@ impl Cluster {
             orphans,
             enqueue,
             seq: AtomicU64::new(1),
+            max_ops: std::sync::atomic::AtomicUsize::new(batch::MAX_OPS),
             stopping: std::sync::atomic::AtomicBool::new(false),
             deletions: tokio::sync::Notify::new(),
             watching_deletions: tokio::sync::Notify::new(),
