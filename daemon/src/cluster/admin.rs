@@ -245,10 +245,10 @@ impl Cluster {
             Some(ns) => self.layout.name_prefix(ns, &query.prefix),
             None => self.layout.keys_root(),
         };
-        let got = self.range("list the keys", root).await?;
+        let got = self.range_all("list the keys", root).await?;
         let mut by_key: std::collections::BTreeMap<(String, String), Vec<etcd_client::KeyValue>> =
             std::collections::BTreeMap::new();
-        for kv in got.kvs() {
+        for kv in &got {
             let Some(key) = self.layout.key_of(kv.key()) else {
                 continue;
             };
@@ -346,11 +346,11 @@ impl Cluster {
     /// This daemon's counters and the cluster's holds, waiters, keys and leases.
     pub(crate) async fn stats(&self, base: Stats) -> Result<Reply, Error> {
         let got = self
-            .range("read the lock table", self.layout.keys_root())
+            .range_all("read the lock table", self.layout.keys_root())
             .await?;
         let mut by_key: std::collections::HashMap<Key, Vec<etcd_client::KeyValue>> =
             std::collections::HashMap::new();
-        for kv in got.kvs() {
+        for kv in &got {
             if let Some(key) = self.layout.key_of(kv.key()) {
                 by_key.entry(key).or_default().push(kv.clone());
             }

@@ -227,6 +227,37 @@ impl Cluster {
             .await
     }
 
+    /// Every entry with prefix `prefix`, read in pages of [`PAGE`] at one revision: a table
+    /// of any size, where one response may carry at most 4 MiB.
+    pub(crate) async fn range_all(
+        &self,
+        what: &str,
+        prefix: impl Into<Vec<u8>>,
+    ) -> Result<Vec<etcd_client::KeyValue>, Error> {
+        let mut start = prefix.into();
+        let end = prefix_end(&start);
+        let mut revision = 0;
+        let mut all = Vec::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let got = self.get(what, start.clone(), Some(options)).await?;
+            if revision == 0 {
+                revision = got.header().map_or(0, |h| h.revision());
+            }
+            all.extend_from_slice(got.kvs());
+            match got.kvs().last() {
+                Some(last) if got.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(all),
+            }
+        }
+    }
+
     pub(crate) async fn txn(&self, what: &str, txn: Txn) -> Result<TxnResponse, Error> {
         self.retry(what, |mut c| {
             let txn = txn.clone();
@@ -304,6 +335,22 @@ impl Cluster {
     pub(crate) fn delete_later(&self, owed: batch::Owed) {
         let _ = self.cleanup.send(owed);
     }
+}
+
+/// Entries per read of [`Cluster::range_all`] (a few hundred KiB).
+const PAGE: i64 = 1000;
+
+/// The end of the key range of every key starting with `prefix` (etcd's prefix end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
 }
 
 /// A failure to reach a member (connection refused or reset, no leader): another try may
