@@ -618,6 +618,15 @@ async fn etcd_client_of(etcd: &Etcd) -> etcd_client::Client {
         .expect("connect to etcd")
 }
 
+/// Writes `value` at `name` on etcd lease `lease`, by hand.
+async fn put_on_lease(direct: &mut etcd_client::Client, name: &str, lease: i64, value: &str) {
+    let put = etcd_client::PutOptions::new().with_lease(lease);
+    direct
+        .put(name, value, Some(put))
+        .await
+        .expect("put by hand");
+}
+
 /// Every name a PUT event under `prefix` ever wrote, from etcd's whole history (read up to the
 /// revision current when called).
 async fn names_ever_written(etcd: &mut etcd_client::Client, prefix: &str) -> Vec<String> {
@@ -792,7 +801,8 @@ async fn cluster_many_clients_share_whole_transactions() {
     // 64 clients with a key each: their acquires and the deletions their releases owe fill
     // the writer's transactions to the brim, which etcd must accept (its operation limit
     // counts nested transactions too).
-    pairs_on_own_keys(&etcd, 64, 40).await;
+    let a = one_host(&etcd).await;
+    pairs_on_own_keys(&etcd, &a, 64, 40).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -801,17 +811,31 @@ async fn cluster_works_with_an_etcd_that_allows_fewer_operations_per_transaction
     let Some(etcd) = Etcd::start_with(1, test, &["--max-txn-ops", "16"]) else {
         return;
     };
+    let a = one_host(&etcd).await;
+    // 20 shared holders: one force-release deletes more entries than one transaction may.
+    let clients = clients_of(20, &a).await;
+    let mut holds = Vec::new();
+    for c in &clients {
+        holds.push(c.acquire("shared").shared().await.expect("shared hold"));
+    }
+    let n = clients[0]
+        .force_release(&key("shared"))
+        .await
+        .expect("force-release");
+    assert_eq!(n, 20);
+    for g in &holds {
+        within(PROMPT, "each holder hears of it", g.lost()).await;
+    }
     // The daemon learns the lower limit from etcd's first refusal and sends smaller
     // transactions; no request fails for it, and every release still reaches etcd.
-    pairs_on_own_keys(&etcd, 32, 20).await;
+    pairs_on_own_keys(&etcd, &a, 32, 20).await;
 }
 
-/// `clients` clients of one daemon, `pairs` lock/unlock pairs each on a key of their own, all
+/// `clients` clients of daemon `a`, `pairs` lock/unlock pairs each on a key of their own, all
 /// at once: every pair succeeds with growing fences, and afterwards no entry is left in etcd.
-async fn pairs_on_own_keys(etcd: &Etcd, clients: usize, pairs: usize) {
-    let a = one_host(etcd).await;
+async fn pairs_on_own_keys(etcd: &Etcd, a: &TestDaemon, clients: usize, pairs: usize) {
     let mut tasks = Vec::new();
-    for (i, c) in clients_of(clients, &a).await.into_iter().enumerate() {
+    for (i, c) in clients_of(clients, a).await.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             let mut last = 0;
             for _ in 0..pairs {
@@ -853,7 +877,9 @@ async fn cluster_an_entry_on_the_daemons_lease_that_no_request_owns_is_deleted()
     let Some(etcd) = Etcd::start(1, "cluster_an_entry_on_the_daemons_lease") else {
         return;
     };
-    let a = one_host(&etcd).await;
+    // session_ttl 3 s: the daemon checks its lease's keys every 3 s.
+    let conf = etcd.lockd_config("host-a", "3s", "1s");
+    let a = TestDaemon::start_with(LOCKD, &["--config", conf.to_str().expect("utf-8 path")]).await;
     let c = a.client().await;
     let mut direct = etcd_client_of(&etcd).await;
     let prefix = "/lockd-test/k/default/orphaned/";
@@ -875,6 +901,14 @@ async fn cluster_an_entry_on_the_daemons_lease_that_no_request_owns_is_deleted()
     g.release().await.expect("release");
     let lease_hex = name.rsplit('/').next().and_then(|l| l.split('.').next());
     assert_eq!(lease_hex, Some(format!("{lease:x}").as_str()), "{name}");
+    // The release is answered before its deletion is in etcd: wait for it, so the orphans
+    // below are not written over the released entry.
+    within(PROMPT, "the released entry deleted", async {
+        while !entries(direct.get(prefix, all()).await.expect("get")).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 
     // A write the daemon gave up on but etcd applied later: entries on the daemon's lease that
     // no request owns, at the names it would reuse first. Left alone they would hold the key
@@ -882,11 +916,7 @@ async fn cluster_an_entry_on_the_daemons_lease_that_no_request_owns_is_deleted()
     // has it deleted, and is granted after it.
     for slot in 0..2 {
         let orphan = format!("{prefix}{lease:x}.{slot:x}");
-        let put = etcd_client::PutOptions::new().with_lease(lease);
-        direct
-            .put(orphan, "a write applied late", Some(put))
-            .await
-            .expect("put an orphan");
+        put_on_lease(&mut direct, &orphan, lease, "a write applied late").await;
     }
     let orphans = entries(direct.get(prefix, all()).await.expect("get"));
     let started = Instant::now();
@@ -913,17 +943,36 @@ async fn cluster_an_entry_on_the_daemons_lease_that_no_request_owns_is_deleted()
     // An entry on another lease (another daemon's, or a stranger's) is never taken for one.
     let other = direct.lease_grant(60, None).await.expect("grant").id();
     let stranger = format!("{prefix}{other:x}.0");
-    let put = etcd_client::PutOptions::new().with_lease(other);
-    direct
-        .put(stranger.as_str(), "another daemon's", Some(put))
-        .await
-        .expect("put");
+    put_on_lease(&mut direct, &stranger, other, "another daemon's").await;
     let err = c.try_lock("orphaned").await.expect_err("blocked");
     assert!(err.is_conflict(), "{err}");
     let err = within(PROMPT, "try again", c.try_lock("orphaned"))
         .await
         .expect_err("still blocked");
     assert!(err.is_conflict(), "{err}");
+
+    // An orphan that no acquire of this daemon meets (another daemon would wait behind it):
+    // found among the session lease's keys, which the daemon checks every session_ttl.
+    let lonely = format!("/lockd-test/k/default/lonely/{lease:x}.0");
+    put_on_lease(&mut direct, &lonely, lease, "a write applied late").await;
+    let started = Instant::now();
+    within(PROMPT, "the lonely orphan deleted", async {
+        while !direct
+            .get(lonely.as_str(), None)
+            .await
+            .expect("get")
+            .kvs()
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    println!(
+        "a lonely orphan deleted after {:?} (session_ttl 3 s)",
+        started.elapsed()
+    );
+    // A sweep ran after the stranger was written: it is still there.
     let left = direct.get(stranger.as_str(), None).await.expect("get");
     assert_eq!(left.kvs().len(), 1, "the other lease's entry is left alone");
 }

@@ -496,8 +496,6 @@ struct Entry<'a> {
     etcd_key: Vec<u8>,
     token: Token,
     generation: u64,
-    /// The session lease it is written on.
-    lease: i64,
     /// Its creation revision, once etcd answered the write.
     created: Option<i64>,
     /// Handed on (held, detached, or already deleted).
@@ -505,13 +503,9 @@ struct Entry<'a> {
 }
 
 impl Entry<'_> {
-    /// The deletion owed for it. Without a known creation revision the write may yet be
-    /// applied after the deletion: the name is watched for an orphan too.
+    /// The deletion owed for it. (Without a known creation revision the write may yet be
+    /// applied after the deletion: `orphans.rs` finds such an entry.)
     fn owed(&mut self) -> Owed {
-        if self.created.is_none() {
-            self.cluster
-                .suspect(self.etcd_key.clone(), self.lease, None);
-        }
         Owed {
             etcd_key: std::mem::take(&mut self.etcd_key),
             generation: self.generation,
@@ -585,7 +579,6 @@ async fn write_entry<'a>(
         etcd_key,
         token,
         generation: session.generation,
-        lease: session.lease,
         created: None,
         done: false,
     };

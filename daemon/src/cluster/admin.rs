@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use lockd_protocol::{
     Description, HolderInfo, Key, KeySummary, ListPage, ListQuery, Reply, Stats, Ticket, WaiterInfo,
@@ -318,18 +320,27 @@ impl Cluster {
             }
         }
         let mut ended = 0;
-        // Nested transactions count against etcd's operation limit with their parent's.
+        // Nested transactions count against etcd's operation limit with their parent's; a
+        // lower limit (`--max-txn-ops`) is learned from etcd's refusal.
+        let mut most = self.max_ops.load(Ordering::Relaxed);
         while !ops.is_empty() {
-            let most = self.max_ops.load(std::sync::atomic::Ordering::Relaxed);
-            let chunk: Vec<TxnOp> = ops.drain(..ops.len().min(most)).collect();
-            let done = self
-                .txn("delete the holds", Txn::new().and_then(chunk))
-                .await?;
-            ended += done
-                .op_responses()
-                .iter()
-                .filter(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()))
-                .count();
+            let take = ops.len().min(most);
+            let chunk = Txn::new().and_then(ops[..take].to_vec());
+            match self.txn("delete the holds", chunk).await {
+                Ok(done) => {
+                    ops.drain(..take);
+                    ended += done
+                        .op_responses()
+                        .iter()
+                        .filter(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()))
+                        .count();
+                }
+                Err(e) if super::too_many_ops(&e) && most > 1 => {
+                    most = (most / 2).max(1);
+                    self.max_ops.fetch_min(most, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
         }
         for lease in leases {
             self.revoke("revoke a detached lease", lease).await?;

@@ -127,7 +127,9 @@ pub async fn run(
         let deleting = take_deletions(&mut owed);
         let names: HashSet<&[u8]> = deleting.iter().map(|o| o.etcd_key.as_slice()).collect();
         let max_ops = cluster.max_ops.load(Ordering::Relaxed);
-        let batch = take_batch(&mut waiting, &names, MAX_BATCH.min(max_ops / 2));
+        // Deletions keep up to a third of the room: releases must reach etcd too.
+        let room = deleting.len().min(max_ops / 3);
+        let batch = take_batch(&mut waiting, &names, MAX_BATCH.min((max_ops - room) / 2));
         let n = deleting.len().min(max_ops - 2 * batch.len());
         let (now, later) = deleting.split_at(n);
         if now.is_empty() && batch.is_empty() {
@@ -142,7 +144,7 @@ pub async fn run(
                 cluster.deletions.notify_waiters();
                 owed.splice(0..0, later.iter().map(Owed::clone));
             }
-            Err(err) if too_many_ops(&err) && max_ops > MIN_OPS => {
+            Err(err) if super::too_many_ops(&err) && max_ops > MIN_OPS => {
                 // etcd runs with a lower `--max-txn-ops`: learn it, and send the same again
                 // in smaller transactions.
                 let fewer = (max_ops / 2).max(MIN_OPS);
@@ -171,13 +173,6 @@ pub async fn run(
             }
         }
     }
-}
-
-/// etcd's refusal of a transaction with more operations than its `--max-txn-ops`
-/// (`rpctypes.ErrGRPCTooManyOps`), as [`Cluster::txn`] reports it.
-fn too_many_ops(err: &Error) -> bool {
-    err.to_string()
-        .contains("too many operations in txn request")
 }
 
 /// The owed deletions to try now, oldest first: one per name (the rest stay in order).

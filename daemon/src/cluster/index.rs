@@ -351,6 +351,11 @@ impl Index {
         }
     }
 
+    /// Whether an entry named `name` is tracked (whichever).
+    pub fn tracks(&self, name: &[u8]) -> bool {
+        self.lock().map.contains_key(name)
+    }
+
     /// Whether this daemon knows the entry `name` created at `created`: tracked (from before
     /// its write until its deletion is seen), or recently seen deleted. An entry on this
     /// daemon's session lease that it does not know is an orphan (`orphans.rs`).
@@ -415,15 +420,19 @@ impl Index {
         }
     }
 
-    /// The held entries, for a resynchronisation after the watch missed events.
-    pub fn held(&self) -> Vec<(Vec<u8>, HeldRef)> {
+    /// The entries whose deletion by others matters, for a resynchronisation after the watch
+    /// missed events: the held ones, and pending ones already written (which may be granted
+    /// from a read made before the deletion).
+    pub fn live(&self) -> Vec<Vec<u8>> {
         self.lock()
             .map
             .iter()
-            .filter_map(|(k, t)| match &t.state {
-                State::Held(r) => Some((k.clone(), r.clone())),
-                _ => None,
+            .filter(|(_, t)| match &t.state {
+                State::Held(_) => true,
+                State::Pending { deleted_at } => deleted_at.is_none() && t.created.is_some(),
+                State::Releasing { .. } => false,
             })
+            .map(|(k, _)| k.clone())
             .collect()
     }
 

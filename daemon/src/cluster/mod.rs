@@ -227,23 +227,46 @@ impl Cluster {
             .await
     }
 
-    /// Every entry with prefix `prefix`, read in pages of [`PAGE`] at one revision: a table
-    /// of any size, where one response may carry at most 4 MiB.
+    /// Every entry with prefix `prefix`, read in pages at one revision: a table of any size,
+    /// where one response may carry at most 4 MiB. A page that is too large is read again in
+    /// halves; a revision compacted away meanwhile starts the read over.
     pub(crate) async fn range_all(
         &self,
         what: &str,
         prefix: impl Into<Vec<u8>>,
     ) -> Result<Vec<etcd_client::KeyValue>, Error> {
-        let mut start = prefix.into();
-        let end = prefix_end(&start);
+        let prefix = prefix.into();
+        let mut tries = 0;
+        loop {
+            match self.range_pages(what, &prefix).await {
+                Err(e) if compacted(&e) && tries < 3 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn range_pages(
+        &self,
+        what: &str,
+        prefix: &[u8],
+    ) -> Result<Vec<etcd_client::KeyValue>, Error> {
+        let mut start = prefix.to_vec();
+        let end = prefix_end(prefix);
+        let mut page = PAGE;
         let mut revision = 0;
         let mut all = Vec::new();
         loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let got = self.get(what, start.clone(), Some(options)).await?;
+            let got = match self.get(what, start.clone(), Some(options)).await {
+                Err(e) if too_large(&e) && page > 1 => {
+                    page /= 2;
+                    continue;
+                }
+                got => got?,
+            };
             if revision == 0 {
                 revision = got.header().map_or(0, |h| h.revision());
             }
@@ -299,6 +322,20 @@ impl Cluster {
         .await
     }
 
+    /// Lease `id` with the keys attached to it.
+    pub(crate) async fn lease_keys(
+        &self,
+        what: &str,
+        id: i64,
+    ) -> Result<LeaseTimeToLiveResponse, Error> {
+        let options = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+        self.retry(what, |mut c| {
+            let options = options.clone();
+            async move { c.lease_time_to_live(id, Some(options)).await }
+        })
+        .await
+    }
+
     pub(crate) async fn watch(
         &self,
         what: &str,
@@ -351,6 +388,24 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     // Every byte 0xff: to the end of the keyspace.
     vec![0]
+}
+
+/// etcd's refusal of a transaction with more operations than its `--max-txn-ops`
+/// (`rpctypes.ErrGRPCTooManyOps`), as [`Cluster::txn`] reports it.
+pub(crate) fn too_many_ops(err: &Error) -> bool {
+    err.to_string()
+        .contains("too many operations in txn request")
+}
+
+/// A response larger than the client accepts (tonic's 4 MiB), as [`Cluster::get`] reports it.
+fn too_large(err: &Error) -> bool {
+    err.to_string().contains("message length too large")
+}
+
+/// A read at a revision etcd has compacted away (`rpctypes.ErrGRPCCompacted`).
+fn compacted(err: &Error) -> bool {
+    err.to_string()
+        .contains("required revision has been compacted")
 }
 
 /// A failure to reach a member (connection refused or reset, no leader): another try may

@@ -1,77 +1,80 @@
 //! Entries this daemon may have written without knowing it. A write whose answer was lost may
 //! still be applied after the daemon gave up on it and deleted its name (an etcd proposal can
-//! outlive the client's timeout). Such an entry sits on the session lease, belongs to no
-//! request, and would block its key until the lease ends, that is until the daemon stops.
+//! outlive the client's timeout, and `Cluster::retry` may send a transaction twice). Such an
+//! entry sits on the session lease, belongs to no request, and would block its key until the
+//! lease ends, that is until the daemon stops.
 //!
-//! Two ways to find one:
-//! - the name of a write given up without an answer: the index never reuses it under the same
-//!   session lease (`index.rs` burns its slot), so whatever is found under it on that lease
-//!   later is an orphan. Looked at a few times.
-//! - an entry an acquire found in its way (or in the place of its own write) that is on this
-//!   daemon's session lease but not in the index: every entry the daemon creates is tracked
-//!   from before its write until its deletion is seen, so that entry is an orphan. Looked at
-//!   once, at once, and only that entry (by creation revision) is one: its name may have been
-//!   reused meanwhile.
+//! The index tracks every entry of this daemon from before its write until its deletion is
+//! seen (and remembers a deleted one a while), so an entry on the session lease that the index
+//! does not know is an orphan. Two ways to find one:
+//! - an acquire meets it (in its way, or in its own name's place): looked at at once;
+//! - every `session_ttl`, the session lease's keys (etcd's `LeaseTimeToLive` with keys) are
+//!   checked: an orphan nobody meets blocks its key for about one TTL, as the holds of a
+//!   daemon that died do.
 //!
-//! An orphan is deleted guarded by its creation revision.
+//! An orphan is deleted only if it is still that entry on this lease (compared by creation
+//! revision and lease), so an entry reused, moved to a detached lease, or re-created
+//! meanwhile is never touched.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use tokio::sync::mpsc;
-use tokio_util::time::DelayQueue;
 
 use super::Cluster;
 
-/// A name that may hold an orphan of session lease `lease`.
+/// An entry that may be an orphan of session lease `lease`.
 pub struct Suspect {
     pub etcd_key: Vec<u8>,
     pub lease: i64,
-    /// The orphan's creation revision, if seen (then only that entry is one).
+    /// Its creation revision, if seen (then only that entry is one).
     pub created: Option<i64>,
 }
 
-/// Looks at each suspect at these times after it is reported, in multiples of
-/// `request_timeout` (a late write lands within a few timeouts, or never).
-const LOOKS: [u32; 3] = [1, 3, 10];
-
 /// Runs until the daemon stops.
 pub async fn run(cluster: Arc<Cluster>, mut rx: mpsc::UnboundedReceiver<Suspect>) {
-    let unit = cluster.config.request_timeout;
-    let mut due: DelayQueue<(Suspect, usize)> = DelayQueue::new();
+    let mut sweeps = tokio::time::interval(cluster.config.session_ttl);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             s = rx.recv() => match s {
                 Some(s) => {
-                    let first = if s.created.is_some() { Duration::ZERO } else { unit * LOOKS[0] };
-                    due.insert((s, 0), first);
+                    look(&cluster, &s).await;
                 }
                 None => return,
             },
-            Some(expired) = futures_next(&mut due) => {
-                let (s, looked) = expired.into_inner();
-                let removed = look(&cluster, &s).await;
-                let next = looked + 1;
-                if !removed && s.created.is_none() && next < LOOKS.len() {
-                    due.insert((s, next), unit * (LOOKS[next] - LOOKS[looked]));
-                }
-            }
+            _ = sweeps.tick() => sweep(&cluster).await,
         }
     }
 }
 
-/// The next expired suspect (pending while there is none).
-async fn futures_next(
-    due: &mut DelayQueue<(Suspect, usize)>,
-) -> Option<tokio_util::time::delay_queue::Expired<(Suspect, usize)>> {
-    if due.is_empty() {
-        return std::future::pending().await;
+/// Looks at every entry on the current session lease that the index does not track.
+async fn sweep(cluster: &Cluster) {
+    let session = cluster.session.current();
+    if !session.alive {
+        return;
     }
-    std::future::poll_fn(|cx| due.poll_expired(cx)).await
+    let Ok(ttl) = cluster
+        .lease_keys("list the session lease's keys", session.lease)
+        .await
+    else {
+        return;
+    };
+    let root = cluster.layout.keys_root();
+    for key in ttl.keys() {
+        if !key.starts_with(root.as_bytes()) || cluster.index.tracks(key) {
+            continue;
+        }
+        let s = Suspect {
+            etcd_key: key.clone(),
+            lease: session.lease,
+            created: None,
+        };
+        look(cluster, &s).await;
+    }
 }
 
-/// Deletes the orphan under `s`'s name, if there is one. True if one was deleted.
+/// Deletes the entry under `s`'s name if it is an orphan. True if one was deleted.
 async fn look(cluster: &Cluster, s: &Suspect) -> bool {
     let Ok(got) = cluster
         .get("look for an orphan", s.etcd_key.clone(), None)
@@ -82,12 +85,17 @@ async fn look(cluster: &Cluster, s: &Suspect) -> bool {
     let Some(kv) = got.kvs().first() else {
         return false;
     };
-    if kv.lease() != s.lease || s.created.is_some_and(|c| c != kv.create_revision()) {
+    let created = kv.create_revision();
+    let other = kv.lease() != s.lease || s.created.is_some_and(|c| c != created);
+    if other || cluster.index.knows(&s.etcd_key, created) {
         return false;
     }
-    let same = Compare::create_revision(s.etcd_key.clone(), CompareOp::Equal, kv.create_revision());
-    let delete = TxnOp::delete(s.etcd_key.clone(), None);
-    let txn = Txn::new().when([same]).and_then([delete]);
+    let txn = Txn::new()
+        .when([
+            Compare::create_revision(s.etcd_key.clone(), CompareOp::Equal, created),
+            Compare::lease(s.etcd_key.clone(), CompareOp::Equal, s.lease),
+        ])
+        .and_then([TxnOp::delete(s.etcd_key.clone(), None)]);
     match cluster.txn("delete an orphan", txn).await {
         Ok(r) if r.succeeded() => {
             let name = String::from_utf8_lossy(&s.etcd_key);

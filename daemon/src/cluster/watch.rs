@@ -98,17 +98,20 @@ async fn current_revision(cluster: &Cluster) -> i64 {
     }
 }
 
-/// After missed events: every held entry that is gone was ended by someone else. Returns the
-/// revision the checks are at least as new as; the watch goes on after it.
+/// After missed events: every held entry that is gone was ended by someone else, and every
+/// pending one that is gone must not be granted. Returns the revision the checks are at least
+/// as new as; the watch goes on after it.
 async fn resync(cluster: &Cluster) -> i64 {
     let from = current_revision(cluster).await;
     cluster.index.drop_releasing();
-    for (etcd_key, held) in cluster.index.held() {
+    for etcd_key in cluster.index.live() {
         let got = cluster.get("check a hold", etcd_key.clone(), None).await;
         if let Ok(got) = got {
             let at = got.header().map_or(from, |h| h.revision());
-            if got.kvs().is_empty() && cluster.index.deleted(&etcd_key, at).is_some() {
-                report(held, LostReason::ForceReleased);
+            if got.kvs().is_empty() {
+                if let Some(held) = cluster.index.deleted(&etcd_key, at) {
+                    report(held, LostReason::ForceReleased);
+                }
             }
         }
     }
