@@ -35,6 +35,7 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use lockd_protocol::{Key, LostReason, Ticket};
 
 use super::conn::ConnShared;
+use super::slots::Slots;
 
 /// A hold whose deletion by others must reach its connection.
 #[derive(Clone)]
@@ -78,14 +79,6 @@ struct Tracked {
     slot: Option<(Vec<u8>, u64)>,
 }
 
-/// The slots of one key under the current session lease.
-struct Slots {
-    next: u64,
-    free: Vec<u64>,
-    /// Slots handed out and neither freed nor burned.
-    out: usize,
-}
-
 /// See the module doc.
 pub struct Index {
     entries: Mutex<Entries>,
@@ -94,13 +87,7 @@ pub struct Index {
 struct Entries {
     map: HashMap<Vec<u8>, Tracked>,
     next_token: Token,
-    /// The session generation `slots` belong to.
-    slots_generation: u64,
-    /// By key prefix; a key with no slot out has no entry.
-    slots: HashMap<Vec<u8>, Slots>,
-    /// Above every slot burned in this generation: a key's numbering starts here, so a burned
-    /// slot is never handed out again whatever became of its key's bookkeeping.
-    slots_floor: u64,
+    slots: Slots,
     /// Entries of this daemon seen deleted, as (name, creation revision): kept a while so an
     /// acquire that read the queue before the deletion knows it is gone without asking etcd.
     gone: HashSet<(Vec<u8>, i64)>,
@@ -116,9 +103,7 @@ impl Default for Index {
             entries: Mutex::new(Entries {
                 map: HashMap::new(),
                 next_token: 1,
-                slots_generation: 0,
-                slots: HashMap::new(),
-                slots_floor: 0,
+                slots: Slots::default(),
                 gone: HashSet::new(),
                 gone_order: VecDeque::new(),
             }),
@@ -127,52 +112,6 @@ impl Default for Index {
 }
 
 impl Entries {
-    /// The lowest free slot of `prefix` in `generation` (the current one, or a newer one).
-    fn take_slot(&mut self, prefix: &[u8], generation: u64) -> u64 {
-        if generation > self.slots_generation {
-            self.slots.clear();
-            self.slots_floor = 0;
-            self.slots_generation = generation;
-        }
-        let floor = self.slots_floor;
-        let slots = match self.slots.get_mut(prefix) {
-            Some(s) => s,
-            None => self.slots.entry(prefix.to_vec()).or_insert(Slots {
-                next: floor,
-                free: Vec::new(),
-                out: 0,
-            }),
-        };
-        slots.out += 1;
-        match slots.free.iter().enumerate().min_by_key(|(_, s)| **s) {
-            Some((i, _)) => slots.free.swap_remove(i),
-            None => {
-                slots.next += 1;
-                slots.next - 1
-            }
-        }
-    }
-
-    /// Ends the use of a slot: `reuse` it, or burn it for the rest of the session lease.
-    fn end_slot(&mut self, generation: u64, slot: Option<(Vec<u8>, u64)>, reuse: bool) {
-        let Some((prefix, n)) = slot else { return };
-        if generation != self.slots_generation {
-            return;
-        }
-        let Some(slots) = self.slots.get_mut(&prefix) else {
-            return;
-        };
-        slots.out = slots.out.saturating_sub(1);
-        if reuse {
-            slots.free.push(n);
-        } else {
-            self.slots_floor = self.slots_floor.max(n + 1);
-        }
-        if slots.out == 0 {
-            self.slots.remove(&prefix);
-        }
-    }
-
     /// Removes a finished entry: its deletion was seen, so its slot may be reused, unless its
     /// creation revision is unknown (a deletion of it, not guarded by one, may still come).
     fn settle(&mut self, name: &[u8]) -> Option<Tracked> {
@@ -190,14 +129,15 @@ impl Entries {
                 self.gone.remove(&(k, c));
             }
         }
-        self.end_slot(t.generation, t.slot.clone(), t.created.is_some());
+        self.slots
+            .end(t.generation, t.slot.clone(), t.created.is_some());
         Some(t)
     }
 
     /// Removes an entry whose fate this daemon may not know: its slot is never reused.
     fn abandon(&mut self, name: &[u8]) {
         if let Some(t) = self.map.remove(name) {
-            self.end_slot(t.generation, t.slot, false);
+            self.slots.end(t.generation, t.slot, false);
         }
     }
 
@@ -232,7 +172,7 @@ impl Index {
         entries.next_token += 1;
         // A session already replaced (the acquire is refused right after): never touch the
         // current generation's slots.
-        let naming = if generation < entries.slots_generation {
+        let naming = if generation < entries.slots.generation() {
             Naming::Once
         } else {
             naming
@@ -241,14 +181,14 @@ impl Index {
             if naming == Naming::Once {
                 break (name(Naming::Once, once).into_bytes(), None);
             }
-            let n = entries.take_slot(prefix, generation);
+            let n = entries.slots.take(prefix, generation);
             let k = name(Naming::Reused, n).into_bytes();
             if !entries.map.contains_key(&k) {
                 break (k, Some((prefix.to_vec(), n)));
             }
             // Cannot happen while the invariants hold; never share a name.
             let slot = Some((prefix.to_vec(), n));
-            entries.end_slot(generation, slot, false);
+            entries.slots.end(generation, slot, false);
         };
         let tracked = Tracked {
             token,
@@ -259,7 +199,7 @@ impl Index {
         };
         if let Some(old) = entries.map.insert(etcd_key.clone(), tracked) {
             // A name used once cannot be tracked already; if it were, never reuse either.
-            entries.end_slot(old.generation, old.slot, false);
+            entries.slots.end(old.generation, old.slot, false);
         }
         (etcd_key, token)
     }
@@ -469,10 +409,7 @@ impl Index {
                 }
                 false
             });
-            if entries.slots_generation == generation {
-                entries.slots.clear();
-                entries.slots_floor = 0;
-            }
+            entries.slots.lose(generation);
             lost
         };
         let n = lost.len();
@@ -485,7 +422,7 @@ impl Index {
     /// Keys with slot bookkeeping (for tests: a key nobody uses has none).
     #[cfg(test)]
     fn keys_with_slots(&self) -> usize {
-        self.lock().slots.len()
+        self.lock().slots.keys()
     }
 }
 

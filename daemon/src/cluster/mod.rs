@@ -12,7 +12,11 @@
 //!   into one transaction (many clients, and a release with the next acquire, cost etcd one).
 //! - `acquire.rs` — the queue recipe: create an entry, read the key's queue, watch only the
 //!   entry just ahead.
+//! - `entry.rs` — an acquire's entry: named, written with its queue read, deleted on every
+//!   path that does not hand it on.
 //! - `admin.rs` — describe, list, force-release, stats, renew and release by ticket.
+//! - `index.rs` and `slots.rs` — this daemon's entries, tracked until their deletion is
+//!   seen, and the reused slots their names are made of.
 //! - `orphans.rs` — entries on this daemon's lease that no request owns (late writes).
 //! - `watch.rs` — the daemon-wide watch that tells holders their entry was deleted by someone
 //!   else (force-release, expiry), and the per-key watches of `lockctl watch`.
@@ -35,10 +39,12 @@ mod acquire;
 mod admin;
 mod batch;
 mod conn;
+mod entry;
 mod index;
 mod layout;
 mod orphans;
 mod session;
+mod slots;
 mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
