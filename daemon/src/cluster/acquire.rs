@@ -61,12 +61,14 @@ pub async fn run(
     };
     let prefix = cluster.layout.key_prefix(&a.key);
     let value = record.encode();
-    let (entry, mut range_revision, kvs) = {
+    let (entry, revision, mut range_revision, kvs) = {
         let mut tries = 0;
         loop {
             let written = write_entry(cluster, &a.key, &session, &prefix, &value, a.detach).await?;
             match written {
-                Written::Queued(entry, revision, kvs) => break (entry, revision, kvs),
+                Written::Queued(entry, created, read_at, kvs) => {
+                    break (entry, created, read_at, kvs)
+                }
                 Written::NameTaken if tries < 3 => {
                     tries += 1;
                     if cluster.session.current().generation != session.generation {
@@ -84,7 +86,6 @@ pub async fn run(
         }
     };
     let mut queue = Queue::from_kvs(&kvs);
-    let revision = entry.created.unwrap_or(range_revision);
     let mut session_rx = cluster.session.subscribe();
     // The last blocker reported as an orphan.
     let mut suspected = None;

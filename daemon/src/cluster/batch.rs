@@ -74,7 +74,6 @@ pub struct Queued {
 }
 
 /// An entry this daemon owes a deletion of.
-#[derive(Clone)]
 pub struct Owed {
     pub etcd_key: Vec<u8>,
     /// Its session generation (gone with the lease otherwise).
@@ -131,18 +130,19 @@ pub async fn run(
         let room = deleting.len().min(max_ops / 3);
         let batch = take_batch(&mut waiting, &names, MAX_BATCH.min((max_ops - room) / 2));
         let n = deleting.len().min(max_ops - 2 * batch.len());
-        let (now, later) = deleting.split_at(n);
+        let mut now = deleting;
+        let later = now.split_off(n);
         if now.is_empty() && batch.is_empty() {
             // Everything owed went with its session lease.
             continue;
         }
-        match commit(&cluster, now, &batch).await {
+        match commit(&cluster, &now, &batch).await {
             Ok(resp) => {
                 answer(batch, now.len(), &resp);
                 let done = now.iter().map(|o| (o.etcd_key.as_slice(), o.token));
                 cluster.index.deleted_by_us(done);
                 cluster.deletions.notify_waiters();
-                owed.splice(0..0, later.iter().map(Owed::clone));
+                owed.splice(0..0, later);
             }
             Err(err) if super::too_many_ops(&err) && max_ops > MIN_OPS => {
                 // etcd runs with a lower `--max-txn-ops`: learn it, and send the same again
@@ -157,16 +157,25 @@ pub async fn run(
                 for e in batch.into_iter().rev() {
                     waiting.push_front(e);
                 }
-                owed.splice(0..0, deleting.iter().map(Owed::clone));
+                now.extend(later);
+                owed.splice(0..0, now);
             }
             Err(err) => {
                 if n > 0 {
                     tracing::warn!("{err}; retrying the deletion of {n} entries");
                 }
-                for e in batch {
+                // The batch, and acquires held back because their names are being deleted
+                // (they would wait for as long as the deletion fails).
+                let names: HashSet<&[u8]> = now.iter().map(|o| o.etcd_key.as_slice()).collect();
+                let (held_back, rest) = std::mem::take(&mut waiting)
+                    .into_iter()
+                    .partition(|e: &Enqueue| names.contains(e.etcd_key.as_slice()));
+                waiting = rest;
+                for e in batch.into_iter().chain(held_back) {
                     let _ = e.done.send(Err(err.clone()));
                 }
-                owed.splice(0..0, deleting.iter().map(Owed::clone));
+                now.extend(later);
+                owed.splice(0..0, now);
                 if n > 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
@@ -177,10 +186,16 @@ pub async fn run(
 
 /// The owed deletions to try now, oldest first: one per name (the rest stay in order).
 fn take_deletions(owed: &mut Vec<Owed>) -> Vec<Owed> {
-    let mut names = HashSet::new();
+    let first: Vec<bool> = {
+        let mut names = HashSet::new();
+        owed.iter()
+            .map(|o| names.insert(o.etcd_key.as_slice()))
+            .collect()
+    };
+    let mut first = first.into_iter();
     let (now, rest): (Vec<Owed>, Vec<Owed>) = std::mem::take(owed)
         .into_iter()
-        .partition(|o| names.insert(o.etcd_key.clone()));
+        .partition(|_| first.next().unwrap_or(true));
     *owed = rest;
     now
 }

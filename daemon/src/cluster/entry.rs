@@ -71,9 +71,9 @@ impl Drop for Entry<'_> {
 
 /// How writing an acquire's entry ended.
 pub(super) enum Written<'a> {
-    /// In the queue: the entry (its creation revision known), the revision the queue was read
-    /// at, and the key's entries then.
-    Queued(Entry<'a>, i64, Vec<etcd_client::KeyValue>),
+    /// In the queue: the entry, its creation revision (its place and fence), the revision the
+    /// queue was read at, and the key's entries then.
+    Queued(Entry<'a>, i64, i64, Vec<etcd_client::KeyValue>),
     /// The name chosen was taken in etcd by an entry this daemon lost track of: try another.
     NameTaken,
 }
@@ -146,5 +146,5 @@ pub(super) async fn write_entry<'a>(
     };
     entry.created = Some(created);
     cluster.index.created(&entry.etcd_key, token, created);
-    Ok(Written::Queued(entry, queued.revision, queued.kvs))
+    Ok(Written::Queued(entry, created, queued.revision, queued.kvs))
 }
